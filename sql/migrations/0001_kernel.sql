@@ -1144,7 +1144,11 @@ BEGIN
         SELECT jsonb_build_object(
             'run_id', r.id, 'run_status', r.status, 'campaign_id', r.campaign_id,
             'tenant_id', r.tenant_id, 'workspace_id', r.workspace_id, 'channel', r.channel,
-            'generation', r.generation, 'contact_count', cardinality(_job.contact_ids)
+            'generation', r.generation, 'contact_count', cardinality(_job.contact_ids),
+            'max_per_second', (
+                SELECT min(p.max_per_second) FROM kernel.provider_configs AS p
+                WHERE p.workspace_id = r.workspace_id AND p.provider = r.run_config ->> 'provider'
+            )
         ) || r.run_config
         FROM kernel.campaign_runs AS r WHERE r.id = _job.run_id
     );
@@ -1152,7 +1156,7 @@ END
 $$;
 
 COMMENT ON FUNCTION kernel.job_context(uuid, text) IS
-'What a worker needs to execute a job it holds: the run''s channel, content, provider and settings.';
+'What a worker needs to execute a job it holds: the run''s channel, content, provider, settings and shared rate limit.';
 
 CREATE FUNCTION kernel.recover_dispatched_items(p_job_id uuid, p_worker text, p_provider_deduplicates boolean)
 RETURNS integer
@@ -1332,7 +1336,7 @@ COMMENT ON FUNCTION kernel.record_outbox_results(uuid, text, jsonb) IS
 'Records provider outcomes for a job''s items in one call: sent, failed, unknown, or retry (back to undispatched, same key; failed after 5 dispatches).';
 
 CREATE FUNCTION kernel.complete_job(p_job_id uuid, p_success boolean, p_error text, p_worker text)
-RETURNS void
+RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -1378,17 +1382,18 @@ BEGIN
         locked_by = NULL, lease_expires_at = NULL
     WHERE id = p_job_id;
     PERFORM kernel._finish_run_if_done(_job.run_id);
+    RETURN (SELECT status FROM kernel.campaign_runs WHERE id = _job.run_id);
 END
 $$;
 
 COMMENT ON FUNCTION kernel.complete_job(uuid, boolean, text, text) IS
-'Ends a job the worker holds (fenced): refused while any item is pending (KE006) and, for success, while a contact has no item (KE007). Derives the run status when it was the last job.';
+'Ends a job the worker holds (fenced): refused while any item is pending (KE006) and, for success, while a contact has no item (KE007). Derives the run status when it was the last job and returns the run''s status.';
 
 CREATE FUNCTION kernel.complete_job(p_job_id uuid, p_success boolean, p_error text) RETURNS void
 LANGUAGE sql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT kernel.complete_job(
+    SELECT FROM kernel.complete_job(
         p_job_id, p_success, p_error, nullif(current_setting('execution_kernel.worker_id', true), '')
     )
 $$;
