@@ -1,0 +1,538 @@
+"""Local stand-ins for the providers: a real SMTP server, a Twilio-like voice API, a webhook receiver.
+
+Tests, the demo and the certification harness point the shipped adapters at these sinks. Each
+sink listens on 127.0.0.1 on a port the OS picks, records what arrives (thread-safely), and has
+fault modes that can be switched at any time to provoke each outcome:
+
+    with SmtpSink() as sink:
+        sink.reject_rcpt = {"bounce@example.com"}     # or True for every recipient
+        adapter = SmtpAdapter(sink.provider_settings())
+        ...
+        assert sink.wait_for(3, timeout=2)
+
+A hung answer (hang_after_data, hang, timeout_first_n) is recorded first: it models "the request
+arrived, the answer was lost". It is released at stop().
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import json
+import re
+import socket
+import threading
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections import Counter
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from email import message_from_bytes
+from email.message import EmailMessage
+from email.policy import default as default_policy
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Generic, TypeVar
+from urllib.parse import parse_qs
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+from kernel_driver.providers.webhook import SIGNATURE_HEADER, sign
+
+HOST = "127.0.0.1"
+HANG_LIMIT_S = 120.0  # a hung answer ends at stop(), or after this long if stop() never comes
+
+# Where a fault applies: False (nowhere), True (every recipient) or the recipients it hits.
+FaultScope = bool | Collection[str]
+
+T = TypeVar("T")
+
+
+def refused_port() -> int:
+    """A port on 127.0.0.1 where nothing listens (bound, then closed), to provoke refused connections."""
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        return probe.getsockname()[1]
+
+
+def _hits(scope: FaultScope, recipients: Collection[str]) -> bool:
+    if isinstance(scope, bool):
+        return scope
+    return any(recipient in scope for recipient in recipients)
+
+
+class _Recorder(Generic[T]):
+    """A list that threads append to and tests wait on."""
+
+    def __init__(self) -> None:
+        self._items: list[T] = []
+        self._changed = threading.Condition()
+
+    def add(self, item: T) -> None:
+        with self._changed:
+            self._items.append(item)
+            self._changed.notify_all()
+
+    def items(self) -> list[T]:
+        with self._changed:
+            return list(self._items)
+
+    def wait_for(self, count: int, timeout: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: len(self._items) >= count, timeout)
+
+
+class _Sink(ABC, Generic[T]):
+    title: str
+
+    def __init__(self) -> None:
+        self._recorder: _Recorder[T] = _Recorder()
+
+    @abstractmethod
+    def start(self) -> Any: ...
+
+    @abstractmethod
+    def stop(self) -> None: ...
+
+    @property
+    @abstractmethod
+    def url(self) -> str: ...
+
+    @abstractmethod
+    def provider_settings(self) -> dict[str, Any]:
+        """Adapter settings that point at this sink."""
+
+    @abstractmethod
+    def faults(self) -> dict[str, Any]:
+        """The fault modes and their current values."""
+
+    def wait_for(self, count: int, timeout: float = 5.0) -> bool:
+        """Wait until `count` items have been received; False if `timeout` seconds pass first."""
+        return self._recorder.wait_for(count, timeout)
+
+    def describe(self) -> str:
+        active = ", ".join(f"{name}={_scope_text(value)}" for name, value in self.faults().items() if value)
+        return (
+            f"{self.title} at {self.url}: {len(self._recorder.items())} received; "
+            f"faults: {active or 'none'}\nprovider settings: {json.dumps(self.provider_settings())}"
+        )
+
+    def __enter__(self) -> Any:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def _scope_text(value: Any) -> str:
+    if value is True:
+        return "all"
+    if isinstance(value, Collection) and not isinstance(value, str):
+        return ",".join(sorted(value))
+    return str(value)
+
+
+# ---------------------------------------------------------------------------------------- SMTP
+
+
+@dataclass(frozen=True)
+class SmtpMessage:
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+    message_id: str | None
+    headers: dict[str, str]
+    subject: str | None
+    text: str | None
+    html: str | None
+    peer: tuple[str, int]  # the client's end of the connection: one per SMTP session
+    raw: bytes
+
+
+class _EphemeralPortController(Controller):
+    """aiosmtpd's Controller on a port the OS picks: it learns the port once it is bound."""
+
+    def _trigger_server(self) -> None:
+        assert self.server is not None
+        self.port = self.server.sockets[0].getsockname()[1]
+        super()._trigger_server()
+
+
+class SmtpSink(_Sink[SmtpMessage]):
+    """A real SMTP server (aiosmtpd) that keeps every message it accepts.
+
+    Faults, each a FaultScope: `reject_rcpt` (550 at RCPT), `temp_fail` (451 at RCPT),
+    `hang_after_data` (receive the message, then never answer: the client times out).
+    `credentials=(user, password)` requires AUTH before MAIL (without TLS: it is a local sink).
+    `idle_timeout_s` closes idle sessions, as real servers do.
+    """
+
+    title = "SMTP sink"
+
+    def __init__(self, credentials: tuple[str, str] | None = None, idle_timeout_s: float = 300) -> None:
+        super().__init__()
+        self.reject_rcpt: FaultScope = False
+        self.temp_fail: FaultScope = False
+        self.hang_after_data: FaultScope = False
+        self._credentials = credentials
+        self._idle_timeout_s = idle_timeout_s
+        self._controller: _EphemeralPortController | None = None
+
+    def start(self) -> SmtpSink:
+        auth: dict[str, Any] = {}
+        if self._credentials:
+            # AUTH without TLS is fine on a local sink; handle_MAIL requires it (aiosmtpd's own
+            # auth_required would warn about the missing TLS on every connection)
+            auth = {"authenticator": self._authenticate, "auth_require_tls": False}
+        self._controller = _EphemeralPortController(
+            self, hostname=HOST, port=0, timeout=self._idle_timeout_s, **auth
+        )
+        self._controller.start()
+        return self
+
+    def stop(self) -> None:
+        if self._controller is not None:
+            self._controller.stop()  # also cancels hung DATA handlers
+            self._controller = None
+
+    @property
+    def port(self) -> int:
+        assert self._controller is not None, "the sink is not started"
+        return self._controller.port
+
+    @property
+    def url(self) -> str:
+        return f"smtp://{HOST}:{self.port}"
+
+    @property
+    def messages(self) -> list[SmtpMessage]:
+        return self._recorder.items()
+
+    def count_by_recipient(self) -> Counter[str]:
+        return Counter(rcpt for message in self.messages for rcpt in message.rcpt_tos)
+
+    def faults(self) -> dict[str, Any]:
+        return {"reject_rcpt": self.reject_rcpt, "temp_fail": self.temp_fail, "hang_after_data": self.hang_after_data}
+
+    def provider_settings(
+        self, username_env: str = "SMTP_SINK_USERNAME", password_env: str = "SMTP_SINK_PASSWORD"
+    ) -> dict[str, Any]:
+        settings: dict[str, Any] = {
+            "host": HOST,
+            "port": self.port,
+            "from": "campaigns@example.com",
+            "starttls": False,
+            "ssl": False,
+            "timeout_s": 5,
+        }
+        if self._credentials:
+            settings.update(username_env=username_env, password_env=password_env)
+        return settings
+
+    # aiosmtpd handler hooks
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
+    ) -> str:
+        if self._credentials and not session.authenticated:
+            return "530 5.7.0 Authentication required"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
+    ) -> str:
+        if _hits(self.reject_rcpt, [address]):
+            return "550 5.1.1 Mailbox unavailable (sink fault reject_rcpt)"
+        if _hits(self.temp_fail, [address]):
+            return "451 4.3.0 Try again later (sink fault temp_fail)"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        raw = envelope.original_content or envelope.content or b""
+        assert isinstance(raw, bytes)
+        self._recorder.add(_parse_message(envelope, session, raw))
+        if _hits(self.hang_after_data, envelope.rcpt_tos):
+            await asyncio.sleep(HANG_LIMIT_S)
+            return "451 4.3.0 Gave up (sink fault hang_after_data)"
+        return "250 OK queued"
+
+    def _authenticate(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
+    ) -> AuthResult:
+        given = (auth_data.login.decode(), auth_data.password.decode()) if isinstance(auth_data, LoginPassword) else None
+        return AuthResult(success=given == self._credentials, handled=False)  # aiosmtpd answers 535
+
+
+def _parse_message(envelope: Envelope, session: Session, raw: bytes) -> SmtpMessage:
+    parsed = message_from_bytes(raw.replace(b"\r\n", b"\n"), policy=default_policy)  # report text with \n
+    assert isinstance(parsed, EmailMessage)
+    text_part, html_part = parsed.get_body(("plain",)), parsed.get_body(("html",))
+    return SmtpMessage(
+        mail_from=envelope.mail_from or "",
+        rcpt_tos=tuple(envelope.rcpt_tos),
+        message_id=parsed["Message-ID"],
+        headers={name: str(value) for name, value in parsed.items()},
+        subject=parsed["Subject"],
+        text=text_part.get_content() if text_part else None,
+        html=html_part.get_content() if html_part else None,
+        peer=tuple(session.peer[:2]),
+        raw=raw,
+    )
+
+
+# ---------------------------------------------------------------------------------------- HTTP
+
+
+@dataclass(frozen=True)
+class HttpRequest:
+    path: str
+    headers: Mapping[str, str]  # case-insensitive lookups (an http.client.HTTPMessage)
+    body: bytes
+
+
+class _HttpSink(_Sink[T]):
+    """A ThreadingHTTPServer answering POSTs through `handle`, with the shared fault modes.
+
+    force_status: answer every request with this status (500, 429, 409, 202...) and a JSON body
+    without an id, processing and recording nothing. status_500 is short for force_status=500.
+    slow_ms: answer this late. hang: record, then never answer. timeout_first_n: hang the next
+    n requests. refuse(): close the listening socket (connections are refused until start()).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.force_status: int | None = None
+        self.slow_ms = 0
+        self.hang = False
+        self.timeout_first_n = 0
+        self._lock = threading.Lock()
+        self._released = threading.Event()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self._port = 0  # 0 until first started; a restart after refuse() reuses the port
+
+    @abstractmethod
+    def handle(self, request: HttpRequest) -> tuple[int, dict[str, Any]]:
+        """Process and record a request; the status and JSON body to answer."""
+
+    @property
+    def status_500(self) -> bool:
+        return self.force_status == 500
+
+    @status_500.setter
+    def status_500(self, on: bool) -> None:
+        self.force_status = 500 if on else None
+
+    def start(self) -> Any:
+        handler = type("Handler", (_SinkRequestHandler,), {"sink": self})
+        self._server = ThreadingHTTPServer((HOST, self._port), handler)
+        self._server.daemon_threads = True
+        self._port = self._server.server_address[1]
+        self._released.clear()
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.05,), name=self.title, daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def refuse(self) -> None:
+        """Stop listening, so that new connections are refused (requests in progress finish)."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            assert self._thread is not None
+            self._thread.join()
+            self._server = self._thread = None
+
+    def stop(self) -> None:
+        self._released.set()
+        self.refuse()
+
+    @property
+    def port(self) -> int:
+        assert self._port, "the sink is not started"
+        return self._port
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def faults(self) -> dict[str, Any]:
+        return {
+            "force_status": self.force_status,
+            "slow_ms": self.slow_ms,
+            "hang": self.hang,
+            "timeout_first_n": self.timeout_first_n,
+            "refuse": self._port != 0 and self._server is None,
+        }
+
+    def answer(self, request: HttpRequest) -> tuple[int, dict[str, Any]] | None:
+        """Apply the fault modes around `handle`; None means: never answer."""
+        if self.force_status:
+            return self.force_status, {"status": self.force_status, "message": "forced status (sink fault)"}
+        with self._lock:
+            hang = self.hang or self.timeout_first_n > 0
+            self.timeout_first_n = max(0, self.timeout_first_n - 1)
+        status, payload = self.handle(request)
+        if hang:
+            self._released.wait(HANG_LIMIT_S)
+            return None
+        if self.slow_ms:
+            time.sleep(self.slow_ms / 1000)
+        return status, payload
+
+
+class _SinkRequestHandler(BaseHTTPRequestHandler):
+    sink: _HttpSink[Any]
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        answer = self.sink.answer(HttpRequest(self.path, self.headers, body))
+        if answer is None:
+            self.close_connection = True
+            return
+        status, payload = answer
+        data = json.dumps(payload).encode()
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except OSError:
+            pass  # the client stopped waiting (slow_ms past its timeout)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # what arrived is in the sink's records
+
+
+# --------------------------------------------------------------------------------------- voice
+
+CALLS_PATH = re.compile(r"/2010-04-01/Accounts/(?P<sid>[^/]+)/Calls\.json")
+E164 = re.compile(r"\+[1-9]\d{6,14}")
+
+
+@dataclass(frozen=True)
+class VoiceCall:
+    sid: str
+    to: str
+    from_: str
+    twiml: str
+    idempotency_token: str | None
+
+
+class VoiceSink(_HttpSink[VoiceCall]):
+    """Behaves like the Twilio Calls API: basic auth, 201 with a Call SID, Twilio-style errors.
+
+    Like Twilio it does not deduplicate: every accepted request is a new call.
+    """
+
+    title = "voice sink (Twilio Calls API)"
+
+    def __init__(self, account_sid: str | None = None, auth_token: str | None = None) -> None:
+        super().__init__()
+        self.account_sid = account_sid or "AC" + uuid.uuid4().hex
+        self.auth_token = auth_token or "sink-" + uuid.uuid4().hex
+
+    @property
+    def calls(self) -> list[VoiceCall]:
+        return self._recorder.items()
+
+    def provider_settings(self, auth_token_env: str = "VOICE_SINK_AUTH_TOKEN") -> dict[str, Any]:
+        return {
+            "base_url": self.url,
+            "account_sid": self.account_sid,
+            "auth_token_env": auth_token_env,
+            "from": "+15550000000",
+            "timeout_s": 5,
+        }
+
+    def handle(self, request: HttpRequest) -> tuple[int, dict[str, Any]]:
+        match = CALLS_PATH.fullmatch(request.path)
+        if not match or match["sid"] != self.account_sid:
+            return _twilio_error(404, 20404, "The requested resource was not found")
+        expected = "Basic " + base64.b64encode(f"{self.account_sid}:{self.auth_token}".encode()).decode()
+        if not hmac.compare_digest(request.headers.get("Authorization", ""), expected):
+            return _twilio_error(401, 20003, "Authenticate")
+        form = {key: values[0] for key, values in parse_qs(request.body.decode()).items()}
+        to, caller, twiml = form.get("To", ""), form.get("From", ""), form.get("Twiml", "")
+        if not E164.fullmatch(to):
+            return _twilio_error(400, 21211, f"Invalid 'To' Phone Number: {to}")
+        if not caller:
+            return _twilio_error(400, 21603, "A 'From' phone number is required")
+        if not twiml:
+            return _twilio_error(400, 21205, "Url or Twiml is required")
+        call = VoiceCall("CA" + uuid.uuid4().hex, to, caller, twiml, request.headers.get("I-Twilio-Idempotency-Token"))
+        self._recorder.add(call)
+        return 201, {"sid": call.sid, "status": "queued", "to": to, "from": caller}
+
+
+def _twilio_error(status: int, code: int, message: str) -> tuple[int, dict[str, Any]]:
+    return status, {"status": status, "code": code, "message": message}
+
+
+# ------------------------------------------------------------------------------------- webhook
+
+
+@dataclass(frozen=True)
+class WebhookDelivery:
+    id: str
+    idempotency_key: str
+    payload: dict[str, Any]
+
+
+class WebhookSink(_HttpSink[WebhookDelivery]):
+    """Receives the webhook adapter's JSON POSTs and processes each Idempotency-Key once.
+
+    A second request with a known key is answered 200 with the same id and counted in
+    `duplicate_attempts`; `deliveries_by_key` holds each key once. With `secret`, requests
+    whose signature header does not match are refused with 401.
+    """
+
+    title = "webhook sink"
+
+    def __init__(self, secret: str | None = None) -> None:
+        super().__init__()
+        self._secret = secret
+        self._by_key: dict[str, WebhookDelivery] = {}
+        self.duplicate_attempts = 0
+
+    @property
+    def deliveries(self) -> list[WebhookDelivery]:
+        return self._recorder.items()
+
+    @property
+    def deliveries_by_key(self) -> dict[str, WebhookDelivery]:
+        with self._lock:
+            return dict(self._by_key)
+
+    def provider_settings(self, secret_env: str = "WEBHOOK_SINK_SECRET") -> dict[str, Any]:
+        settings: dict[str, Any] = {"url": f"{self.url}/deliveries", "timeout_s": 5}
+        if self._secret:
+            settings["secret_env"] = secret_env
+        return settings
+
+    def handle(self, request: HttpRequest) -> tuple[int, dict[str, Any]]:
+        if self._secret and not hmac.compare_digest(
+            request.headers.get(SIGNATURE_HEADER, ""), sign(self._secret, request.body)
+        ):
+            return 401, {"error": "bad signature"}
+        key = request.headers.get("Idempotency-Key")
+        if not key:
+            return 400, {"error": "Idempotency-Key header required"}
+        try:
+            payload = json.loads(request.body)
+        except ValueError:
+            return 400, {"error": "body is not JSON"}
+        with self._lock:
+            known = self._by_key.get(key)
+            if known:
+                self.duplicate_attempts += 1
+                return 200, {"id": known.id, "duplicate": True}
+            delivery = self._by_key[key] = WebhookDelivery("wh-" + uuid.uuid4().hex, key, payload)
+        self._recorder.add(delivery)
+        return 201, {"id": delivery.id, "duplicate": False}

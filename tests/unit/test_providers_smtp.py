@@ -1,0 +1,206 @@
+"""SmtpAdapter against a real SMTP server (SmtpSink): every outcome, pooling, threads, secrets."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pytest
+
+from kernel_driver.providers import OutboundItem, Outcome, ProviderConfigError
+from kernel_driver.providers.smtp import SmtpAdapter
+from kernel_driver.sinks import SmtpSink, refused_port
+
+CONTENT = {"subject": "Spring sale", "text": "Hello.\n.A line starting with a dot.", "html": "<p>Hello.</p>"}
+
+
+def email(recipient: str = "ann@example.com", key: str | None = None, **content: str) -> OutboundItem:
+    return OutboundItem(
+        id=str(uuid.uuid4()),
+        idempotency_key=key or f"root:email:{uuid.uuid4()}:1",
+        channel="email",
+        recipient=recipient,
+        content=content or CONTENT,
+        run_id=str(uuid.uuid4()),
+        contact_id=str(uuid.uuid4()),
+    )
+
+
+@pytest.fixture
+def sink():
+    with SmtpSink() as running:
+        yield running
+
+
+@pytest.fixture
+def adapter(sink):
+    with SmtpAdapter(dict(sink.provider_settings(), timeout_s=0.5)) as smtp:
+        yield smtp
+
+
+def test_accepted_message_carries_a_message_id_derived_from_the_key(sink, adapter):
+    item = email(key="run-1:email:contact-1:1")
+    result = adapter.send(item)
+
+    assert result.outcome is Outcome.ACCEPTED, result.error
+    assert sink.wait_for(1)
+    [message] = sink.messages
+    assert result.provider_message_id == message.message_id == adapter.message_id(item.idempotency_key)
+    assert message.message_id.endswith("@example.com>")
+    assert message.headers["X-Idempotency-Key"] == item.idempotency_key
+    assert (message.mail_from, message.rcpt_tos) == ("campaigns@example.com", ("ann@example.com",))
+    assert message.subject == "Spring sale"
+    assert message.text == CONTENT["text"] + "\n"  # dot-stuffing undone by the server
+    assert message.html is not None and "<p>Hello.</p>" in message.html
+    assert result.response["smtp_code"] == 250
+
+
+def test_message_id_is_the_same_for_the_same_key_in_another_adapter(sink):
+    settings = sink.provider_settings()
+    with SmtpAdapter(settings) as first, SmtpAdapter(settings) as second:
+        assert first.message_id("k:1") == second.message_id("k:1")
+        assert first.message_id("k:1") != first.message_id("k:2")
+
+
+def test_sends_reuse_one_session_and_survive_the_server_closing_it():
+    with SmtpSink(idle_timeout_s=0.2) as sink, SmtpAdapter(sink.provider_settings()) as adapter:
+        for _ in range(3):
+            assert adapter.send(email()).outcome is Outcome.ACCEPTED
+        time.sleep(0.4)  # the server drops the idle session
+        assert adapter.send(email()).outcome is Outcome.ACCEPTED
+
+    peers = [message.peer for message in sink.messages]
+    assert len(set(peers[:3])) == 1
+    assert peers[3] != peers[0]
+
+
+def test_permanent_refusal_of_a_recipient_is_rejected_and_the_session_goes_on(sink, adapter):
+    sink.reject_rcpt = {"gone@example.com"}
+
+    rejected = adapter.send(email("gone@example.com"))
+    accepted = adapter.send(email("ann@example.com"))
+
+    assert rejected.outcome is Outcome.REJECTED
+    assert rejected.response["smtp_code"] == 550
+    assert "550" in (rejected.error or "")
+    assert accepted.outcome is Outcome.ACCEPTED
+    assert sink.count_by_recipient() == {"ann@example.com": 1}
+
+
+def test_temporary_refusal_is_not_sent(sink, adapter):
+    sink.temp_fail = True
+
+    result = adapter.send(email())
+
+    assert result.outcome is Outcome.NOT_SENT
+    assert (result.response["smtp_phase"], result.response["smtp_code"]) == ("RCPT", 451)
+    assert sink.messages == []
+
+
+def test_refused_connection_is_not_sent():
+    adapter = SmtpAdapter({"host": "127.0.0.1", "port": refused_port(), "from": "a@example.com", "timeout_s": 0.5})
+
+    result = adapter.send(email())
+
+    assert result.outcome is Outcome.NOT_SENT
+    assert "ConnectionRefusedError" in (result.error or "")
+
+
+def test_lost_answer_after_data_is_ambiguous_and_the_next_send_reconnects(sink, adapter):
+    sink.hang_after_data = {"slow@example.com"}
+
+    lost = adapter.send(email("slow@example.com"))
+    after = adapter.send(email("ann@example.com"))
+
+    assert lost.outcome is Outcome.AMBIGUOUS
+    assert lost.response == {"smtp_phase": "end of data"}
+    assert after.outcome is Outcome.ACCEPTED
+    assert sink.count_by_recipient() == {"slow@example.com": 1, "ann@example.com": 1}  # it did arrive
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        email(subject="", text="body"),
+        email(subject="no text"),
+        email("ann@example.com\r\nBcc: all@example.com"),
+        email("ännchen@example.com"),
+    ],
+    ids=["empty subject", "missing text", "header injection", "non-ascii address"],
+)
+def test_an_unsendable_item_is_rejected_without_a_connection(item):
+    adapter = SmtpAdapter({"host": "127.0.0.1", "port": refused_port(), "from": "a@example.com"})
+
+    result = adapter.send(item)
+
+    assert result.outcome is Outcome.REJECTED
+    assert result.error and result.error.startswith("cannot build the message")
+
+
+def test_eight_threads_through_one_adapter_deliver_each_message_once(sink, adapter):
+    items = [email(f"user{n}@example.com") for n in range(40)]
+    results = {}
+
+    def send_share(share: list[OutboundItem]) -> None:
+        for item in share:
+            results[item.idempotency_key] = adapter.send(item)
+
+    threads = [threading.Thread(target=send_share, args=(items[n::8],)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert {result.outcome for result in results.values()} == {Outcome.ACCEPTED}
+    assert sink.wait_for(40)
+    assert sink.count_by_recipient() == {item.recipient: 1 for item in items}
+    assert {m.message_id for m in sink.messages} == {adapter.message_id(i.idempotency_key) for i in items}
+
+
+def test_login_uses_the_secret_from_the_environment_and_never_shows_it():
+    password = "pw-" + uuid.uuid4().hex
+    with SmtpSink(credentials=("mailer", password)) as sink:
+        settings = sink.provider_settings(username_env="MAIL_USER", password_env="MAIL_PASSWORD")
+        good = SmtpAdapter(settings, {"MAIL_USER": "mailer", "MAIL_PASSWORD": password})
+        bad = SmtpAdapter(settings, {"MAIL_USER": "mailer", "MAIL_PASSWORD": password + "x"})
+
+        accepted, refused = good.send(email()), bad.send(email())
+
+    assert accepted.outcome is Outcome.ACCEPTED
+    assert refused.outcome is Outcome.REJECTED  # 535: retrying cannot help
+    assert refused.response["smtp_code"] == 535
+    for shown in (repr(good), repr(bad), repr(accepted), repr(refused)):
+        assert password not in shown
+
+
+def test_a_missing_secret_names_the_variable():
+    settings = {"host": "h", "port": 25, "from": "a@example.com", "username_env": "U", "password_env": "SMTP_PW"}
+
+    with pytest.raises(ProviderConfigError, match="environment variable SMTP_PW .*'password_env'"):
+        SmtpAdapter(settings, {"U": "user"})
+
+
+@pytest.mark.parametrize(
+    ("settings", "problem"),
+    [
+        ({"port": 25, "from": "a@example.com"}, "smtp setting 'host' is required"),
+        ({"host": "h", "port": 70000, "from": "a@example.com"}, "'port' must be an integer from 1 to 65535, got 70000"),
+        ({"host": "h", "port": "25", "from": "a@example.com"}, "'port' must be an integer"),
+        ({"host": "h", "port": 25, "from": "nobody"}, "'from' must be an e-mail address"),
+        ({"host": "h", "port": 25, "from": "a@example.com", "timeout_s": 0}, "'timeout_s' must be a number greater than 0"),
+        ({"host": "h", "port": 465, "from": "a@example.com", "ssl": True, "starttls": True}, "cannot both be true"),
+        ({"host": "h", "port": 25, "from": "a@example.com", "username_env": "U"}, "go together"),
+        ({"host": "h", "port": 25, "from": "a@example.com", "password_env": "not a name"}, "environment variable"),
+    ],
+)
+def test_settings_problems_are_readable(settings, problem):
+    problems = SmtpAdapter.validate_settings(settings)
+
+    assert any(problem in text for text in problems), problems
+    with pytest.raises(ProviderConfigError, match="invalid smtp settings"):
+        SmtpAdapter(settings, {})
+
+
+def test_valid_settings_have_no_problems_and_a_display_name_is_allowed():
+    assert SmtpAdapter.validate_settings({"host": "h", "port": 587, "from": "Shop <news@shop.example>"}) == []
