@@ -1,0 +1,199 @@
+"""The ``kernel-driver`` command line: a thin click group; the work happens in the modules it calls.
+
+Every user mistake ends with one line ``error: …`` on stderr and a stable exit code (README,
+"Exit codes"); a traceback means a bug in the driver.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from enum import IntEnum
+from pathlib import Path
+from typing import IO, Any
+
+import click
+import psycopg
+
+from kernel_driver import migrate as migrator
+from kernel_driver.config import DEFAULT_SCHEMA, Settings
+from kernel_driver.db import DatabaseUnreachable, KernelError, connect
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    USAGE = 2
+    MIGRATION_REFUSED = 3
+    DATABASE_UNREACHABLE = 4
+    KERNEL_REFUSED = 5
+    DATABASE_ERROR = 6
+
+
+class CliError(click.ClickException):
+    """Printed as one ``error: …`` line; ends the command with ``exit_code``."""
+
+    def __init__(self, message: str, exit_code: ExitCode) -> None:
+        super().__init__(message)
+        # click declares exit_code per class; ours differs per error.
+        self.exit_code = exit_code  # type: ignore[misc]
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True, file=file)
+
+
+# Which exception means which exit code; the first match wins (subclasses before bases).
+EXIT_CODES: list[tuple[type[BaseException], ExitCode]] = [
+    (migrator.MigrationRefused, ExitCode.MIGRATION_REFUSED),
+    (DatabaseUnreachable, ExitCode.DATABASE_UNREACHABLE),
+    (KernelError, ExitCode.KERNEL_REFUSED),
+    (migrator.MigrationFailed, ExitCode.DATABASE_ERROR),
+    (psycopg.Error, ExitCode.DATABASE_ERROR),
+]
+
+
+class KernelGroup(click.Group):
+    """Turns the driver's exceptions into ``error:`` lines for every subcommand."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.ClickException:
+            raise
+        except Exception as exc:
+            for exc_type, code in EXIT_CODES:
+                if isinstance(exc, exc_type):
+                    raise CliError(" ".join(str(exc).split()), code) from exc
+            raise
+
+
+@click.group(cls=KernelGroup)
+@click.option(
+    "--dsn",
+    envvar="KERNEL_DSN",
+    metavar="DSN",
+    help="libpq connection string or postgresql:// URI [env: KERNEL_DSN].",
+)
+@click.option(
+    "--schema",
+    envvar="KERNEL_SCHEMA",
+    default=DEFAULT_SCHEMA,
+    show_default=True,
+    help="Schema the kernel lives in; its roles are SCHEMA_owner, _worker, _app, _reader "
+    "[env: KERNEL_SCHEMA].",
+)
+@click.version_option(package_name="kernel-driver")
+@click.pass_context
+def main(ctx: click.Context, dsn: str | None, schema: str) -> None:
+    """Postgres-native campaign execution kernel: install it, run it, certify it."""
+    try:
+        ctx.obj = Settings(dsn=dsn, schema=schema)
+    except ValueError as exc:
+        raise CliError(str(exc), ExitCode.USAGE) from exc
+
+
+def require_dsn(settings: Settings) -> str:
+    if not settings.dsn:
+        raise CliError(
+            "no database given: pass --dsn postgresql://… or set KERNEL_DSN", ExitCode.USAGE
+        )
+    return settings.dsn
+
+
+@contextmanager
+def database(settings: Settings) -> Iterator[psycopg.Connection]:
+    """An autocommit connection for the command; closed when it ends."""
+    with connect(require_dsn(settings), autocommit=True) as conn:
+        yield conn
+
+
+@main.command()
+@click.option("--dry-run", is_flag=True, help="Show what would be applied; write nothing.")
+@click.option("--status", "show_status", is_flag=True, help="List every migration and its state.")
+@click.option(
+    "--sql-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Use the migrations in SQL_DIR/migrations instead of the installed ones.",
+)
+@click.pass_obj
+def migrate(settings: Settings, dry_run: bool, show_status: bool, sql_dir: Path | None) -> None:
+    """Install or upgrade the kernel in the database (one transaction per migration).
+
+    Refuses, changing nothing, when a migration that is already applied differs from its file.
+    """
+    files = migrator.load_migrations(sql_dir)
+    schema = settings.schema
+    with database(settings) as conn:
+        if show_status:
+            print_status(conn, schema, files)
+            return
+        if dry_run:
+            todo = migrator.plan(conn, schema, files)
+            for migration in todo.adopt:
+                click.echo(f"would record sha256 of {migration.name} (applied without the driver)")
+            for migration in todo.pending:
+                click.echo(f"would apply {migration.name}")
+            if not todo.adopt and not todo.pending:
+                click.echo(f"nothing to do: schema {schema} is up to date")
+            return
+        started = time.monotonic()
+        for action, migration in migrator.migrate(conn, schema, files):
+            elapsed_ms = (time.monotonic() - started) * 1000
+            if action == "adopted":
+                click.echo(f"recorded sha256 of {migration.name} (applied without the driver)")
+            elif action == "applied":
+                click.echo(f"applied {migration.name} ({elapsed_ms:.0f} ms)")
+            else:
+                click.echo(f"skipped {migration.name} (applied meanwhile by another migrator)")
+            started = time.monotonic()
+        version = migrator.kernel_version(conn, schema)
+        click.echo(f"schema {schema} is at {files[-1].name}, kernel_version {version}")
+
+
+def print_status(
+    conn: psycopg.Connection, schema: str, files: Sequence[migrator.Migration]
+) -> None:
+    entries, version = migrator.status(conn, schema, files)
+    for entry in entries:
+        applied = entry.applied_at.isoformat(timespec="seconds") if entry.applied_at else "-"
+        click.echo(f"{entry.version:04d}  {entry.name:<32} {applied:<25} {entry.state}")
+    click.echo(f"kernel_version: {version or 'not installed'} (schema {schema})")
+
+
+@main.command()
+@click.option("--worker-id", envvar="KERNEL_WORKER_ID", help="Unique id of this daemon [default: host:pid].")
+@click.option("--concurrency", type=click.IntRange(1, 256), default=8, show_default=True,
+              help="Provider calls in flight at once (also the most items that can end unknown after a crash).")
+@click.option("--until-idle", is_flag=True, help="Exit 0 once no queued or processing job is left.")
+@click.option("--poll-interval", type=click.FloatRange(0.05, 3600), default=2.0, show_default=True,
+              help="Seconds between claims when no NOTIFY arrives.")
+@click.option("--lease-seconds", type=click.FloatRange(1, 3600), default=30.0, show_default=True,
+              help="Job lease; heartbeats renew it every third of it.")
+@click.option("--reserve-batch", type=click.IntRange(1, 10000), default=100, show_default=True,
+              help="Outbox items reserved per round trip.")
+@click.option("--grace-seconds", type=click.FloatRange(0, 3600), default=10.0, show_default=True,
+              help="On SIGTERM/SIGINT, how long in-flight provider calls may finish.")
+@click.option("--metrics-port", type=click.IntRange(1, 65535), help="Serve Prometheus metrics on 127.0.0.1:PORT.")
+@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), default="INFO",
+              show_default=True)
+@click.pass_obj
+def run(settings: Settings, worker_id: str | None, concurrency: int, until_idle: bool,
+        poll_interval: float, lease_seconds: float, reserve_batch: int, grace_seconds: float,
+        metrics_port: int | None, log_level: str) -> None:
+    """Run the daemon: claim jobs, send their items through the providers, record every outcome.
+
+    SIGTERM or SIGINT: stop claiming, finish in-flight calls within the grace period, release the
+    job for another daemon, exit 0.
+    """
+    from kernel_driver.worker import Worker, WorkerConfig, stop_on_signals
+
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    worker = Worker(WorkerConfig(
+        dsn=require_dsn(settings), schema=settings.schema, worker_id=worker_id or settings.worker_id,
+        concurrency=concurrency, reserve_batch=reserve_batch, poll_interval=poll_interval,
+        lease_seconds=lease_seconds, grace_seconds=grace_seconds, until_idle=until_idle,
+        metrics_port=metrics_port,
+    ))
+    with stop_on_signals(worker.stop):
+        worker.run()

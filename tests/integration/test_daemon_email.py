@@ -1,0 +1,33 @@
+"""The daemon end to end: a real SMTP server, a real subprocess, a real Postgres."""
+
+from __future__ import annotations
+
+from kernel_driver.seed import seed_campaign
+from kernel_driver.sinks import SmtpSink
+
+from .daemon import item_counts, run_until_idle
+
+
+def test_email_campaign_reaches_each_reachable_contact_once(conn, db_dsn, kernel_schema):
+    with SmtpSink() as sink:
+        seeded = seed_campaign(
+            conn, kernel_schema, contacts=2000, provider="smtp", settings=sink.provider_settings(),
+            unsubscribed_every=10, no_address_every=25,
+        )
+        run_id = conn.execute("SELECT deploy_campaign(%s, 500)", (seeded.campaign_id,)).fetchone()[0]
+        run_until_idle(db_dsn, kernel_schema, "--concurrency", "8")
+
+        received = sink.count_by_recipient()
+    assert len(received) == seeded.reachable
+    assert set(received.values()) == {1}
+    counts = item_counts(conn, [run_id])
+    assert counts == {"sent": seeded.reachable, "skipped": 2000 - seeded.reachable}
+    assert conn.execute(
+        "SELECT count(*) FROM channel_outbox WHERE run_id = %s AND status = 'sent'"
+        " AND provider_message_id IS NOT NULL", (run_id,)
+    ).fetchone()[0] == seeded.reachable
+    message_ids = {m.message_id for m in sink.messages}
+    stored = {row[0] for row in conn.execute(
+        "SELECT provider_message_id FROM channel_outbox WHERE run_id = %s AND status = 'sent'", (run_id,))}
+    assert message_ids == stored
+    assert conn.execute("SELECT status FROM campaign_runs WHERE id = %s", (run_id,)).fetchone()[0] == "completed"
