@@ -42,3 +42,34 @@ def item_counts(conn, run_ids: Sequence[object]) -> dict[str, int]:
         "SELECT status, count(*) FROM channel_outbox WHERE run_id = ANY(%s) GROUP BY status", (list(run_ids),)
     ).fetchall()
     return dict(rows)
+
+
+def job_workers(conn, run_id) -> set[str]:
+    """The workers that completed jobs of a run (from the audit trail)."""
+    rows = conn.execute(
+        "SELECT DISTINCT worker FROM job_events WHERE run_id = %s AND entity = 'job' AND to_status = 'completed'",
+        (run_id,),
+    ).fetchall()
+    return {row[0] for row in rows}
+
+
+def in_flight_ids(conn, run_id) -> set[object]:
+    """Items handed to a provider whose outcome is not recorded yet."""
+    return {row[0] for row in conn.execute(
+        "SELECT id FROM channel_outbox WHERE run_id = %s AND status = 'pending' AND dispatched_at IS NOT NULL",
+        (run_id,),
+    )}
+
+
+def run_status(conn, run_id) -> str:
+    return conn.execute("SELECT status FROM campaign_runs WHERE id = %s", (run_id,)).fetchone()[0]
+
+
+def wait_until(predicate, timeout: float = 30, interval: float = 0.05) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)

@@ -1,0 +1,118 @@
+"""Crash recovery with real processes: SIGKILL, SIGSTOP past the lease, SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+
+from integration.daemon import in_flight_ids, item_counts, run_status, run_until_idle, start_daemon, wait_until
+from kernel_driver.seed import seed_campaign
+from kernel_driver.sinks import SmtpSink, VoiceSink
+
+KILLS = 10
+
+
+def sent_count(conn, run_id) -> int:
+    return item_counts(conn, [run_id]).get("sent", 0)
+
+
+def test_sigkill_ten_times_never_sends_twice(conn, db_dsn, kernel_schema):
+    rng = random.Random(int(os.environ.get("KERNEL_TEST_SEED", "0")) or None)
+    with SmtpSink() as sink:
+        seeded = seed_campaign(conn, kernel_schema, contacts=2000, provider="smtp",
+                               settings=sink.provider_settings(), unsubscribed_every=20)
+        run_id = conn.execute("SELECT deploy_campaign(%s, 250)", (seeded.campaign_id,)).fetchone()[0]
+        in_flight_at_kills: set[object] = set()
+        kills = 0
+        while kills < KILLS:
+            daemon = start_daemon(db_dsn, kernel_schema, "--concurrency", "8", "--lease-seconds", "1")
+            before = sent_count(conn, run_id)
+            # Kill at a random moment once this daemon is sending.
+            wait_until(lambda: sent_count(conn, run_id) > before or daemon.poll() is not None, timeout=60)
+            time.sleep(rng.uniform(0, 0.3))
+            assert daemon.poll() is None, "the campaign finished before ten kills: make it larger"
+            daemon.send_signal(signal.SIGKILL)
+            daemon.wait()
+            kills += 1
+            in_flight_at_kills |= in_flight_ids(conn, run_id)
+        run_until_idle(db_dsn, kernel_schema, "--lease-seconds", "1")
+
+        received = sink.count_by_recipient()
+    counts = item_counts(conn, [run_id])
+    assert max(received.values()) == 1, "a contact received two messages"
+    assert counts.get("pending", 0) == 0
+    # Only items in flight at a kill may end unknown; at most `concurrency` per kill.
+    unknown = {row[0] for row in conn.execute(
+        "SELECT id FROM channel_outbox WHERE run_id = %s AND status = 'unknown'", (run_id,))}
+    assert unknown <= in_flight_at_kills
+    assert len(in_flight_at_kills) <= 8 * KILLS
+    assert counts["sent"] + counts.get("unknown", 0) == seeded.reachable
+    assert counts.get("failed", 0) == 0
+    assert run_status(conn, run_id) in ("completed", "partial")
+    # Everything recorded sent really arrived; unknown items arrived at most once.
+    sent_recipients = {row[0] for row in conn.execute(
+        "SELECT recipient FROM channel_outbox WHERE run_id = %s AND status = 'sent'", (run_id,))}
+    assert sent_recipients <= set(received)
+
+
+def test_daemon_frozen_past_its_lease_is_fenced(conn, db_dsn, kernel_schema):
+    with VoiceSink() as sink:
+        sink.slow_ms = 50
+        env = {"VOICE_SINK_AUTH_TOKEN": sink.auth_token}
+        seeded = seed_campaign(conn, kernel_schema, contacts=200, channel="voice", provider="twilio",
+                               settings=sink.provider_settings())
+        run_id = conn.execute("SELECT deploy_campaign(%s)", (seeded.campaign_id,)).fetchone()[0]
+        frozen = start_daemon(db_dsn, kernel_schema, "--concurrency", "4", "--lease-seconds", "1",
+                              "--worker-id", "frozen", env=env)
+        wait_until(lambda: sent_count(conn, run_id) > 10)
+        frozen.send_signal(signal.SIGSTOP)
+        time.sleep(1.5)  # past the lease
+        run_until_idle(db_dsn, kernel_schema, "--lease-seconds", "1", "--worker-id", "successor", env=env)
+        assert run_status(conn, run_id) in ("completed", "partial")
+        calls_before_resume = len(sink.calls)
+        frozen.send_signal(signal.SIGCONT)
+        time.sleep(1.0)  # let it wake up, get fenced and go idle
+        frozen.send_signal(signal.SIGTERM)
+        output, _ = frozen.communicate(timeout=30)
+
+        calls = [call.to for call in sink.calls]
+    assert frozen.returncode == 0, output
+    assert "lease lost" in output
+    # The frozen daemon may finish the calls it had in flight, but sends nothing new.
+    assert len(calls) - calls_before_resume <= 4
+    assert len(calls) == len(set(calls)), "a contact was called twice"
+    counts = item_counts(conn, [run_id])
+    assert counts.get("pending", 0) == 0
+    assert counts["sent"] + counts.get("unknown", 0) == 200
+    assert counts.get("unknown", 0) <= 4
+    assert conn.execute(
+        "SELECT count(*) FROM job_events WHERE run_id = %s AND worker = 'successor' AND to_status = 'completed'",
+        (run_id,),
+    ).fetchone()[0] == 1
+
+
+def test_sigterm_drains_releases_and_another_daemon_finishes(conn, db_dsn, kernel_schema):
+    with VoiceSink() as sink:
+        sink.slow_ms = 20
+        env = {"VOICE_SINK_AUTH_TOKEN": sink.auth_token}
+        seeded = seed_campaign(conn, kernel_schema, contacts=300, channel="voice", provider="twilio",
+                               settings=sink.provider_settings())
+        run_id = conn.execute("SELECT deploy_campaign(%s)", (seeded.campaign_id,)).fetchone()[0]
+        first = start_daemon(db_dsn, kernel_schema, "--concurrency", "4", "--worker-id", "first", env=env)
+        wait_until(lambda: sent_count(conn, run_id) > 20)
+        first.send_signal(signal.SIGTERM)
+        output, _ = first.communicate(timeout=30)
+        assert first.returncode == 0, output
+        assert not in_flight_ids(conn, run_id), "in-flight calls were not recorded before exit"
+        assert run_status(conn, run_id) == "running"
+        released = conn.execute(
+            "SELECT count(*) FROM job_events WHERE run_id = %s AND worker = 'first'"
+            " AND from_status = 'processing' AND to_status = 'queued'", (run_id,)).fetchone()[0]
+        assert released == 1
+        run_until_idle(db_dsn, kernel_schema, "--worker-id", "second", env=env)
+        calls = [call.to for call in sink.calls]
+    assert len(calls) == len(set(calls)) == 300
+    assert item_counts(conn, [run_id]) == {"sent": 300}
+    assert run_status(conn, run_id) == "completed"
