@@ -1,0 +1,170 @@
+"""The kernel's objects keep the seed's names: tables, frozen columns, constraints."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+import pytest
+
+from helpers import deploy, jobs_of, raises, scalar, seed_campaign, triggers_off
+
+FROZEN_COLUMNS = {
+    "campaign_runs": [
+        "id", "campaign_id", "tenant_id", "workspace_id", "status", "channel", "run_config",
+        "started_at", "completed_at", "error_message",
+    ],
+    "job_queue": [
+        "id", "run_id", "tenant_id", "workspace_id", "job_type", "status", "attempts",
+        "locked_at", "locked_by", "last_error",
+    ],
+    "channel_outbox": [
+        "id", "run_id", "job_id", "tenant_id", "workspace_id", "channel", "provider", "status",
+        "idempotency_key", "provider_message_id", "provider_response", "skipped", "skip_reason",
+        "error",
+    ],
+}
+
+HOST_COLUMNS = {
+    "campaigns": ["id", "tenant_id", "workspace_id", "name", "channel", "content"],
+    "contacts": ["id", "tenant_id", "workspace_id", "email", "phone", "unsubscribed"],
+    "campaign_audience": ["campaign_id", "contact_id"],
+    "provider_configs": ["workspace_id", "channel", "provider", "settings"],
+}
+
+OTHER_TABLES = ["job_events", "schema_migrations", "rate_buckets"]
+
+
+def columns(conn, schema, table):
+    return {
+        r[0]
+        for r in conn.execute(
+            "SELECT column_name FROM information_schema.columns"
+            " WHERE table_schema = %s AND table_name = %s",
+            [schema, table],
+        )
+    }
+
+
+@pytest.mark.parametrize("table", sorted({**FROZEN_COLUMNS, **HOST_COLUMNS}))
+def test_table_has_its_seed_columns(conn, kernel_schema, table):
+    expected = {**FROZEN_COLUMNS, **HOST_COLUMNS}[table]
+    missing = set(expected) - columns(conn, kernel_schema, table)
+    assert not missing, f"{table} lacks {sorted(missing)}"
+
+
+@pytest.mark.parametrize("table", OTHER_TABLES)
+def test_kernel_table_exists(conn, kernel_schema, table):
+    assert scalar(conn, "SELECT to_regclass(format('%%I.%%I', %s::text, %s::text))", [kernel_schema, table])
+
+
+def test_content_and_settings_are_jsonb(conn, kernel_schema):
+    types = dict(
+        conn.execute(
+            "SELECT table_name || '.' || column_name, data_type FROM information_schema.columns"
+            " WHERE table_schema = %s AND column_name IN ('content', 'settings', 'run_config',"
+            " 'provider_response')",
+            [kernel_schema],
+        ).fetchall()
+    )
+    assert types == {
+        "campaigns.content": "jsonb",
+        "provider_configs.settings": "jsonb",
+        "campaign_runs.run_config": "jsonb",
+        "channel_outbox.provider_response": "jsonb",
+    }
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("channel_outbox_idempotency_key", "u"),
+        ("channel_outbox_status_check", "c"),
+        ("channel_outbox_skipped_status_check", "c"),
+    ],
+)
+def test_outbox_constraint_has_its_seed_name(conn, kernel_schema, name, kind):
+    found = conn.execute(
+        "SELECT contype FROM pg_constraint WHERE conname = %s AND conrelid = %s::regclass",
+        [name, f"{kernel_schema}.channel_outbox"],
+    ).fetchall()
+    assert found == [(kind,)]
+
+
+def test_idempotency_key_constraint_is_unique_on_the_key_alone(conn, kernel_schema):
+    cols = scalar(
+        conn,
+        "SELECT array_agg(a.attname::text) FROM pg_constraint c"
+        " JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = ANY (c.conkey)"
+        " WHERE c.conname = 'channel_outbox_idempotency_key' AND c.conrelid = %s::regclass",
+        [f"{kernel_schema}.channel_outbox"],
+    )
+    assert cols == ["idempotency_key"]
+
+
+@pytest.fixture
+def outbox_parent(conn):
+    """A deployed run and its job, to hang hand-made outbox rows on."""
+    seed = seed_campaign(conn, 2)
+    run_id = deploy(conn, seed.campaign_id)
+    return {"run": run_id, "job": jobs_of(conn, run_id)[0]["id"], "contacts": seed.contact_ids, "seed": seed}
+
+
+def insert_item(conn, parent, key=None, contact=0, **columns):
+    values = {
+        "run_id": parent["run"],
+        "job_id": parent["job"],
+        "tenant_id": parent["seed"].tenant_id,
+        "workspace_id": parent["seed"].workspace_id,
+        "channel": "email",
+        "provider": "smtp",
+        "idempotency_key": key or f"key-{uuid.uuid4()}",
+        "contact_id": parent["contacts"][contact],
+        "root_run_id": parent["run"],
+        "generation": 1,
+        **columns,
+    }
+    names = ", ".join(values)
+    marks = ", ".join(["%s"] * len(values))
+    return scalar(conn, f"INSERT INTO channel_outbox ({names}) VALUES ({marks}) RETURNING id", list(values.values()))
+
+
+def test_idempotency_key_refuses_a_second_row_with_the_same_key(conn, outbox_parent):
+    insert_item(conn, outbox_parent, key="same-key", contact=0)
+    with raises("23505") as info:
+        insert_item(conn, outbox_parent, key="same-key", contact=1)
+    assert info.value.diag.constraint_name == "channel_outbox_idempotency_key"
+
+
+def test_status_check_refuses_an_unknown_status(conn, outbox_parent):
+    item = insert_item(conn, outbox_parent)
+    with triggers_off(conn), raises("23514") as info:  # the trigger would refuse it first
+        conn.execute("UPDATE channel_outbox SET status = 'delivered' WHERE id = %s", [item])
+    assert info.value.diag.constraint_name == "channel_outbox_status_check"
+
+
+@pytest.mark.parametrize(
+    "columns",
+    [
+        {"status": "skipped", "skipped": False, "skip_reason": "unsubscribed"},
+        {"status": "skipped", "skipped": True},
+        {"status": "pending", "skipped": True, "skip_reason": "unsubscribed"},
+        {"status": "pending", "skipped": False, "skip_reason": "unsubscribed"},
+    ],
+    ids=["skipped-not-flagged", "skipped-without-reason", "flagged-but-pending", "reason-but-pending"],
+)
+def test_skipped_status_check_refuses_inconsistent_rows(conn, outbox_parent, columns):
+    with raises("23514") as info:
+        insert_item(conn, outbox_parent, **columns)
+    assert info.value.diag.constraint_name == "channel_outbox_skipped_status_check"
+
+
+def test_skipped_status_check_accepts_a_consistent_skipped_row(conn, outbox_parent):
+    item = insert_item(conn, outbox_parent, status="skipped", skipped=True, skip_reason="unsubscribed")
+    assert scalar(conn, "SELECT status FROM channel_outbox WHERE id = %s", [item]) == "skipped"
+
+
+def test_kernel_version(conn):
+    version = scalar(conn, "SELECT kernel_version()")
+    assert re.fullmatch(r"\d+\.\d+\.\d+", version)
+    assert scalar(conn, "SELECT max(version) FROM schema_migrations") >= 1
