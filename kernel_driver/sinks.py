@@ -27,10 +27,10 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Collection, Mapping
+from collections.abc import Collection
 from dataclasses import dataclass
 from email import message_from_bytes
-from email.message import EmailMessage
+from email.message import EmailMessage, Message
 from email.policy import default as default_policy
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Generic, TypeVar
@@ -54,7 +54,7 @@ def refused_port() -> int:
     """A port on 127.0.0.1 where nothing listens (bound, then closed), to provoke refused connections."""
     with socket.socket() as probe:
         probe.bind((HOST, 0))
-        return probe.getsockname()[1]
+        return int(probe.getsockname()[1])
 
 
 def _hits(scope: FaultScope, recipients: Collection[str]) -> bool:
@@ -106,14 +106,14 @@ class _Sink(ABC, Generic[T]):
 
     @abstractmethod
     def faults(self) -> dict[str, Any]:
-        """The fault modes and their current values."""
+        """The fault modes and their current values, as describe() shows them."""
 
     def wait_for(self, count: int, timeout: float = 5.0) -> bool:
         """Wait until `count` items have been received; False if `timeout` seconds pass first."""
         return self._recorder.wait_for(count, timeout)
 
     def describe(self) -> str:
-        active = ", ".join(f"{name}={_scope_text(value)}" for name, value in self.faults().items() if value)
+        active = ", ".join(f"{name}={value}" for name, value in self.faults().items() if value)
         return (
             f"{self.title} at {self.url}: {len(self._recorder.items())} received; "
             f"faults: {active or 'none'}\nprovider settings: {json.dumps(self.provider_settings())}"
@@ -126,12 +126,10 @@ class _Sink(ABC, Generic[T]):
         self.stop()
 
 
-def _scope_text(value: Any) -> str:
-    if value is True:
-        return "all"
-    if isinstance(value, Collection) and not isinstance(value, str):
-        return ",".join(sorted(value))
-    return str(value)
+def _scope_text(scope: FaultScope) -> str:
+    if isinstance(scope, bool):
+        return "all" if scope else ""
+    return ",".join(sorted(scope))
 
 
 # ---------------------------------------------------------------------------------------- SMTP
@@ -154,9 +152,9 @@ class _EphemeralPortController(Controller):
     """aiosmtpd's Controller on a port the OS picks: it learns the port once it is bound."""
 
     def _trigger_server(self) -> None:
-        assert self.server is not None
+        assert isinstance(self.server, asyncio.Server)
         self.port = self.server.sockets[0].getsockname()[1]
-        super()._trigger_server()
+        super()._trigger_server()  # type: ignore[no-untyped-call]
 
 
 class SmtpSink(_Sink[SmtpMessage]):
@@ -213,7 +211,12 @@ class SmtpSink(_Sink[SmtpMessage]):
         return Counter(rcpt for message in self.messages for rcpt in message.rcpt_tos)
 
     def faults(self) -> dict[str, Any]:
-        return {"reject_rcpt": self.reject_rcpt, "temp_fail": self.temp_fail, "hang_after_data": self.hang_after_data}
+        scopes = {
+            "reject_rcpt": self.reject_rcpt,
+            "temp_fail": self.temp_fail,
+            "hang_after_data": self.hang_after_data,
+        }
+        return {name: _scope_text(scope) for name, scope in scopes.items()}
 
     def provider_settings(
         self, username_env: str = "SMTP_SINK_USERNAME", password_env: str = "SMTP_SINK_PASSWORD"
@@ -263,7 +266,11 @@ class SmtpSink(_Sink[SmtpMessage]):
     def _authenticate(
         self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
     ) -> AuthResult:
-        given = (auth_data.login.decode(), auth_data.password.decode()) if isinstance(auth_data, LoginPassword) else None
+        given = (
+            (auth_data.login.decode(), auth_data.password.decode())
+            if isinstance(auth_data, LoginPassword)
+            else None
+        )
         return AuthResult(success=given == self._credentials, handled=False)  # aiosmtpd answers 535
 
 
@@ -279,7 +286,7 @@ def _parse_message(envelope: Envelope, session: Session, raw: bytes) -> SmtpMess
         subject=parsed["Subject"],
         text=text_part.get_content() if text_part else None,
         html=html_part.get_content() if html_part else None,
-        peer=tuple(session.peer[:2]),
+        peer=tuple(session.peer[:2]),  # type: ignore[index]  # aiosmtpd says str; it is (host, port)
         raw=raw,
     )
 
@@ -290,7 +297,7 @@ def _parse_message(envelope: Envelope, session: Session, raw: bytes) -> SmtpMess
 @dataclass(frozen=True)
 class HttpRequest:
     path: str
-    headers: Mapping[str, str]  # case-insensitive lookups (an http.client.HTTPMessage)
+    headers: Message  # case-insensitive lookups
     body: bytes
 
 
@@ -466,7 +473,9 @@ class VoiceSink(_HttpSink[VoiceCall]):
             return _twilio_error(400, 21603, "A 'From' phone number is required")
         if not twiml:
             return _twilio_error(400, 21205, "Url or Twiml is required")
-        call = VoiceCall("CA" + uuid.uuid4().hex, to, caller, twiml, request.headers.get("I-Twilio-Idempotency-Token"))
+        call = VoiceCall(
+            "CA" + uuid.uuid4().hex, to, caller, twiml, request.headers.get("I-Twilio-Idempotency-Token")
+        )
         self._recorder.add(call)
         return 201, {"sid": call.sid, "status": "queued", "to": to, "from": caller}
 

@@ -60,7 +60,9 @@ def post(url: str, body: bytes, headers: Mapping[str, str], timeout_s: float) ->
         except OSError as exc:
             # refused, DNS, TLS, connect timeout, or the request not fully written: a server
             # cannot act on a request it did not receive whole
-            raise TransportFailure(Outcome.NOT_SENT, f"request to {where} not sent: {describe_error(exc)}") from None
+            raise TransportFailure(
+                Outcome.NOT_SENT, f"request to {where} not sent: {describe_error(exc)}"
+            ) from None
         try:
             response = connection.getresponse()
             return HttpReply(response.status, response.read())
@@ -110,4 +112,3 @@ def _error_detail(reply: HttpReply) -> str:
             if parsed.get(key):
                 return str(parsed[key])
     return reply.body.decode("utf-8", "replace")[:200] or "(empty body)"
-

@@ -13,7 +13,7 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
@@ -29,7 +29,7 @@ class ProviderConfigError(Exception):
     """Settings or environment that an adapter cannot work with; the message says what to fix."""
 
 
-class Outcome(str, Enum):
+class Outcome(StrEnum):
     ACCEPTED = "accepted"  # the provider took the item: it has a message id
     REJECTED = "rejected"  # permanent failure: sending it again would fail again
     NOT_SENT = "not_sent"  # transient failure, certainly not delivered: safe to retry

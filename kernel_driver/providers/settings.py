@@ -65,7 +65,9 @@ class Setting:
     default: Any = None
 
 
-def check_settings(adapter_name: str, settings: Mapping[str, Any], schema: Mapping[str, Setting]) -> list[str]:
+def check_settings(
+    adapter_name: str, settings: Mapping[str, Any], schema: Mapping[str, Setting]
+) -> list[str]:
     problems = []
     for key, setting in schema.items():
         if key not in settings or settings[key] is None:

@@ -8,15 +8,15 @@ import smtplib
 import ssl
 import threading
 from collections.abc import Callable, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.policy import SMTP as SMTP_POLICY
 from email.utils import format_datetime, parseaddr
 from typing import Any
 
 from kernel_driver.providers.base import (
-    Outcome,
     OutboundItem,
+    Outcome,
     ProviderAdapter,
     SendResult,
     describe_error,
@@ -67,7 +67,9 @@ class SmtpAdapter(ProviderAdapter):
                 "the first byte (usually port 465), 'starttls' upgrades a plain connection (587)"
             )
         if bool(settings.get("username_env")) != bool(settings.get("password_env")):
-            problems.append("smtp settings 'username_env' and 'password_env' go together: set both or neither")
+            problems.append(
+                "smtp settings 'username_env' and 'password_env' go together: set both or neither"
+            )
         return problems
 
     def __init__(self, settings: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -> None:
@@ -89,12 +91,12 @@ class SmtpAdapter(ProviderAdapter):
         message_id = self.message_id(item.idempotency_key)
         try:
             connection, reused = self._pool.take()
-            result = self._transact(connection, reused, item.recipient, data, message_id)
-            if result is None:  # the server had closed the idle connection; nothing was sent
-                result = self._transact(self._pool.open(), False, item.recipient, data, message_id)
+            try:
+                return self._transact(connection, reused, item.recipient, data, message_id)
+            except _StaleSession:
+                return self._transact(self._pool.open(), False, item.recipient, data, message_id)
         except SMTP_ERRORS as exc:  # from opening a session: connect, EHLO, STARTTLS, AUTH
             return self._session_failure(exc)
-        return result
 
     def close(self) -> None:
         self._pool.close()
@@ -109,7 +111,7 @@ class SmtpAdapter(ProviderAdapter):
         message["From"] = self.settings["from"]
         message["To"] = item.recipient
         message["Subject"] = subject
-        message["Date"] = format_datetime(datetime.now(timezone.utc))
+        message["Date"] = format_datetime(datetime.now(UTC))
         message["Message-ID"] = self.message_id(item.idempotency_key)
         message["X-Idempotency-Key"] = item.idempotency_key
         message.set_content(body)
@@ -139,8 +141,8 @@ class SmtpAdapter(ProviderAdapter):
 
     def _transact(
         self, connection: smtplib.SMTP, reused: bool, recipient: str, data: bytes, message_id: str
-    ) -> SendResult | None:
-        """MAIL, RCPT, DATA on an open session. None: a reused session was dead before MAIL."""
+    ) -> SendResult:
+        """MAIL, RCPT, DATA on an open session; _StaleSession if a reused one was dead before MAIL."""
         phase = "MAIL"
         try:
             code, reply = connection.mail(self._sender)
@@ -166,9 +168,11 @@ class SmtpAdapter(ProviderAdapter):
                     {"smtp_phase": phase},
                 )
             if reused and phase == "MAIL":
-                return None
+                raise _StaleSession from exc
             return SendResult.failed(
-                Outcome.NOT_SENT, f"SMTP session failed at {phase}: {describe_error(exc)}", {"smtp_phase": phase}
+                Outcome.NOT_SENT,
+                f"SMTP session failed at {phase}: {describe_error(exc)}",
+                {"smtp_phase": phase},
             )
 
         response = {"smtp_phase": phase, "smtp_code": code, "smtp_reply": _text(reply)}
@@ -192,8 +196,14 @@ class SmtpAdapter(ProviderAdapter):
             reply = getattr(exc, "smtp_error", b"")
             response = {"smtp_phase": "session", "smtp_code": code, "smtp_reply": _text(reply)}
         # a 5xx greeting or AUTH answer, or a missing extension, will not change by retrying
-        permanent = (isinstance(code, int) and 500 <= code < 600) or isinstance(exc, smtplib.SMTPNotSupportedError)
+        permanent = (isinstance(code, int) and 500 <= code < 600) or isinstance(
+            exc, smtplib.SMTPNotSupportedError
+        )
         return SendResult.failed(Outcome.REJECTED if permanent else Outcome.NOT_SENT, error, response)
+
+
+class _StaleSession(Exception):
+    """A pooled session the server had closed meanwhile: nothing was sent, open a fresh one."""
 
 
 class _ConnectionPool:
@@ -258,4 +268,3 @@ def _dot_stuffed(data: bytes) -> bytes:
 
 def _text(reply: bytes | str) -> str:
     return reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
-

@@ -10,7 +10,7 @@ from urllib.parse import quote, urlencode
 from xml.sax.saxutils import escape
 
 from kernel_driver.providers._http import HttpReply, post_and_classify
-from kernel_driver.providers.base import Outcome, OutboundItem, ProviderAdapter, SendResult
+from kernel_driver.providers.base import OutboundItem, Outcome, ProviderAdapter, SendResult
 from kernel_driver.providers.settings import Setting, env_name, http_url, positive_number, text
 
 
@@ -36,7 +36,9 @@ class TwilioAdapter(ProviderAdapter):
         sid = self.settings["account_sid"]
         credentials = f"{sid}:{self.secret('auth_token_env')}".encode()
         self._authorization = "Basic " + base64.b64encode(credentials).decode()
-        self._calls_url = f"{self.settings['base_url'].rstrip('/')}/2010-04-01/Accounts/{quote(sid)}/Calls.json"
+        self._calls_url = (
+            f"{self.settings['base_url'].rstrip('/')}/2010-04-01/Accounts/{quote(sid)}/Calls.json"
+        )
 
     def deliver(self, item: OutboundItem) -> SendResult:
         caller = item.content.get("from") or self.settings["from"]
@@ -44,7 +46,11 @@ class TwilioAdapter(ProviderAdapter):
         if not caller or not script:
             missing = "a caller id (content 'from' or setting 'from')" if not caller else "content 'script'"
             return SendResult.failed(Outcome.REJECTED, f"voice item lacks {missing}")
-        form = {"To": item.recipient, "From": caller, "Twiml": f"<Response><Say>{escape(script)}</Say></Response>"}
+        form = {
+            "To": item.recipient,
+            "From": caller,
+            "Twiml": f"<Response><Say>{escape(script)}</Say></Response>",
+        }
         headers = {
             "Authorization": self._authorization,
             "Content-Type": "application/x-www-form-urlencoded",

@@ -99,7 +99,9 @@ def test_temporary_refusal_is_not_sent(sink, adapter):
 
 
 def test_refused_connection_is_not_sent():
-    adapter = SmtpAdapter({"host": "127.0.0.1", "port": refused_port(), "from": "a@example.com", "timeout_s": 0.5})
+    adapter = SmtpAdapter(
+        {"host": "127.0.0.1", "port": refused_port(), "from": "a@example.com", "timeout_s": 0.5}
+    )
 
     result = adapter.send(email())
 
@@ -164,8 +166,8 @@ def test_login_uses_the_secret_from_the_environment_and_never_shows_it():
         settings = sink.provider_settings(username_env="MAIL_USER", password_env="MAIL_PASSWORD")
         good = SmtpAdapter(settings, {"MAIL_USER": "mailer", "MAIL_PASSWORD": password})
         bad = SmtpAdapter(settings, {"MAIL_USER": "mailer", "MAIL_PASSWORD": password + "x"})
-
-        accepted, refused = good.send(email()), bad.send(email())
+        with good, bad:
+            accepted, refused = good.send(email()), bad.send(email())
 
     assert accepted.outcome is Outcome.ACCEPTED
     assert refused.outcome is Outcome.REJECTED  # 535: retrying cannot help
@@ -175,7 +177,13 @@ def test_login_uses_the_secret_from_the_environment_and_never_shows_it():
 
 
 def test_a_missing_secret_names_the_variable():
-    settings = {"host": "h", "port": 25, "from": "a@example.com", "username_env": "U", "password_env": "SMTP_PW"}
+    settings = {
+        "host": "h",
+        "port": 25,
+        "from": "a@example.com",
+        "username_env": "U",
+        "password_env": "SMTP_PW",
+    }
 
     with pytest.raises(ProviderConfigError, match="environment variable SMTP_PW .*'password_env'"):
         SmtpAdapter(settings, {"U": "user"})
@@ -185,13 +193,25 @@ def test_a_missing_secret_names_the_variable():
     ("settings", "problem"),
     [
         ({"port": 25, "from": "a@example.com"}, "smtp setting 'host' is required"),
-        ({"host": "h", "port": 70000, "from": "a@example.com"}, "'port' must be an integer from 1 to 65535, got 70000"),
+        (
+            {"host": "h", "port": 70000, "from": "a@example.com"},
+            "'port' must be an integer from 1 to 65535, got 70000",
+        ),
         ({"host": "h", "port": "25", "from": "a@example.com"}, "'port' must be an integer"),
         ({"host": "h", "port": 25, "from": "nobody"}, "'from' must be an e-mail address"),
-        ({"host": "h", "port": 25, "from": "a@example.com", "timeout_s": 0}, "'timeout_s' must be a number greater than 0"),
-        ({"host": "h", "port": 465, "from": "a@example.com", "ssl": True, "starttls": True}, "cannot both be true"),
+        (
+            {"host": "h", "port": 25, "from": "a@example.com", "timeout_s": 0},
+            "'timeout_s' must be a number greater than 0",
+        ),
+        (
+            {"host": "h", "port": 465, "from": "a@example.com", "ssl": True, "starttls": True},
+            "cannot both be true",
+        ),
         ({"host": "h", "port": 25, "from": "a@example.com", "username_env": "U"}, "go together"),
-        ({"host": "h", "port": 25, "from": "a@example.com", "password_env": "not a name"}, "environment variable"),
+        (
+            {"host": "h", "port": 25, "from": "a@example.com", "password_env": "not a name"},
+            "environment variable",
+        ),
     ],
 )
 def test_settings_problems_are_readable(settings, problem):
