@@ -1,0 +1,69 @@
+"""Each provider failure mode ends in the right outbox status (real sinks, real daemon)."""
+
+from __future__ import annotations
+
+from kernel_driver.seed import seed_campaign
+from kernel_driver.sinks import SmtpSink, VoiceSink, WebhookSink, refused_port
+
+from .daemon import item_counts, run_until_idle
+
+
+def deploy(conn, schema, **kwargs):
+    seeded = seed_campaign(conn, schema, **kwargs)
+    return conn.execute("SELECT deploy_campaign(%s)", (seeded.campaign_id,)).fetchone()[0]
+
+
+def errors(conn, run_id) -> list[str]:
+    return [row[0] for row in conn.execute(
+        "SELECT error FROM channel_outbox WHERE run_id = %s AND error IS NOT NULL", (run_id,))]
+
+
+def test_provider_failure_modes(conn, db_dsn, kernel_schema):
+    with SmtpSink() as hanging, SmtpSink() as rejecting, WebhookSink() as webhook, VoiceSink() as voice:
+        hanging.hang_after_data = True
+        rejecting.reject_rcpt = True
+        webhook.timeout_first_n = 1
+        voice.status_500 = True
+        smtp_timeout = deploy(conn, kernel_schema, contacts=1, provider="smtp",
+                              settings={**hanging.provider_settings(), "timeout_s": 0.5})
+        smtp_reject = deploy(conn, kernel_schema, contacts=2, provider="smtp", settings=rejecting.provider_settings())
+        smtp_refused = deploy(conn, kernel_schema, contacts=1, provider="smtp",
+                              settings={**rejecting.provider_settings(), "port": refused_port()})
+        webhook_timeout = deploy(conn, kernel_schema, contacts=1, provider="webhook",
+                                 settings={**webhook.provider_settings(), "timeout_s": 0.5})
+        voice_500 = deploy(conn, kernel_schema, contacts=1, channel="voice", provider="twilio",
+                           settings=voice.provider_settings())
+        run_until_idle(db_dsn, kernel_schema, env={"VOICE_SINK_AUTH_TOKEN": voice.auth_token})
+
+        # Timed out after the data went out, and SMTP cannot deduplicate: honest unknown.
+        assert item_counts(conn, [smtp_timeout]) == {"unknown": 1}
+        assert len(hanging.messages) == 1
+        # A permanent 550 is failed at once.
+        assert item_counts(conn, [smtp_reject]) == {"failed": 2}
+        # Refused connections are certainly not delivered: retried with the same key, then failed.
+        assert item_counts(conn, [smtp_refused]) == {"failed": 1}
+        assert "gave up after 5 dispatches" in errors(conn, smtp_refused)[0]
+        # The webhook timed out once, was re-sent with the same key, and the receiver has it once.
+        assert item_counts(conn, [webhook_timeout]) == {"sent": 1}
+        assert len(webhook.deliveries_by_key) == 1
+        assert len(webhook.deliveries) == 1 and webhook.duplicate_attempts == 1
+        # A 5xx from a provider that cannot deduplicate may have placed the call: unknown.
+        assert item_counts(conn, [voice_500]) == {"unknown": 1}
+    statuses = dict(conn.execute(
+        "SELECT id, status FROM campaign_runs WHERE id = ANY(%s)",
+        ([smtp_timeout, smtp_reject, smtp_refused, webhook_timeout, voice_500],)).fetchall())
+    assert statuses == {smtp_timeout: "failed", smtp_reject: "failed", smtp_refused: "failed",
+                        webhook_timeout: "completed", voice_500: "failed"}
+
+
+def test_missing_secret_fails_every_contact_with_the_reason(conn, db_dsn, kernel_schema):
+    with VoiceSink() as voice:
+        run_id = deploy(conn, kernel_schema, contacts=3, channel="voice", provider="twilio",
+                        settings={**voice.provider_settings(), "auth_token_env": "KERNEL_TEST_UNSET_TOKEN"})
+        run_until_idle(db_dsn, kernel_schema)
+    assert item_counts(conn, [run_id]) == {"failed": 3}
+    assert all("KERNEL_TEST_UNSET_TOKEN" in error for error in errors(conn, run_id))
+    # The fix is a retry: it targets exactly those contacts.
+    retry_id = conn.execute("SELECT retry_campaign_run(%s)", (run_id,)).fetchone()[0]
+    assert conn.execute("SELECT sum(cardinality(contact_ids)) FROM job_queue WHERE run_id = %s",
+                        (retry_id,)).fetchone()[0] == 3
