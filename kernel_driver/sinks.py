@@ -22,6 +22,7 @@ import hmac
 import json
 import re
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -33,7 +34,7 @@ from email import message_from_bytes
 from email.message import EmailMessage, Message
 from email.policy import default as default_policy
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 from urllib.parse import parse_qs
 
 from aiosmtpd.controller import Controller
@@ -163,18 +164,30 @@ class SmtpSink(_Sink[SmtpMessage]):
     Faults, each a FaultScope: `reject_rcpt` (550 at RCPT), `temp_fail` (451 at RCPT),
     `hang_after_data` (receive the message, then never answer: the client times out).
     `credentials=(user, password)` requires AUTH before MAIL (without TLS: it is a local sink).
-    `idle_timeout_s` closes idle sessions, as real servers do.
+    `idle_timeout_s` closes idle sessions, as real servers do. `tls="starttls"` or `"ssl"`
+    with `certificate=(cert_file, key_file)` speaks TLS; provider_settings() then trusts that
+    certificate (self-signed, for 127.0.0.1) through the adapter's `ca_file`.
     """
 
     title = "SMTP sink"
 
-    def __init__(self, credentials: tuple[str, str] | None = None, idle_timeout_s: float = 300) -> None:
+    def __init__(
+        self,
+        credentials: tuple[str, str] | None = None,
+        idle_timeout_s: float = 300,
+        tls: Literal["starttls", "ssl"] | None = None,
+        certificate: tuple[str, str] | None = None,
+    ) -> None:
         super().__init__()
+        if bool(tls) != bool(certificate):
+            raise ValueError("SmtpSink: tls and certificate go together")
         self.reject_rcpt: FaultScope = False
         self.temp_fail: FaultScope = False
         self.hang_after_data: FaultScope = False
         self._credentials = credentials
         self._idle_timeout_s = idle_timeout_s
+        self._tls = tls
+        self._certificate = certificate
         self._controller: _EphemeralPortController | None = None
 
     def start(self) -> SmtpSink:
@@ -183,8 +196,13 @@ class SmtpSink(_Sink[SmtpMessage]):
             # AUTH without TLS is fine on a local sink; handle_MAIL requires it (aiosmtpd's own
             # auth_required would warn about the missing TLS on every connection)
             auth = {"authenticator": self._authenticate, "auth_require_tls": False}
+        tls: dict[str, Any] = {}
+        if self._certificate:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(*self._certificate)
+            tls = {"tls_context": context} if self._tls == "starttls" else {"ssl_context": context}
         self._controller = _EphemeralPortController(
-            self, hostname=HOST, port=0, timeout=self._idle_timeout_s, **auth
+            self, hostname=HOST, port=0, timeout=self._idle_timeout_s, **auth, **tls
         )
         self._controller.start()
         return self
@@ -201,7 +219,7 @@ class SmtpSink(_Sink[SmtpMessage]):
 
     @property
     def url(self) -> str:
-        return f"smtp://{HOST}:{self.port}"
+        return f"{'smtps' if self._tls == 'ssl' else 'smtp'}://{HOST}:{self.port}"
 
     @property
     def messages(self) -> list[SmtpMessage]:
@@ -225,10 +243,12 @@ class SmtpSink(_Sink[SmtpMessage]):
             "host": HOST,
             "port": self.port,
             "from": "campaigns@example.com",
-            "starttls": False,
-            "ssl": False,
+            "starttls": self._tls == "starttls",
+            "ssl": self._tls == "ssl",
             "timeout_s": 5,
         }
+        if self._certificate:
+            settings["ca_file"] = self._certificate[0]
         if self._credentials:
             settings.update(username_env=username_env, password_env=password_env)
         return settings

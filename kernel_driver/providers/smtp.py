@@ -18,6 +18,7 @@ from kernel_driver.providers.base import (
     OutboundItem,
     Outcome,
     ProviderAdapter,
+    ProviderConfigError,
     SendResult,
     describe_error,
     key_digest,
@@ -54,6 +55,7 @@ class SmtpAdapter(ProviderAdapter):
         "username_env": Setting(env_name),
         "password_env": Setting(env_name),
         "timeout_s": Setting(positive_number, default=10),
+        "ca_file": Setting(text),  # PEM bundle to trust instead of the system's (a private CA)
     }
 
     @classmethod
@@ -77,6 +79,7 @@ class SmtpAdapter(ProviderAdapter):
         self._username = self.secret("username_env")
         self._password = self.secret("password_env")
         self._sender = parseaddr(self.settings["from"])[1]
+        self._tls = self._tls_context() if self.settings["ssl"] or self.settings["starttls"] else None
         self._pool = _ConnectionPool(self._open_connection)
 
     def message_id(self, idempotency_key: str) -> str:
@@ -119,18 +122,24 @@ class SmtpAdapter(ProviderAdapter):
             message.add_alternative(html, subtype="html")
         return message.as_bytes(policy=SMTP_POLICY)
 
+    def _tls_context(self) -> ssl.SSLContext:
+        try:
+            return ssl.create_default_context(cafile=self.settings["ca_file"])
+        except (OSError, ssl.SSLError) as exc:
+            raise ProviderConfigError(
+                f"smtp setting 'ca_file' {self.settings['ca_file']!r} cannot be used: {describe_error(exc)}"
+            ) from exc
+
     def _open_connection(self) -> smtplib.SMTP:
         host, port, timeout = self.settings["host"], self.settings["port"], self.settings["timeout_s"]
         if self.settings["ssl"]:
-            connection: smtplib.SMTP = smtplib.SMTP_SSL(
-                host, port, timeout=timeout, context=ssl.create_default_context()
-            )
+            connection: smtplib.SMTP = smtplib.SMTP_SSL(host, port, timeout=timeout, context=self._tls)
         else:
             connection = smtplib.SMTP(host, port, timeout=timeout)
         try:
             connection.ehlo()
             if self.settings["starttls"]:
-                connection.starttls(context=ssl.create_default_context())
+                connection.starttls(context=self._tls)
                 connection.ehlo()
             if self._username:
                 connection.login(self._username, self._password or "")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import threading
 import time
 import uuid
@@ -158,6 +160,50 @@ def test_eight_threads_through_one_adapter_deliver_each_message_once(sink, adapt
     assert sink.wait_for(40)
     assert sink.count_by_recipient() == {item.recipient: 1 for item in items}
     assert {m.message_id for m in sink.messages} == {adapter.message_id(i.idempotency_key) for i in items}
+
+
+@pytest.fixture
+def certificate(tmp_path) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 (cert file, key file)."""
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is not installed")
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", key, "-out", cert, "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+@pytest.mark.parametrize("tls", ["starttls", "ssl"])
+def test_tls_sessions_verify_the_server_certificate(certificate, tls):
+    with SmtpSink(tls=tls, certificate=certificate) as sink:
+        trusting = SmtpAdapter(sink.provider_settings())
+        default_trust = SmtpAdapter({**sink.provider_settings(), "ca_file": None})
+        with trusting, default_trust:
+            accepted, untrusted = trusting.send(email()), default_trust.send(email())
+
+    assert accepted.outcome is Outcome.ACCEPTED, accepted.error
+    assert untrusted.outcome is Outcome.NOT_SENT
+    assert "CERTIFICATE_VERIFY_FAILED" in (untrusted.error or "")
+    assert sink.count_by_recipient() == {"ann@example.com": 1}
+
+
+def test_an_unreadable_ca_file_is_a_config_error(tmp_path):
+    settings = {
+        "host": "h",
+        "port": 587,
+        "from": "a@example.com",
+        "starttls": True,
+        "ca_file": str(tmp_path / "no"),
+    }
+
+    with pytest.raises(
+        ProviderConfigError, match="smtp setting 'ca_file' .* cannot be used: FileNotFoundError"
+    ):
+        SmtpAdapter(settings)
 
 
 def test_login_uses_the_secret_from_the_environment_and_never_shows_it():
