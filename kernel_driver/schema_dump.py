@@ -387,7 +387,10 @@ class Dumper:
 
 def dump(conn: psycopg.Connection, schema: str) -> str:
     """The normalised description of the kernel installed in ``schema``."""
-    return Dumper(conn, schema).dump()
+    with conn.transaction():
+        # pg_get_*def() leave out the schema of names on the search_path: show every one.
+        conn.execute("SET LOCAL search_path = pg_catalog, pg_temp")
+        return Dumper(conn, schema).dump()
 
 
 def main(argv: list[str] | None = None) -> int:
