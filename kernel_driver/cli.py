@@ -197,3 +197,11 @@ def run(settings: Settings, worker_id: str | None, concurrency: int, until_idle:
     ))
     with stop_on_signals(worker.stop):
         worker.run()
+
+
+# Commands defined in their own modules; those import this one lazily, so they are added last.
+from kernel_driver.certify import certify  # noqa: E402
+from kernel_driver.runs import runs  # noqa: E402
+
+main.add_command(certify)
+main.add_command(runs)

@@ -1,0 +1,133 @@
+"""`kernel-driver runs show RUN_ID` and `runs list`: what a run did, from the terminal (UX1).
+
+`show` prints what `run_details` returns: the run and its lineage, a table of its jobs, its item
+counts and its first items. A session scoped to a tenant (options=-c execution_kernel.tenant_id=…
+in the DSN) sees only that tenant's runs; another tenant's run is "not found".
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import click
+from psycopg import sql
+from psycopg.rows import dict_row
+
+from kernel_driver.config import Settings
+from kernel_driver.db import wrap_errors
+from kernel_driver.queries import Kernel
+
+CELL_WIDTH = 60  # longer cells (errors) are cut, so a row stays one line
+
+
+def cell(value: Any) -> str:
+    text = "-" if value is None or value == "" else " ".join(str(value).split())
+    return text if len(text) <= CELL_WIDTH else text[: CELL_WIDTH - 1] + "…"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    """Left-aligned columns, two spaces apart, indented by two."""
+    cells = [list(headers)] + [[cell(value) for value in row] for row in rows]
+    widths = [max(len(line[column]) for line in cells) for column in range(len(headers))]
+    return ["  " + "  ".join(text.ljust(width) for text, width in zip(line, widths)).rstrip() for line in cells]
+
+
+def counts_text(counts: dict[str, int]) -> str:
+    return ", ".join(f"{status} {n}" for status, n in sorted(counts.items())) or "none"
+
+
+def lineage_text(run: dict[str, Any], lineage: Sequence[dict[str, Any]]) -> str:
+    text = f"generation {run['generation']} of {len(lineage) or 1}"
+    if run.get("retry_of_run_id"):
+        text += f"; retry of {run['retry_of_run_id']}"
+    if run["root_run_id"] != run["id"]:
+        text += f"; root {run['root_run_id']}"
+    return text
+
+
+def render_run(details: dict[str, Any]) -> str:
+    run = details["run"]
+    config = run.get("run_config") or {}
+    items = details["items"]
+    total_items = sum(details["item_counts"].values())
+    lines = [
+        f"run       {run['id']}",
+        f"status    {run['status']}" + (f" ({run['error_message']})" if run.get("error_message") else ""),
+        f"channel   {run['channel']} via {config.get('provider', '?')}",
+        f"campaign  {run['campaign_id']} ({config.get('campaign_name', '?')})",
+        f"lineage   {lineage_text(run, details.get('lineage') or [])}",
+        f"times     created {run['created_at']}, started {run.get('started_at') or '-'},"
+        f" completed {run.get('completed_at') or '-'}",
+        "",
+        f"jobs ({len(details['jobs'])}): {counts_text(details['job_counts'])}",
+        *table(
+            ("JOB", "STATUS", "ATTEMPTS", "CONTACTS", "LOCKED_BY", "LAST_ERROR"),
+            [(job["id"], job["status"], job["attempts"], job["contact_count"], job["locked_by"], job["last_error"])
+             for job in details["jobs"]],
+        ),
+        "",
+        f"items ({total_items}): {counts_text(details['item_counts'])}",
+    ]
+    if items:
+        lines.append(f"first {len(items)} of {total_items} items:")
+        lines += table(
+            ("CONTACT", "STATUS", "RECIPIENT", "PROVIDER_MESSAGE_ID", "ERROR"),
+            [(item["contact_id"], item["status"], item["recipient"], item["provider_message_id"],
+              item["error"] or item["skip_reason"]) for item in items],
+        )
+    return "\n".join(lines)
+
+
+def parse_run_id(text: str) -> uuid.UUID:
+    from kernel_driver.cli import CliError, ExitCode  # cli imports this module
+
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise CliError(f"run id {text!r} is not a uuid", ExitCode.USAGE) from None
+
+
+@click.group()
+def runs() -> None:
+    """Look at campaign runs: their jobs, outbox items and lineage."""
+
+
+@runs.command()
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True, help="Print run_details as JSON instead of tables.")
+@click.option("--items", "item_limit", type=click.IntRange(0, 100000), default=20, show_default=True,
+              help="How many outbox items to list.")
+@click.pass_obj
+def show(settings: Settings, run_id: str, as_json: bool, item_limit: int) -> None:
+    """Show a run: status, lineage, jobs, item counts and its first items."""
+    from kernel_driver.cli import database
+
+    run_uuid = parse_run_id(run_id)
+    with database(settings) as conn:
+        details = Kernel(conn, settings.schema).run_details(run_uuid, item_limit)
+    click.echo(json.dumps(details, indent=2) if as_json else render_run(details))
+
+
+@runs.command("list")
+@click.option("--limit", type=click.IntRange(1, 10000), default=20, show_default=True, help="How many runs.")
+@click.pass_obj
+def list_runs(settings: Settings, limit: int) -> None:
+    """The latest runs, newest first."""
+    from kernel_driver.cli import database
+
+    query = sql.SQL(
+        "SELECT r.id, r.status, r.channel, r.generation, r.created_at, c.name"
+        " FROM {schema}.campaign_runs AS r INNER JOIN {schema}.campaigns AS c ON c.id = r.campaign_id"
+        " ORDER BY r.created_at DESC, r.id LIMIT %s"
+    ).format(schema=sql.Identifier(settings.schema))
+    with database(settings) as conn, wrap_errors(), conn.cursor(row_factory=dict_row) as cur:
+        found = cur.execute(query, [limit]).fetchall()
+    rows = [(r["id"], r["status"], r["channel"], r["generation"], r["created_at"].isoformat(timespec="seconds"), r["name"])
+            for r in found]
+    if not rows:
+        click.echo("no runs")
+        return
+    click.echo("\n".join(table(("RUN", "STATUS", "CHANNEL", "GEN", "CREATED", "CAMPAIGN"), rows)))
