@@ -1,8 +1,9 @@
 """Local stand-ins for the providers: a real SMTP server, a Twilio-like voice API, a webhook receiver.
 
 Tests, the demo and the certification harness point the shipped adapters at these sinks. Each
-sink listens on 127.0.0.1 on a port the OS picks, records what arrives (thread-safely), and has
-fault modes that can be switched at any time to provoke each outcome:
+sink listens on 127.0.0.1 on a port the OS picks, records what arrives (thread-safely;
+each record has its `received_at`, a time.monotonic()), and has fault modes that can be switched
+at any time to provoke each outcome:
 
     with SmtpSink() as sink:
         sink.reject_rcpt = {"bounce@example.com"}     # or True for every recipient
@@ -29,7 +30,7 @@ import uuid
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email import message_from_bytes
 from email.message import EmailMessage, Message
 from email.policy import default as default_policy
@@ -147,6 +148,7 @@ class SmtpMessage:
     html: str | None
     peer: tuple[str, int]  # the client's end of the connection: one per SMTP session
     raw: bytes
+    received_at: float = field(default_factory=time.monotonic)
 
 
 class _EphemeralPortController(Controller):
@@ -450,6 +452,7 @@ class VoiceCall:
     from_: str
     twiml: str
     idempotency_token: str | None
+    received_at: float = field(default_factory=time.monotonic)
 
 
 class VoiceSink(_HttpSink[VoiceCall]):
@@ -512,6 +515,7 @@ class WebhookDelivery:
     id: str
     idempotency_key: str
     payload: dict[str, Any]
+    received_at: float = field(default_factory=time.monotonic)
 
 
 class WebhookSink(_HttpSink[WebhookDelivery]):

@@ -38,6 +38,7 @@ def test_smtp_sink_records_and_counts_by_recipient():
 
         assert sink.wait_for(2, timeout=2)
         assert sink.count_by_recipient() == {"a@example.com": 2, "b@example.com": 1}
+        assert sink.messages[0].received_at <= sink.messages[1].received_at <= time.monotonic()
         assert sink.messages[0].message_id == "<m1@example.com>"
         assert sink.messages[0].text == "body\n"
 
