@@ -1,6 +1,6 @@
 """A large campaign shared by several daemons, with memory that stays flat.
 
-`make test` runs it with 50,000 contacts; `make test-slow` with 1,000,000 (KERNEL_SCALE_CONTACTS).
+`make test` runs it with 50,000 contacts; `make test-slow` with 1,000,000 (KERNEL_TEST_SCALE_CONTACTS).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from kernel_driver.seed import seed_campaign
 
 from .daemon import item_counts, job_workers, run_status, start_daemon
 
-CONTACTS = int(os.environ.get("KERNEL_SCALE_CONTACTS", "50000"))
+CONTACTS = int(os.environ.get("KERNEL_TEST_SCALE_CONTACTS", "50000"))
 
 
 def rss_kib(pid: int) -> int:
