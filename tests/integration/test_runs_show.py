@@ -1,0 +1,118 @@
+"""`kernel-driver runs show` and `runs list` on runs a real daemon executed."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+from psycopg.conninfo import make_conninfo
+
+from kernel_driver.seed import seed_campaign
+from kernel_driver.sinks import SmtpSink
+
+from .daemon import run_until_idle
+
+
+@pytest.fixture
+def sink():
+    with SmtpSink() as running:
+        yield running
+
+
+@pytest.fixture
+def finished_run(conn, db_dsn, kernel_schema, sink):
+    """A finished run of two jobs with sent, failed and skipped items: (run id, seeded campaign)."""
+    seeded = seed_campaign(
+        conn, kernel_schema, contacts=6, provider="smtp", settings=sink.provider_settings(),
+        unsubscribed_every=3, name="runs show test",
+    )
+    sink.reject_rcpt = {seeded.address(1, "email")}
+    run_id = conn.execute("SELECT deploy_campaign(%s, 3)", (seeded.campaign_id,)).fetchone()[0]
+    run_until_idle(db_dsn, kernel_schema)
+    return str(run_id), seeded
+
+
+@pytest.fixture
+def runs_cli(cli, db_dsn, kernel_schema):
+    return lambda *args, dsn=db_dsn: cli("--dsn", dsn, "--schema", kernel_schema, "runs", *args)
+
+
+def test_show_prints_the_run_its_jobs_counts_and_items(runs_cli, finished_run, conn):
+    first, seeded = finished_run
+    result = runs_cli("show", first)
+
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert f"run       {first}" in out
+    assert "status    partial (0 of 2 jobs failed; 1 items failed or unknown, 3 sent)" in out
+    assert "channel   email via smtp" in out
+    assert f"campaign  {seeded.campaign_id} (runs show test)" in out
+    assert "lineage   generation 1 of 1" in out
+    assert "jobs (2): completed 2" in out
+    job_rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.startswith("  ")}
+    for (job_id,) in conn.execute("SELECT id FROM job_queue WHERE run_id = %s", (first,)):
+        assert job_rows[str(job_id)] == ["completed", "1", "3", "-", "-"]  # attempts, contacts, locked_by, error
+    assert "items (6): failed 1, sent 3, skipped 2" in out
+    assert "first 6 of 6 items:" in out
+    rejected = seeded.address(1, "email")
+    failed_line = next(line for line in out.splitlines() if rejected in line)
+    assert "  failed  " in failed_line and "SMTP RCPT answered 550" in failed_line
+    assert "unsubscribed" in out  # a skipped item's reason stands in its error column
+    for (message_id,) in conn.execute("SELECT provider_message_id FROM channel_outbox WHERE run_id = %s AND status = 'sent'", (first,)):
+        assert message_id in out
+
+
+def test_show_names_the_lineage_of_a_retry(runs_cli, finished_run, conn, db_dsn, kernel_schema, sink):
+    first, _ = finished_run
+    sink.reject_rcpt = False
+    retry = conn.execute("SELECT retry_campaign_run(%s)", (first,)).fetchone()[0]
+    run_until_idle(db_dsn, kernel_schema)
+
+    assert "lineage   generation 1 of 2\n" in runs_cli("show", first).output
+    out = runs_cli("show", str(retry)).output
+    assert f"lineage   generation 2 of 2; retry of {first}; root {first}" in out
+    assert "items (1): sent 1" in out
+    lines = runs_cli("list").output.splitlines()
+    assert lines[0].split() == ["RUN", "STATUS", "CHANNEL", "GEN", "CREATED", "CAMPAIGN"]
+    assert [line.split()[:4] for line in lines[1:]] == [[str(retry), "completed", "email", "2"], [first, "partial", "email", "1"]]
+    assert len(runs_cli("list", "--limit", "1").output.splitlines()) == 2
+
+
+def test_show_items_limits_the_listed_items_not_the_counts(runs_cli, finished_run):
+    first, _ = finished_run
+    out = runs_cli("show", first, "--items", "2").output
+    assert "items (6): failed 1, sent 3, skipped 2" in out
+    assert "first 2 of 6 items:" in out
+    assert "first" not in runs_cli("show", first, "--items", "0").output.split("items (6)")[1]
+
+
+def test_show_json_is_run_details(runs_cli, finished_run, conn):
+    first, _ = finished_run
+    shown = json.loads(runs_cli("show", first, "--json", "--items", "3").output)
+    assert shown == conn.execute("SELECT run_details(%s, 3)", (first,)).fetchone()[0]
+
+
+def test_list_without_runs(runs_cli):
+    assert runs_cli("list").output == "no runs\n"
+
+
+def test_unknown_run_is_not_found_exit_5(runs_cli):
+    missing = uuid.uuid4()
+    result = runs_cli("show", str(missing))
+    assert result.exit_code == 5
+    assert result.output == f"error: run {missing} not found\n"
+
+
+def test_another_tenants_run_is_not_found(runs_cli, finished_run, db_dsn):
+    first, _ = finished_run
+    stranger = make_conninfo(db_dsn, options=f"-c execution_kernel.tenant_id={uuid.uuid4()}")
+    result = runs_cli("show", first, dsn=stranger)
+    assert result.exit_code == 5
+    assert result.output == f"error: run {first} not found\n"
+
+
+def test_run_id_must_be_a_uuid(runs_cli):
+    result = runs_cli("show", "last-tuesday")
+    assert result.exit_code == 2
+    assert result.output == "error: run id 'last-tuesday' is not a uuid\n"
