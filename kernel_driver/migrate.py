@@ -32,7 +32,8 @@ FROZEN = "the kernel is frozen: put the change in a new migration"
 
 
 class MigrationRefused(Exception):
-    """The migration files and the database disagree; nothing was applied."""
+    """The migration files and the database disagree; the migration at fault was not applied
+    (and when found before migrating, nothing was)."""
 
 
 class MigrationFailed(Exception):
@@ -63,6 +64,7 @@ class Entry:
     name: str
     state: str  # ok | pending | unverified | mismatch | renamed | no file
     applied_at: datetime | None = None
+    file_name: str | None = None
     file_sha256: str | None = None
     ledger_sha256: str | None = None
 
@@ -76,8 +78,8 @@ class Entry:
             )
         if self.state == "renamed":
             return (
-                f"version {self.version} was applied as {self.name} but its file is now named "
-                f"differently; {FROZEN}"
+                f"version {self.version} was applied as {self.name}.sql but its file is now "
+                f"{self.file_name}.sql; {FROZEN}"
             )
         if self.state == "no file":
             return (
@@ -189,7 +191,9 @@ def compare(migrations: Sequence[Migration], ledger: dict[int, LedgerRow]) -> li
         file, row = files.get(version), ledger.get(version)
         if row is None:
             assert file is not None
-            entries.append(Entry(version, file.name, "pending", file_sha256=file.sha256))
+            entries.append(
+                Entry(version, file.name, "pending", file_name=file.name, file_sha256=file.sha256)
+            )
             continue
         if file is None:
             state = "no file"
@@ -207,6 +211,7 @@ def compare(migrations: Sequence[Migration], ledger: dict[int, LedgerRow]) -> li
                 row.name,
                 state,
                 applied_at=row.applied_at,
+                file_name=file.name if file else None,
                 file_sha256=file.sha256 if file else None,
                 ledger_sha256=row.sha256,
             )

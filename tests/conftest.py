@@ -27,7 +27,7 @@ from kernel_driver.cli import main
 
 # The driver reads KERNEL_DSN, KERNEL_SCHEMA, …: a developer's shell must not steer the tests.
 for _name in list(os.environ):
-    if _name.startswith("KERNEL_") and _name not in ("KERNEL_TEST_DSN", "KERNEL_TEST_SQL_DIR"):
+    if _name.startswith("KERNEL_") and not _name.startswith("KERNEL_TEST_"):
         del os.environ[_name]
 
 

@@ -135,6 +135,18 @@ def test_ledger_entry_without_file_is_refused(bench: Bench) -> None:
     assert "no such file" in result.stderr
 
 
+def test_renamed_applied_file_is_refused(bench: Bench) -> None:
+    name = bench.add("probe", PROBE)
+    assert bench.migrate().exit_code == 0
+    renamed = name.replace("probe", "renamed")
+    (bench.sql / "migrations" / f"{name}.sql").rename(bench.sql / "migrations" / f"{renamed}.sql")
+
+    result = bench.migrate()
+
+    assert result.exit_code == 3
+    assert f"was applied as {name}.sql but its file is now {renamed}.sql" in result.stderr
+
+
 def test_migration_that_does_not_record_itself_is_rolled_back(bench: Bench) -> None:
     assert bench.migrate().exit_code == 0
     name = bench.add("probe", PROBE, record=False)
