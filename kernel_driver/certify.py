@@ -344,7 +344,7 @@ class Certification:
     def items(self, run_id: str) -> list[dict[str, Any]]:
         return self.rows(
             "SELECT id::text, contact_id::text, status, idempotency_key, recipient, provider_message_id,"
-            " error, dispatch_count FROM {schema}.channel_outbox WHERE run_id = %s ORDER BY created_at, id",
+            " error FROM {schema}.channel_outbox WHERE run_id = %s ORDER BY created_at, id",
             run_id,
         )
 
@@ -384,7 +384,7 @@ class Certification:
 
 # --- Q1 idempotency -----------------------------------------------------------------------------
 
-Q1_CONTACTS = 12
+Q1_CONTACTS = 20
 
 
 def outbox_summary(cert: Certification, run_id: str) -> dict[str, int]:
@@ -476,15 +476,20 @@ CRASH_SCENARIOS = (
 )
 
 
-def calls_in_flight(cert: Certification, run_id: str, sink: Any) -> list[dict[str, Any]]:
-    """Items marked dispatched but not yet recorded whose request the provider has received."""
-    received = keys_received(sink)
-    dispatched = cert.rows(
+def dispatched_pending(cert: Certification, run_id: str) -> dict[str, str]:
+    """Items handed to the provider whose outcome is not recorded: item id -> idempotency key."""
+    rows = cert.rows(
         "SELECT id::text, idempotency_key FROM {schema}.channel_outbox"
         " WHERE run_id = %s AND status = 'pending' AND dispatched_at IS NOT NULL",
         run_id,
     )
-    return [item for item in dispatched if item["idempotency_key"] in received]
+    return {row["id"]: row["idempotency_key"] for row in rows}
+
+
+def calls_in_flight(cert: Certification, run_id: str, sink: Any) -> list[str]:
+    """Dispatched, unrecorded items whose request the provider has already received."""
+    received = keys_received(sink)
+    return [item_id for item_id, key in dispatched_pending(cert, run_id).items() if key in received]
 
 
 def crash_and_recover(cert: Certification, record: CheckRecord, scenario: CrashScenario) -> dict[str, Any]:
@@ -498,8 +503,7 @@ def crash_and_recover(cert: Certification, record: CheckRecord, scenario: CrashS
         cert.wait_until("a provider call in flight", lambda: calls_in_flight(cert, run_id, sink))
         victim.kill()
         killed_at = time.monotonic()
-        in_flight = {item["id"]: item["idempotency_key"] for item in cert.items(run_id)
-                     if item["status"] == "pending" and item["dispatch_count"] > 0}
+        in_flight = dispatched_pending(cert, run_id)  # the daemon is dead: this is final
         sink.slow_ms = 0
         successor = cert.run_daemon_until_idle(record, f"q2-{scenario.provider}-2", env=env)
         status = cert.wait_for_runs([run_id])[run_id]
@@ -525,6 +529,10 @@ def crash_and_recover(cert: Certification, record: CheckRecord, scenario: CrashS
     }
     where = f"{scenario.provider} run {run_id}"
     expect(in_flight, f"{where}: no item was in flight when the daemon was killed")
+    expect(
+        len(in_flight) <= Q2_CONCURRENCY,
+        f"{where}: {len(in_flight)} items were in flight, more than the daemon's concurrency {Q2_CONCURRENCY}",
+    )
     expect(reclaimed, f"{where}: the restarted daemon did not claim the killed daemon's job")
     expect(
         outcome["in_flight_final_statuses"] == {scenario.in_flight_ends: len(in_flight)},
