@@ -202,6 +202,10 @@ def run(settings: Settings, worker_id: str | None, concurrency: int, until_idle:
 # Commands defined in their own modules; those import this one lazily, so they are added last.
 from kernel_driver.certify import certify  # noqa: E402
 from kernel_driver.runs import runs  # noqa: E402
+from kernel_driver.freeze import freeze  # noqa: E402
+from kernel_driver.demo import demo  # noqa: E402
 
 main.add_command(certify)
 main.add_command(runs)
+main.add_command(freeze)
+main.add_command(demo)

@@ -22,9 +22,9 @@ from typing import Any
 
 import psycopg
 import pytest
+from integration.daemon import item_counts, run_until_idle
 from psycopg.types.json import Json
 
-from integration.daemon import item_counts, run_until_idle
 from kernel_driver import freeze, schema_dump
 from kernel_driver.seed import SeededCampaign, seed_campaign
 from kernel_driver.sinks import SmtpSink
