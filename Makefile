@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # Reinstall when the dependencies change; otherwise `make venv` costs nothing.
 STAMP := $(VENV)/.installed
 
-.PHONY: venv lint schema test test-slow
+.PHONY: venv lint schema test test-slow demo test-kernel freeze
 
 venv: $(STAMP)
 
@@ -29,3 +29,19 @@ test: venv lint
 
 test-slow: venv
 	$(BIN)/pytest -m slow
+
+# The whole kernel on this machine: KERNEL_DSN, else an embedded PostgreSQL kept in .demo/.
+demo: venv
+	$(BIN)/kernel-driver demo
+
+# The seed's test:kernel, required for any change to a frozen file: the kernel's own tests and
+# the freeze gate (docs/EXECUTION_KERNEL_FREEZE.md).
+test-kernel: venv
+	$(BIN)/pytest tests/sql tests/migrations
+	$(BIN)/kernel-driver freeze check
+
+# After a frozen file changed and a new migration bumped kernel_version(): certify in a scratch
+# database into evidence/<version>.json, then rewrite freeze/manifest.json.
+freeze: venv
+	$(BIN)/kernel-driver $(if $(KERNEL_TEST_DSN),--dsn "$(KERNEL_TEST_DSN)") freeze certify
+	$(BIN)/kernel-driver freeze update
