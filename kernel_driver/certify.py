@@ -574,7 +574,7 @@ def job_latencies(cert: Certification, run_ids: Sequence[str]) -> list[dict[str,
         " extract(EPOCH FROM c.first_claim - j.created_at)::float8 AS pickup_s,"
         " extract(EPOCH FROM j.completed_at - j.created_at)::float8 AS completion_s"
         " FROM {schema}.job_queue AS j"
-        " CROSS JOIN LATERAL (SELECT min(e.at) AS first_claim FROM {schema}.job_events AS e"
+        " CROSS JOIN LATERAL (SELECT min(e.occurred_at) AS first_claim FROM {schema}.job_events AS e"
         "   WHERE e.job_id = j.id AND e.to_status = 'processing') AS c"
         " WHERE j.run_id = ANY(%s::uuid[]) ORDER BY j.created_at, j.id",
         list(run_ids),

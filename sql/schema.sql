@@ -166,7 +166,7 @@ GRANT SELECT ON TABLE kernel.contacts TO kernel_reader;
 
 CREATE TABLE kernel.job_events (
     id bigint GENERATED ALWAYS AS IDENTITY NOT NULL,
-    at timestamp with time zone DEFAULT clock_timestamp() NOT NULL,
+    occurred_at timestamp with time zone DEFAULT clock_timestamp() NOT NULL,
     tenant_id uuid NOT NULL,
     workspace_id uuid NOT NULL,
     run_id uuid NOT NULL,
@@ -179,7 +179,7 @@ CREATE TABLE kernel.job_events (
 );
 ALTER TABLE kernel.job_events ADD CONSTRAINT job_events_entity_check CHECK ((entity = ANY (ARRAY['run'::text, 'job'::text])));
 ALTER TABLE kernel.job_events ADD CONSTRAINT job_events_pkey PRIMARY KEY (id);
-CREATE INDEX job_events_by_run_idx ON kernel.job_events USING btree (run_id, at);
+CREATE INDEX job_events_by_run_idx ON kernel.job_events USING btree (run_id, occurred_at);
 ALTER TABLE kernel.job_events ENABLE ROW LEVEL SECURITY;
 CREATE POLICY job_events_tenant_isolation ON kernel.job_events AS PERMISSIVE FOR SELECT TO kernel_app, kernel_reader USING (kernel.in_scope(tenant_id, workspace_id));
 COMMENT ON TABLE kernel.job_events IS 'Audit trail: every run and job status change (who, what, when), written by the guard triggers.';
@@ -1570,8 +1570,11 @@ BEGIN
                              ORDER BY l.generation)
             FROM kernel.campaign_runs AS l WHERE l.root_run_id = _run.root_run_id),
         'events', coalesce((
-            SELECT jsonb_agg(to_jsonb(e) ORDER BY e.at, e.id)
-            FROM (SELECT * FROM kernel.job_events WHERE run_id = p_run_id ORDER BY at DESC, id DESC LIMIT 200) AS e
+            SELECT jsonb_agg(to_jsonb(e) ORDER BY e.occurred_at, e.id)
+            FROM (
+                SELECT * FROM kernel.job_events WHERE run_id = p_run_id
+                ORDER BY occurred_at DESC, id DESC LIMIT 200
+            ) AS e
         ), '[]')
     );
 END

@@ -140,7 +140,7 @@ CREATE TABLE kernel.contacts (
     workspace_id uuid NOT NULL,
     email text,
     phone text,
-    unsubscribed boolean NOT NULL DEFAULT false,
+    unsubscribed boolean NOT NULL DEFAULT FALSE,
     created_at timestamptz NOT NULL DEFAULT now()
 );
 
@@ -166,7 +166,9 @@ CREATE TABLE kernel.provider_configs (
     provider text NOT NULL,
     settings jsonb NOT NULL DEFAULT '{}',
     tenant_id uuid DEFAULT kernel.current_tenant(),
-    max_per_second numeric CONSTRAINT provider_configs_rate_positive_check CHECK (max_per_second > 0),
+    max_per_second numeric CONSTRAINT provider_configs_rate_positive_check CHECK (
+        max_per_second > 0
+    ),
     PRIMARY KEY (workspace_id, channel)
 );
 
@@ -256,7 +258,7 @@ CREATE TABLE kernel.job_queue (
     lease_expires_at timestamptz,
     last_error text,
     payload jsonb NOT NULL DEFAULT '{}',
-    contact_ids uuid [] NOT NULL DEFAULT '{}',
+    contact_ids uuid[] NOT NULL DEFAULT '{}',
     reserved_count integer NOT NULL DEFAULT 0,
     priority integer NOT NULL DEFAULT 0,
     run_after timestamptz NOT NULL DEFAULT now(),
@@ -299,7 +301,7 @@ CREATE TABLE kernel.channel_outbox (
     idempotency_key text NOT NULL,
     provider_message_id text,
     provider_response jsonb,
-    skipped boolean NOT NULL DEFAULT false,
+    skipped boolean NOT NULL DEFAULT FALSE,
     skip_reason text,
     error text,
     contact_id uuid NOT NULL,
@@ -339,7 +341,7 @@ COMMENT ON TABLE kernel.channel_outbox IS
 
 CREATE TABLE kernel.job_events (
     id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    occurred_at timestamptz NOT NULL DEFAULT clock_timestamp(),
     tenant_id uuid NOT NULL,
     workspace_id uuid NOT NULL,
     run_id uuid NOT NULL,
@@ -352,7 +354,7 @@ CREATE TABLE kernel.job_events (
     CONSTRAINT job_events_entity_check CHECK (entity IN ('run', 'job'))
 );
 
-CREATE INDEX job_events_by_run_idx ON kernel.job_events (run_id, at);
+CREATE INDEX job_events_by_run_idx ON kernel.job_events (run_id, occurred_at);
 
 COMMENT ON TABLE kernel.job_events IS
 'Audit trail: every run and job status change (who, what, when), written by the guard triggers.';
@@ -533,7 +535,7 @@ FOR EACH STATEMENT EXECUTE FUNCTION kernel._campaign_audience_same_tenant();
 -- Launch prerequisites -------------------------------------------------------
 
 CREATE FUNCTION kernel.provider_settings_problems(p_provider text, p_channel text, p_settings jsonb)
-RETURNS text []
+RETURNS text[]
 LANGUAGE plpgsql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -707,7 +709,9 @@ COMMENT ON FUNCTION kernel.check_campaign_launch_prerequisites(uuid, uuid) IS
 
 -- Deploy, retry, cancel -------------------------------------------------------
 
-CREATE FUNCTION kernel._enqueue_batches(p_run kernel.campaign_runs, p_contacts uuid [], p_batch_size integer)
+CREATE FUNCTION kernel._enqueue_batches(
+    p_run kernel.campaign_runs, p_contacts uuid[], p_batch_size integer
+)
 RETURNS integer
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -731,7 +735,7 @@ BEGIN
 END
 $$;
 
-COMMENT ON FUNCTION kernel._enqueue_batches(kernel.campaign_runs, uuid [], integer) IS
+COMMENT ON FUNCTION kernel._enqueue_batches(kernel.campaign_runs, uuid[], integer) IS
 'Splits a run''s contacts into send_batch jobs of p_batch_size and wakes the workers (NOTIFY kernel_jobs).';
 
 CREATE FUNCTION kernel._provider_snapshot(p_campaign kernel.campaigns) RETURNS jsonb
@@ -746,7 +750,9 @@ $$;
 COMMENT ON FUNCTION kernel._provider_snapshot(kernel.campaigns) IS
 'The provider part of run_config: the workspace''s provider and settings for the campaign''s channel.';
 
-CREATE FUNCTION kernel._lock_campaign_without_active_run(p_campaign_id uuid) RETURNS kernel.campaigns
+CREATE FUNCTION kernel._lock_campaign_without_active_run(
+    p_campaign_id uuid
+) RETURNS kernel.campaigns
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -1158,7 +1164,9 @@ $$;
 COMMENT ON FUNCTION kernel.job_context(uuid, text) IS
 'What a worker needs to execute a job it holds: the run''s channel, content, provider, settings and shared rate limit.';
 
-CREATE FUNCTION kernel.recover_dispatched_items(p_job_id uuid, p_worker text, p_provider_deduplicates boolean)
+CREATE FUNCTION kernel.recover_dispatched_items(
+    p_job_id uuid, p_worker text, p_provider_deduplicates boolean
+)
 RETURNS integer
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -1253,7 +1261,7 @@ $$;
 COMMENT ON FUNCTION kernel.reserve_outbox_items(uuid, text, integer) IS
 'Returns up to max_items pending, undispatched items of a job, inserting items for the next contacts of its snapshot first (ON CONFLICT (idempotency_key) DO NOTHING). Unreachable contacts become skipped items. Nothing once the run is cancelled.';
 
-CREATE FUNCTION kernel.mark_outbox_dispatched(p_job_id uuid, p_worker text, p_item_ids uuid [])
+CREATE FUNCTION kernel.mark_outbox_dispatched(p_job_id uuid, p_worker text, p_item_ids uuid[])
 RETURNS integer
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -1275,7 +1283,7 @@ BEGIN
 END
 $$;
 
-COMMENT ON FUNCTION kernel.mark_outbox_dispatched(uuid, text, uuid []) IS
+COMMENT ON FUNCTION kernel.mark_outbox_dispatched(uuid, text, uuid[]) IS
 'Marks reserved items as handed to the provider (dispatched_at). Commit this before calling the provider.';
 
 CREATE FUNCTION kernel.record_outbox_results(p_job_id uuid, p_worker text, p_results jsonb)
@@ -1498,8 +1506,11 @@ BEGIN
                              ORDER BY l.generation)
             FROM kernel.campaign_runs AS l WHERE l.root_run_id = _run.root_run_id),
         'events', coalesce((
-            SELECT jsonb_agg(to_jsonb(e) ORDER BY e.at, e.id)
-            FROM (SELECT * FROM kernel.job_events WHERE run_id = p_run_id ORDER BY at DESC, id DESC LIMIT 200) AS e
+            SELECT jsonb_agg(to_jsonb(e) ORDER BY e.occurred_at, e.id)
+            FROM (
+                SELECT * FROM kernel.job_events WHERE run_id = p_run_id
+                ORDER BY occurred_at DESC, id DESC LIMIT 200
+            ) AS e
         ), '[]')
     );
 END
@@ -1543,7 +1554,7 @@ kernel.release_job(uuid, text, text),
 kernel.job_context(uuid, text),
 kernel.recover_dispatched_items(uuid, text, boolean),
 kernel.reserve_outbox_items(uuid, text, integer),
-kernel.mark_outbox_dispatched(uuid, text, uuid []),
+kernel.mark_outbox_dispatched(uuid, text, uuid[]),
 kernel.record_outbox_results(uuid, text, jsonb),
 kernel.complete_job(uuid, boolean, text, text),
 kernel.complete_job(uuid, boolean, text),
@@ -1579,7 +1590,8 @@ ON kernel.campaigns, kernel.contacts, kernel.campaign_audience, kernel.provider_
 kernel.campaign_runs, kernel.job_queue, kernel.channel_outbox, kernel.job_events
 TO kernel_app, kernel_reader;
 
-GRANT SELECT ON kernel.state_transitions, kernel.schema_migrations TO kernel_worker, kernel_app, kernel_reader;
+GRANT SELECT ON kernel.state_transitions, kernel.schema_migrations
+TO kernel_worker, kernel_app, kernel_reader;
 
 -- Row-level security: the application and reader roles see only their tenant.
 -- The owner bypasses it (tables are not FORCEd); its SECURITY DEFINER
@@ -1595,32 +1607,46 @@ ALTER TABLE kernel.channel_outbox ENABLE ROW LEVEL SECURITY;
 ALTER TABLE kernel.job_events ENABLE ROW LEVEL SECURITY;
 ALTER TABLE kernel.rate_buckets ENABLE ROW LEVEL SECURITY;
 
-CREATE POLICY campaigns_tenant_isolation ON kernel.campaigns TO kernel_app, kernel_reader
+CREATE POLICY campaigns_tenant_isolation ON kernel.campaigns
+TO kernel_app, kernel_reader
 USING (kernel.in_scope(tenant_id, workspace_id));
 
-CREATE POLICY contacts_tenant_isolation ON kernel.contacts TO kernel_app, kernel_reader
+CREATE POLICY contacts_tenant_isolation ON kernel.contacts
+TO kernel_app, kernel_reader
 USING (kernel.in_scope(tenant_id, workspace_id));
 
-CREATE POLICY provider_configs_tenant_isolation ON kernel.provider_configs TO kernel_app, kernel_reader
+CREATE POLICY provider_configs_tenant_isolation ON kernel.provider_configs
+TO kernel_app, kernel_reader
 USING (kernel.in_scope(tenant_id, workspace_id));
 
 -- Audience rows are visible when both ends are (RLS applies inside the subqueries).
-CREATE POLICY campaign_audience_tenant_isolation ON kernel.campaign_audience TO kernel_app, kernel_reader
+CREATE POLICY campaign_audience_tenant_isolation ON kernel.campaign_audience
+TO kernel_app, kernel_reader
 USING (
-    EXISTS (SELECT 1 FROM kernel.campaigns AS c WHERE c.id = campaign_id)
-    AND EXISTS (SELECT 1 FROM kernel.contacts AS p WHERE p.id = contact_id)
+    EXISTS (
+        SELECT 1 FROM kernel.campaigns AS c
+        WHERE c.id = campaign_id
+    )
+    AND EXISTS (
+        SELECT 1 FROM kernel.contacts AS p
+        WHERE p.id = contact_id
+    )
 );
 
-CREATE POLICY campaign_runs_tenant_isolation ON kernel.campaign_runs FOR SELECT TO kernel_app, kernel_reader
+CREATE POLICY campaign_runs_tenant_isolation ON kernel.campaign_runs FOR SELECT
+TO kernel_app, kernel_reader
 USING (kernel.in_scope(tenant_id, workspace_id));
 
-CREATE POLICY job_queue_tenant_isolation ON kernel.job_queue FOR SELECT TO kernel_app, kernel_reader
+CREATE POLICY job_queue_tenant_isolation ON kernel.job_queue FOR SELECT
+TO kernel_app, kernel_reader
 USING (kernel.in_scope(tenant_id, workspace_id));
 
-CREATE POLICY channel_outbox_tenant_isolation ON kernel.channel_outbox FOR SELECT TO kernel_app, kernel_reader
+CREATE POLICY channel_outbox_tenant_isolation ON kernel.channel_outbox FOR SELECT
+TO kernel_app, kernel_reader
 USING (kernel.in_scope(tenant_id, workspace_id));
 
-CREATE POLICY job_events_tenant_isolation ON kernel.job_events FOR SELECT TO kernel_app, kernel_reader
+CREATE POLICY job_events_tenant_isolation ON kernel.job_events FOR SELECT
+TO kernel_app, kernel_reader
 USING (kernel.in_scope(tenant_id, workspace_id));
 
 INSERT INTO kernel.schema_migrations (version, name) VALUES (1, '0001_kernel')
