@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 
 from kernel_driver import certify
-from kernel_driver.sinks import SmtpSink
+from kernel_driver.sinks import SmtpSink, VoiceSink
 
 from .daemon import start_daemon
 
@@ -77,6 +77,31 @@ def test_only_runs_the_named_checks_and_purge_sql_removes_their_rows(certify_cli
     for table in ("campaigns", "contacts", "provider_configs", "campaign_runs", "job_queue", "channel_outbox", "job_events"):
         assert conn.execute(f"SELECT count(*) FROM {table} WHERE tenant_id = %s", (tenant,)).fetchone()[0] == 0, table
     assert conn.execute("SELECT count(*) FROM campaigns").fetchone()[0] == other
+
+
+def test_e1_and_v1_go_through_the_providers_given(cli, db_dsn, kernel_schema, tmp_path):
+    """--smtp-settings/--voice-settings: here real servers on this machine stand in for the providers."""
+    out = tmp_path / "evidence.json"
+    with SmtpSink() as smtp, VoiceSink() as voice:
+        voice_settings = voice.provider_settings(auth_token_env="CERTIFY_TEST_VOICE_TOKEN")
+        result = cli(
+            "--dsn", db_dsn, "--schema", kernel_schema, "certify", "--out", str(out), "--only", "E1,V1",
+            "--smtp-settings", json.dumps(smtp.provider_settings()), "--email-to", "qa-inbox@example.com",
+            "--voice-settings", json.dumps(voice_settings), "--voice-to", "+15557654321",
+            env={"CERTIFY_TEST_VOICE_TOKEN": voice.auth_token},  # secrets come from the environment
+        )
+        messages, calls = smtp.messages, voice.calls
+    evidence = json.loads(out.read_text())
+
+    assert result.exit_code == 0, result.output
+    validate(evidence)
+    assert evidence["providers"] == {"email": "real", "voice": "real"}
+    e1, v1 = evidence["checks"]
+    assert [m.rcpt_tos for m in messages] == [("qa-inbox@example.com",)]
+    assert e1["provider_message_ids"] == [messages[0].message_id]
+    assert "confirm receipt in the inbox" in e1["measurements"]["received"]
+    assert [(c.to, c.from_) for c in calls] == [("+15557654321", voice_settings["from"])]
+    assert v1["provider_message_ids"] == [calls[0].sid]
 
 
 def closed_port() -> int:
