@@ -54,9 +54,10 @@ CHANGE_STEPS = """\
 To change the frozen kernel (docs/EXECUTION_KERNEL_FREEZE.md):
   1. put the change in a new migration sql/migrations/NNNN_<slug>.sql that also replaces
      kernel.kernel_version() with the next version (the migrations now say {version})
-  2. kernel-driver certify --out evidence/<new version>.json
+  2. certify it: kernel-driver migrate, then kernel-driver certify --out evidence/<new version>.json
+     (in staging with real providers: docs/certification.md)
   3. kernel-driver freeze update --evidence evidence/<new version>.json
-     (make freeze does 2 and 3 against a scratch database)
+     (make freeze does 2 and 3 in a scratch database with local providers)
   4. open the PR with the [KERNEL] prefix and the checklist; two reviewers approve it"""
 
 
