@@ -723,7 +723,10 @@ def check_run_details(cert: Certification, record: CheckRecord) -> None:
     record.measurements["runs_show_lines"] = len(shown.splitlines())
     expect(not missing, f"`kernel-driver runs show {run_id}` does not show {missing}")
     as_json = json.loads(cert.run_cli("runs", "show", run_id, "--json"))
-    expect(as_json["run"]["id"] == run_id and as_json["item_counts"] == counts, "`runs show --json` disagrees with run_details")
+    expect(
+        as_json["run"]["id"] == run_id and as_json["item_counts"] == counts,
+        "`runs show --json` disagrees with run_details",
+    )
 
 
 UX2_CONTACTS = 5
@@ -921,7 +924,9 @@ def select_checks(only: str | None) -> list[Check]:
     return [check for check in CHECKS if check.id in wanted]
 
 
-def real_provider(adapter: str, settings_option: str, settings_json: str | None, to_option: str, to: str | None) -> RealProvider | None:
+def real_provider(
+    adapter: str, settings_option: str, settings_json: str | None, to_option: str, to: str | None
+) -> RealProvider | None:
     """Parse and validate --smtp-settings/--email-to (or the voice pair); None when neither is given."""
     if settings_json is None and to is None:
         return None
@@ -986,6 +991,7 @@ def certify(settings: Settings, out: Path, only: str | None, smtp_settings: str 
     partial.write_text(json.dumps(evidence, indent=2) + "\n")
     partial.replace(out)
     summary = evidence["summary"]
-    click.echo(f"{summary['result']}: {len(summary['passed'])} of {len(summary['selected'])} checks passed; evidence in {out}")
+    passed, selected = len(summary["passed"]), len(summary["selected"])
+    click.echo(f"{summary['result']}: {passed} of {selected} checks passed; evidence in {out}")
     if summary["failed"]:
         sys.exit(CHECK_FAILED_EXIT)

@@ -125,8 +125,10 @@ def list_runs(settings: Settings, limit: int) -> None:
     ).format(schema=sql.Identifier(settings.schema))
     with database(settings) as conn, wrap_errors(), conn.cursor(row_factory=dict_row) as cur:
         found = cur.execute(query, [limit]).fetchall()
-    rows = [(r["id"], r["status"], r["channel"], r["generation"], r["created_at"].isoformat(timespec="seconds"), r["name"])
-            for r in found]
+    rows = [
+        (r["id"], r["status"], r["channel"], r["generation"], r["created_at"].isoformat(timespec="seconds"), r["name"])
+        for r in found
+    ]
     if not rows:
         click.echo("no runs")
         return

@@ -61,7 +61,8 @@ def test_every_check_passes_and_the_evidence_follows_its_schema(certify_cli, con
     ).fetchall()
     assert tenants == [(evidence["tenant_id"],)]
     item_ids = [item_id for check in evidence["checks"] for item_id in check["item_ids"]]
-    assert conn.execute("SELECT count(*) FROM channel_outbox WHERE id = ANY(%s::uuid[])", (item_ids,)).fetchone()[0] == len(item_ids)
+    found = conn.execute("SELECT count(*) FROM channel_outbox WHERE id = ANY(%s::uuid[])", (item_ids,)).fetchone()
+    assert found[0] == len(item_ids)
 
 
 def test_only_runs_the_named_checks_and_purge_sql_removes_their_rows(certify_cli, conn):

@@ -59,7 +59,8 @@ def test_show_prints_the_run_its_jobs_counts_and_items(runs_cli, finished_run, c
     failed_line = next(line for line in out.splitlines() if rejected in line)
     assert "  failed  " in failed_line and "SMTP RCPT answered 550" in failed_line
     assert "unsubscribed" in out  # a skipped item's reason stands in its error column
-    for (message_id,) in conn.execute("SELECT provider_message_id FROM channel_outbox WHERE run_id = %s AND status = 'sent'", (first,)):
+    sent = conn.execute("SELECT provider_message_id FROM channel_outbox WHERE run_id = %s AND status = 'sent'", (first,))
+    for (message_id,) in sent:
         assert message_id in out
 
 
@@ -75,7 +76,10 @@ def test_show_names_the_lineage_of_a_retry(runs_cli, finished_run, conn, db_dsn,
     assert "items (1): sent 1" in out
     lines = runs_cli("list").output.splitlines()
     assert lines[0].split() == ["RUN", "STATUS", "CHANNEL", "GEN", "CREATED", "CAMPAIGN"]
-    assert [line.split()[:4] for line in lines[1:]] == [[str(retry), "completed", "email", "2"], [first, "partial", "email", "1"]]
+    assert [line.split()[:4] for line in lines[1:]] == [
+        [str(retry), "completed", "email", "2"],
+        [first, "partial", "email", "1"],
+    ]
     assert len(runs_cli("list", "--limit", "1").output.splitlines()) == 2
 
 
