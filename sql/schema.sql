@@ -89,6 +89,7 @@ CREATE TABLE kernel.campaigns (
 );
 ALTER TABLE kernel.campaigns ADD CONSTRAINT campaigns_pkey PRIMARY KEY (id);
 CREATE INDEX campaigns_by_tenant_workspace_idx ON kernel.campaigns USING btree (tenant_id, workspace_id);
+CREATE TRIGGER campaigns_owner_immutable BEFORE UPDATE OF tenant_id, workspace_id ON kernel.campaigns FOR EACH ROW EXECUTE FUNCTION kernel._owner_immutable();
 ALTER TABLE kernel.campaigns ENABLE ROW LEVEL SECURITY;
 CREATE POLICY campaigns_tenant_isolation ON kernel.campaigns AS PERMISSIVE FOR ALL TO kernel_app, kernel_reader USING (kernel.in_scope(tenant_id, workspace_id));
 COMMENT ON TABLE kernel.campaigns IS 'Host table: a campaign to execute. content: e-mail {"subject","text","html"?}, voice {"from","script"}.';
@@ -155,6 +156,7 @@ CREATE TABLE kernel.contacts (
 );
 ALTER TABLE kernel.contacts ADD CONSTRAINT contacts_pkey PRIMARY KEY (id);
 CREATE INDEX contacts_by_tenant_workspace_idx ON kernel.contacts USING btree (tenant_id, workspace_id);
+CREATE TRIGGER contacts_owner_immutable BEFORE UPDATE OF tenant_id, workspace_id ON kernel.contacts FOR EACH ROW EXECUTE FUNCTION kernel._owner_immutable();
 ALTER TABLE kernel.contacts ENABLE ROW LEVEL SECURITY;
 CREATE POLICY contacts_tenant_isolation ON kernel.contacts AS PERMISSIVE FOR ALL TO kernel_app, kernel_reader USING (kernel.in_scope(tenant_id, workspace_id));
 COMMENT ON TABLE kernel.contacts IS 'Host table: a recipient. Unsubscribed contacts and contacts without an address become skipped items.';
@@ -270,6 +272,8 @@ CREATE TABLE kernel.schema_migrations (
     applied_by text DEFAULT SESSION_USER NOT NULL
 );
 ALTER TABLE kernel.schema_migrations ADD CONSTRAINT schema_migrations_pkey PRIMARY KEY (version);
+ALTER TABLE kernel.schema_migrations ENABLE ROW LEVEL SECURITY;
+CREATE POLICY schema_migrations_readable ON kernel.schema_migrations AS PERMISSIVE FOR SELECT TO kernel_app, kernel_reader, kernel_worker USING (true);
 COMMENT ON TABLE kernel.schema_migrations IS 'Ledger of applied kernel migrations; sha256 is filled in by kernel-driver migrate (NULL when applied with psql).';
 ALTER TABLE kernel.schema_migrations OWNER TO kernel_owner;
 GRANT SELECT ON TABLE kernel.schema_migrations TO kernel_app;
@@ -284,6 +288,8 @@ CREATE TABLE kernel.state_transitions (
     to_status text NOT NULL
 );
 ALTER TABLE kernel.state_transitions ADD CONSTRAINT state_transitions_pkey PRIMARY KEY (entity, from_status, to_status);
+ALTER TABLE kernel.state_transitions ENABLE ROW LEVEL SECURITY;
+CREATE POLICY state_transitions_readable ON kernel.state_transitions AS PERMISSIVE FOR SELECT TO kernel_app, kernel_reader, kernel_worker USING (true);
 COMMENT ON TABLE kernel.state_transitions IS 'The only legal status moves of runs, jobs and outbox items; the guard triggers refuse every other (KE004).';
 ALTER TABLE kernel.state_transitions OWNER TO kernel_owner;
 GRANT SELECT ON TABLE kernel.state_transitions TO kernel_app;
@@ -436,16 +442,30 @@ ALTER FUNCTION kernel._channel_outbox_guard() OWNER TO kernel_owner;
 
 CREATE OR REPLACE FUNCTION kernel._end_unfinished_items(p_job_id uuid, p_reason text)
  RETURNS void
- LANGUAGE sql
+ LANGUAGE plpgsql
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
+DECLARE
+    _job kernel.job_queue;
+    _run kernel.campaign_runs;
+BEGIN
+    SELECT * INTO _job FROM kernel.job_queue WHERE id = p_job_id;
+    SELECT * INTO _run FROM kernel.campaign_runs WHERE id = _job.run_id;
+    IF _run.status <> 'cancelled' THEN
+        -- Contacts never reached get a failed item too, so that a retry targets them.
+        PERFORM kernel._insert_items(_job, _run, cardinality(_job.contact_ids) - _job.reserved_count);
+    END IF;
     -- Never dispatched: certainly not sent. Dispatched without an outcome: unknowable.
     UPDATE kernel.channel_outbox
-    SET status = CASE WHEN dispatched_at IS NULL THEN 'failed' ELSE 'unknown' END,
+    SET status = CASE WHEN dispatched_at IS NOT NULL THEN 'unknown'
+                      WHEN _run.status = 'cancelled' THEN 'skipped' ELSE 'failed' END,
+        skipped = dispatched_at IS NULL AND _run.status = 'cancelled',
+        skip_reason = CASE WHEN dispatched_at IS NULL AND _run.status = 'cancelled' THEN 'run_cancelled' END,
         error = p_reason
-    WHERE job_id = p_job_id AND status = 'pending'
+    WHERE job_id = p_job_id AND status = 'pending';
+END
 $function$;
-COMMENT ON FUNCTION kernel._end_unfinished_items(p_job_id uuid, p_reason text) IS 'Ends a dead job''s pending items honestly: failed when never dispatched, unknown when dispatched.';
+COMMENT ON FUNCTION kernel._end_unfinished_items(p_job_id uuid, p_reason text) IS 'Ends a failed job''s items honestly: contacts never reached and items never dispatched fail (skipped when the run was cancelled), dispatched ones end unknown.';
 ALTER FUNCTION kernel._end_unfinished_items(p_job_id uuid, p_reason text) OWNER TO kernel_owner;
 
 -- FUNCTION kernel._enqueue_batches(p_run kernel.campaign_runs, p_contacts uuid[], p_batch_size integer)
@@ -524,6 +544,51 @@ $function$;
 COMMENT ON FUNCTION kernel._finish_run_if_done(p_run_id uuid) IS 'Invariant 4: once every job of a run is terminal, derives the run status from the job and item outcomes.';
 ALTER FUNCTION kernel._finish_run_if_done(p_run_id uuid) OWNER TO kernel_owner;
 
+-- FUNCTION kernel._insert_items(p_job kernel.job_queue, p_run kernel.campaign_runs, p_count integer)
+
+CREATE OR REPLACE FUNCTION kernel._insert_items(p_job kernel.job_queue, p_run kernel.campaign_runs, p_count integer)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    _pending integer;
+BEGIN
+    -- The next p_count contacts of the job's snapshot; the key makes a second insert a no-op.
+    WITH inserted AS (
+        INSERT INTO kernel.channel_outbox (
+            run_id, job_id, tenant_id, workspace_id, channel, provider, status, idempotency_key,
+            skipped, skip_reason, contact_id, recipient, root_run_id, generation
+        )
+        SELECT p_run.id, p_job.id, p_job.tenant_id, p_job.workspace_id, p_run.channel,
+               p_run.run_config ->> 'provider',
+               CASE WHEN s.reason IS NULL THEN 'pending' ELSE 'skipped' END,
+               format('%s:%s:%s:%s', p_run.root_run_id, p_run.channel, u.contact_id, p_run.generation),
+               s.reason IS NOT NULL, s.reason, u.contact_id, s.recipient, p_run.root_run_id, p_run.generation
+        FROM unnest(p_job.contact_ids[p_job.reserved_count + 1:p_job.reserved_count + p_count])
+            WITH ORDINALITY AS u (contact_id, ord)
+        LEFT JOIN kernel.contacts AS p ON u.contact_id = p.id
+        CROSS JOIN LATERAL (
+            SELECT nullif(btrim(CASE p_run.channel WHEN 'email' THEN p.email ELSE p.phone END), '') AS recipient
+        ) AS a
+        CROSS JOIN LATERAL (
+            SELECT a.recipient,
+                   CASE WHEN p.id IS NULL THEN 'contact_deleted'
+                        WHEN p.unsubscribed THEN 'unsubscribed'
+                        WHEN a.recipient IS NULL THEN 'no_address' END AS reason
+        ) AS s
+        ORDER BY u.ord
+        ON CONFLICT (idempotency_key) DO NOTHING
+        RETURNING status
+    )
+    SELECT count(*) FILTER (WHERE status = 'pending') INTO _pending FROM inserted;
+    UPDATE kernel.job_queue SET reserved_count = reserved_count + p_count WHERE id = p_job.id;
+    RETURN _pending;
+END
+$function$;
+COMMENT ON FUNCTION kernel._insert_items(p_job kernel.job_queue, p_run kernel.campaign_runs, p_count integer) IS 'Inserts items for the next p_count contacts of a job''s snapshot (unreachable ones skipped) and advances reserved_count; returns how many are pending.';
+ALTER FUNCTION kernel._insert_items(p_job kernel.job_queue, p_run kernel.campaign_runs, p_count integer) OWNER TO kernel_owner;
+
 -- FUNCTION kernel._job_queue_guard()
 
 CREATE OR REPLACE FUNCTION kernel._job_queue_guard()
@@ -539,12 +604,18 @@ BEGIN
         END IF;
         RETURN NEW;  -- creation is recorded once per run, not per job
     END IF;
-    -- processing -> processing with a new holder is the crash path (re-claim).
-    IF NEW.status IS NOT DISTINCT FROM OLD.status
-       AND NEW.locked_by IS NOT DISTINCT FROM OLD.locked_by THEN
+    -- Same status, holder and attempt: a heartbeat or a reservation, not a state change.
+    -- processing -> processing with a new attempt is a re-claim (the crash path).
+    IF NEW.status = OLD.status
+       AND NEW.locked_by IS NOT DISTINCT FROM OLD.locked_by
+       AND (NEW.status <> 'processing' OR NEW.attempts = OLD.attempts) THEN
         RETURN NEW;
     END IF;
     PERFORM kernel._assert_transition('job', NEW.id, OLD.status, NEW.status);
+    IF OLD.status = 'processing' AND NEW.status = 'processing' AND OLD.lease_expires_at > now() THEN
+        RAISE EXCEPTION 'job % is leased to % until %; it can be re-claimed only after the lease expires',
+            NEW.id, OLD.locked_by, OLD.lease_expires_at USING ERRCODE = 'KE004';
+    END IF;
     INSERT INTO kernel.job_events (
         tenant_id, workspace_id, run_id, job_id, entity, from_status, to_status, worker, detail
     ) VALUES (
@@ -629,6 +700,24 @@ END
 $function$;
 COMMENT ON FUNCTION kernel._lock_leased_job(p_job_id uuid, p_worker text) IS 'Fencing: locks the job and raises KE005 unless p_worker holds an unexpired lease on it.';
 ALTER FUNCTION kernel._lock_leased_job(p_job_id uuid, p_worker text) OWNER TO kernel_owner;
+
+-- FUNCTION kernel._owner_immutable()
+
+CREATE OR REPLACE FUNCTION kernel._owner_immutable()
+ RETURNS trigger
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+    IF NEW.tenant_id IS DISTINCT FROM OLD.tenant_id OR NEW.workspace_id IS DISTINCT FROM OLD.workspace_id THEN
+        RAISE EXCEPTION 'the tenant and workspace of % % cannot change; create a new row instead',
+            TG_TABLE_NAME, OLD.id USING ERRCODE = 'KE008';
+    END IF;
+    RETURN NEW;
+END
+$function$;
+COMMENT ON FUNCTION kernel._owner_immutable() IS 'Trigger: a campaign or contact stays in its tenant and workspace, so audiences, runs and items never pair two workspaces.';
+ALTER FUNCTION kernel._owner_immutable() OWNER TO kernel_owner;
 
 -- FUNCTION kernel._provider_snapshot(p_campaign kernel.campaigns)
 
@@ -921,6 +1010,9 @@ BEGIN
             USING ERRCODE = 'KE007';
     END IF;
 
+    IF NOT p_success THEN
+        PERFORM kernel._end_unfinished_items(p_job_id, coalesce(p_error, 'job failed'));
+    END IF;
     UPDATE kernel.job_queue
     SET status = CASE WHEN _run_status = 'cancelled' THEN 'cancelled'
                       WHEN p_success THEN 'completed' ELSE 'failed' END,
@@ -1373,6 +1465,9 @@ BEGIN
     _job := kernel._lock_leased_job(p_job_id, p_worker);
     SELECT * INTO _run FROM kernel.campaign_runs WHERE id = _job.run_id;
     IF _run.status = 'cancelled' THEN
+        -- Items put back for another try (retry outcome, dedup recovery) will not go out now.
+        UPDATE kernel.channel_outbox SET status = 'skipped', skipped = TRUE, skip_reason = 'run_cancelled'
+        WHERE job_id = p_job_id AND status = 'pending' AND dispatched_at IS NULL;
         RETURN;
     END IF;
     SELECT count(*) INTO _have FROM kernel.channel_outbox
@@ -1380,37 +1475,9 @@ BEGIN
     -- Walk the job's contact snapshot; skipped contacts do not fill the batch.
     WHILE _have < p_max_items AND _job.reserved_count < cardinality(_job.contact_ids) LOOP
         _take := least(p_max_items - _have, cardinality(_job.contact_ids) - _job.reserved_count);
-        WITH inserted AS (
-            INSERT INTO kernel.channel_outbox (
-                run_id, job_id, tenant_id, workspace_id, channel, provider, status, idempotency_key,
-                skipped, skip_reason, contact_id, recipient, root_run_id, generation
-            )
-            SELECT _run.id, _job.id, _job.tenant_id, _job.workspace_id, _run.channel,
-                   _run.run_config ->> 'provider',
-                   CASE WHEN s.reason IS NULL THEN 'pending' ELSE 'skipped' END,
-                   format('%s:%s:%s:%s', _run.root_run_id, _run.channel, u.contact_id, _run.generation),
-                   s.reason IS NOT NULL, s.reason, u.contact_id, s.recipient, _run.root_run_id, _run.generation
-            FROM unnest(_job.contact_ids[_job.reserved_count + 1:_job.reserved_count + _take])
-                WITH ORDINALITY AS u (contact_id, ord)
-            LEFT JOIN kernel.contacts AS p ON u.contact_id = p.id
-            CROSS JOIN LATERAL (
-                SELECT nullif(btrim(CASE _run.channel WHEN 'email' THEN p.email ELSE p.phone END), '') AS recipient
-            ) AS a
-            CROSS JOIN LATERAL (
-                SELECT a.recipient,
-                       CASE WHEN p.id IS NULL THEN 'contact_deleted'
-                            WHEN p.unsubscribed THEN 'unsubscribed'
-                            WHEN a.recipient IS NULL THEN 'no_address' END AS reason
-            ) AS s
-            ORDER BY u.ord
-            ON CONFLICT (idempotency_key) DO NOTHING
-            RETURNING status
-        )
-        SELECT _have + count(*) FILTER (WHERE status = 'pending') INTO _have FROM inserted;
+        _have := _have + kernel._insert_items(_job, _run, _take);
         _job.reserved_count := _job.reserved_count + _take;
     END LOOP;
-    UPDATE kernel.job_queue SET reserved_count = _job.reserved_count
-    WHERE id = p_job_id AND reserved_count <> _job.reserved_count;
 
     RETURN QUERY
     SELECT * FROM kernel.channel_outbox

@@ -433,12 +433,18 @@ BEGIN
         END IF;
         RETURN NEW;  -- creation is recorded once per run, not per job
     END IF;
-    -- processing -> processing with a new holder is the crash path (re-claim).
-    IF NEW.status IS NOT DISTINCT FROM OLD.status
-       AND NEW.locked_by IS NOT DISTINCT FROM OLD.locked_by THEN
+    -- Same status, holder and attempt: a heartbeat or a reservation, not a state change.
+    -- processing -> processing with a new attempt is a re-claim (the crash path).
+    IF NEW.status = OLD.status
+       AND NEW.locked_by IS NOT DISTINCT FROM OLD.locked_by
+       AND (NEW.status <> 'processing' OR NEW.attempts = OLD.attempts) THEN
         RETURN NEW;
     END IF;
     PERFORM kernel._assert_transition('job', NEW.id, OLD.status, NEW.status);
+    IF OLD.status = 'processing' AND NEW.status = 'processing' AND OLD.lease_expires_at > now() THEN
+        RAISE EXCEPTION 'job % is leased to % until %; it can be re-claimed only after the lease expires',
+            NEW.id, OLD.locked_by, OLD.lease_expires_at USING ERRCODE = 'KE004';
+    END IF;
     INSERT INTO kernel.job_events (
         tenant_id, workspace_id, run_id, job_id, entity, from_status, to_status, worker, detail
     ) VALUES (
@@ -531,6 +537,30 @@ CREATE TRIGGER campaign_audience_same_tenant_on_update
 AFTER UPDATE ON kernel.campaign_audience
 REFERENCING NEW TABLE AS new_rows
 FOR EACH STATEMENT EXECUTE FUNCTION kernel._campaign_audience_same_tenant();
+
+CREATE FUNCTION kernel._owner_immutable() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NEW.tenant_id IS DISTINCT FROM OLD.tenant_id OR NEW.workspace_id IS DISTINCT FROM OLD.workspace_id THEN
+        RAISE EXCEPTION 'the tenant and workspace of % % cannot change; create a new row instead',
+            TG_TABLE_NAME, OLD.id USING ERRCODE = 'KE008';
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+COMMENT ON FUNCTION kernel._owner_immutable() IS
+'Trigger: a campaign or contact stays in its tenant and workspace, so audiences, runs and items never pair two workspaces.';
+
+CREATE TRIGGER campaigns_owner_immutable
+BEFORE UPDATE OF tenant_id, workspace_id ON kernel.campaigns
+FOR EACH ROW EXECUTE FUNCTION kernel._owner_immutable();
+
+CREATE TRIGGER contacts_owner_immutable
+BEFORE UPDATE OF tenant_id, workspace_id ON kernel.contacts
+FOR EACH ROW EXECUTE FUNCTION kernel._owner_immutable();
 
 -- Launch prerequisites -------------------------------------------------------
 
@@ -1028,19 +1058,79 @@ $$;
 COMMENT ON FUNCTION kernel._finish_run_if_done(uuid) IS
 'Invariant 4: once every job of a run is terminal, derives the run status from the job and item outcomes.';
 
-CREATE FUNCTION kernel._end_unfinished_items(p_job_id uuid, p_reason text) RETURNS void
-LANGUAGE sql
+CREATE FUNCTION kernel._insert_items(
+    p_job kernel.job_queue, p_run kernel.campaign_runs, p_count integer
+)
+RETURNS integer
+LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    _pending integer;
+BEGIN
+    -- The next p_count contacts of the job's snapshot; the key makes a second insert a no-op.
+    WITH inserted AS (
+        INSERT INTO kernel.channel_outbox (
+            run_id, job_id, tenant_id, workspace_id, channel, provider, status, idempotency_key,
+            skipped, skip_reason, contact_id, recipient, root_run_id, generation
+        )
+        SELECT p_run.id, p_job.id, p_job.tenant_id, p_job.workspace_id, p_run.channel,
+               p_run.run_config ->> 'provider',
+               CASE WHEN s.reason IS NULL THEN 'pending' ELSE 'skipped' END,
+               format('%s:%s:%s:%s', p_run.root_run_id, p_run.channel, u.contact_id, p_run.generation),
+               s.reason IS NOT NULL, s.reason, u.contact_id, s.recipient, p_run.root_run_id, p_run.generation
+        FROM unnest(p_job.contact_ids[p_job.reserved_count + 1:p_job.reserved_count + p_count])
+            WITH ORDINALITY AS u (contact_id, ord)
+        LEFT JOIN kernel.contacts AS p ON u.contact_id = p.id
+        CROSS JOIN LATERAL (
+            SELECT nullif(btrim(CASE p_run.channel WHEN 'email' THEN p.email ELSE p.phone END), '') AS recipient
+        ) AS a
+        CROSS JOIN LATERAL (
+            SELECT a.recipient,
+                   CASE WHEN p.id IS NULL THEN 'contact_deleted'
+                        WHEN p.unsubscribed THEN 'unsubscribed'
+                        WHEN a.recipient IS NULL THEN 'no_address' END AS reason
+        ) AS s
+        ORDER BY u.ord
+        ON CONFLICT (idempotency_key) DO NOTHING
+        RETURNING status
+    )
+    SELECT count(*) FILTER (WHERE status = 'pending') INTO _pending FROM inserted;
+    UPDATE kernel.job_queue SET reserved_count = reserved_count + p_count WHERE id = p_job.id;
+    RETURN _pending;
+END
+$$;
+
+COMMENT ON FUNCTION kernel._insert_items(kernel.job_queue, kernel.campaign_runs, integer) IS
+'Inserts items for the next p_count contacts of a job''s snapshot (unreachable ones skipped) and advances reserved_count; returns how many are pending.';
+
+CREATE FUNCTION kernel._end_unfinished_items(p_job_id uuid, p_reason text) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    _job kernel.job_queue;
+    _run kernel.campaign_runs;
+BEGIN
+    SELECT * INTO _job FROM kernel.job_queue WHERE id = p_job_id;
+    SELECT * INTO _run FROM kernel.campaign_runs WHERE id = _job.run_id;
+    IF _run.status <> 'cancelled' THEN
+        -- Contacts never reached get a failed item too, so that a retry targets them.
+        PERFORM kernel._insert_items(_job, _run, cardinality(_job.contact_ids) - _job.reserved_count);
+    END IF;
     -- Never dispatched: certainly not sent. Dispatched without an outcome: unknowable.
     UPDATE kernel.channel_outbox
-    SET status = CASE WHEN dispatched_at IS NULL THEN 'failed' ELSE 'unknown' END,
+    SET status = CASE WHEN dispatched_at IS NOT NULL THEN 'unknown'
+                      WHEN _run.status = 'cancelled' THEN 'skipped' ELSE 'failed' END,
+        skipped = dispatched_at IS NULL AND _run.status = 'cancelled',
+        skip_reason = CASE WHEN dispatched_at IS NULL AND _run.status = 'cancelled' THEN 'run_cancelled' END,
         error = p_reason
-    WHERE job_id = p_job_id AND status = 'pending'
+    WHERE job_id = p_job_id AND status = 'pending';
+END
 $$;
 
 COMMENT ON FUNCTION kernel._end_unfinished_items(uuid, text) IS
-'Ends a dead job''s pending items honestly: failed when never dispatched, unknown when dispatched.';
+'Ends a failed job''s items honestly: contacts never reached and items never dispatched fail (skipped when the run was cancelled), dispatched ones end unknown.';
 
 CREATE FUNCTION kernel.claim_queued_jobs(p_worker text, p_max_jobs integer)
 RETURNS SETOF kernel.job_queue
@@ -1211,6 +1301,9 @@ BEGIN
     _job := kernel._lock_leased_job(p_job_id, p_worker);
     SELECT * INTO _run FROM kernel.campaign_runs WHERE id = _job.run_id;
     IF _run.status = 'cancelled' THEN
+        -- Items put back for another try (retry outcome, dedup recovery) will not go out now.
+        UPDATE kernel.channel_outbox SET status = 'skipped', skipped = TRUE, skip_reason = 'run_cancelled'
+        WHERE job_id = p_job_id AND status = 'pending' AND dispatched_at IS NULL;
         RETURN;
     END IF;
     SELECT count(*) INTO _have FROM kernel.channel_outbox
@@ -1218,37 +1311,9 @@ BEGIN
     -- Walk the job's contact snapshot; skipped contacts do not fill the batch.
     WHILE _have < p_max_items AND _job.reserved_count < cardinality(_job.contact_ids) LOOP
         _take := least(p_max_items - _have, cardinality(_job.contact_ids) - _job.reserved_count);
-        WITH inserted AS (
-            INSERT INTO kernel.channel_outbox (
-                run_id, job_id, tenant_id, workspace_id, channel, provider, status, idempotency_key,
-                skipped, skip_reason, contact_id, recipient, root_run_id, generation
-            )
-            SELECT _run.id, _job.id, _job.tenant_id, _job.workspace_id, _run.channel,
-                   _run.run_config ->> 'provider',
-                   CASE WHEN s.reason IS NULL THEN 'pending' ELSE 'skipped' END,
-                   format('%s:%s:%s:%s', _run.root_run_id, _run.channel, u.contact_id, _run.generation),
-                   s.reason IS NOT NULL, s.reason, u.contact_id, s.recipient, _run.root_run_id, _run.generation
-            FROM unnest(_job.contact_ids[_job.reserved_count + 1:_job.reserved_count + _take])
-                WITH ORDINALITY AS u (contact_id, ord)
-            LEFT JOIN kernel.contacts AS p ON u.contact_id = p.id
-            CROSS JOIN LATERAL (
-                SELECT nullif(btrim(CASE _run.channel WHEN 'email' THEN p.email ELSE p.phone END), '') AS recipient
-            ) AS a
-            CROSS JOIN LATERAL (
-                SELECT a.recipient,
-                       CASE WHEN p.id IS NULL THEN 'contact_deleted'
-                            WHEN p.unsubscribed THEN 'unsubscribed'
-                            WHEN a.recipient IS NULL THEN 'no_address' END AS reason
-            ) AS s
-            ORDER BY u.ord
-            ON CONFLICT (idempotency_key) DO NOTHING
-            RETURNING status
-        )
-        SELECT _have + count(*) FILTER (WHERE status = 'pending') INTO _have FROM inserted;
+        _have := _have + kernel._insert_items(_job, _run, _take);
         _job.reserved_count := _job.reserved_count + _take;
     END LOOP;
-    UPDATE kernel.job_queue SET reserved_count = _job.reserved_count
-    WHERE id = p_job_id AND reserved_count <> _job.reserved_count;
 
     RETURN QUERY
     SELECT * FROM kernel.channel_outbox
@@ -1383,6 +1448,9 @@ BEGIN
             USING ERRCODE = 'KE007';
     END IF;
 
+    IF NOT p_success THEN
+        PERFORM kernel._end_unfinished_items(p_job_id, coalesce(p_error, 'job failed'));
+    END IF;
     UPDATE kernel.job_queue
     SET status = CASE WHEN _run_status = 'cancelled' THEN 'cancelled'
                       WHEN p_success THEN 'completed' ELSE 'failed' END,
@@ -1606,6 +1674,17 @@ ALTER TABLE kernel.job_queue ENABLE ROW LEVEL SECURITY;
 ALTER TABLE kernel.channel_outbox ENABLE ROW LEVEL SECURITY;
 ALTER TABLE kernel.job_events ENABLE ROW LEVEL SECURITY;
 ALTER TABLE kernel.rate_buckets ENABLE ROW LEVEL SECURITY;
+ALTER TABLE kernel.state_transitions ENABLE ROW LEVEL SECURITY;
+ALTER TABLE kernel.schema_migrations ENABLE ROW LEVEL SECURITY;
+
+-- No tenant rows in these two: everyone granted SELECT reads all of them.
+CREATE POLICY state_transitions_readable ON kernel.state_transitions FOR SELECT
+TO kernel_worker, kernel_app, kernel_reader
+USING (TRUE);
+
+CREATE POLICY schema_migrations_readable ON kernel.schema_migrations FOR SELECT
+TO kernel_worker, kernel_app, kernel_reader
+USING (TRUE);
 
 CREATE POLICY campaigns_tenant_isolation ON kernel.campaigns
 TO kernel_app, kernel_reader
