@@ -126,9 +126,10 @@ class Dumper:
             self.nsp,
         ):
             self.emit(f"CREATE EXTENSION {extension} SCHEMA {self.schema};")
-        if migrate.read_ledger(self.conn, self.schema):
+        ledger = migrate.read_ledger(self.conn, self.schema)
+        if ledger:
             self.emit("", "-- applied migrations (schema_migrations)")
-            for row in migrate.read_ledger(self.conn, self.schema).values():
+            for row in ledger.values():
                 self.emit(f"--   {row.version:04d} {row.name}")
         version = migrate.kernel_version(self.conn, self.schema)
         if version is not None:
