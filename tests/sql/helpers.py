@@ -210,24 +210,37 @@ def writes_nothing(conn: psycopg.Connection) -> Iterator[None]:
     assert fingerprint(conn) == before, "a refused call wrote to the kernel tables"
 
 
+class Caught:
+    """What ``raises`` caught: ``.value`` is the psycopg.Error."""
+
+    value: psycopg.Error
+
+
 @contextlib.contextmanager
-def raises(sqlstate: str, *mentions: Any) -> Iterator[pytest.ExceptionInfo[psycopg.Error]]:
-    """Expect a psycopg.Error with ``sqlstate``; its message must mention each of ``mentions``."""
-    with pytest.raises(psycopg.Error) as info:
-        yield info
-    err = info.value
-    assert err.diag.sqlstate == sqlstate, f"expected {sqlstate}, got {err.diag.sqlstate}: {err}"
+def raises(sqlstate: str, *mentions: Any, case: str = "") -> Iterator[Caught]:
+    """Expect a psycopg.Error with ``sqlstate``; its message must mention each of ``mentions``.
+    ``case`` names the attempt in failure messages (for loops over many refusals)."""
+    caught = Caught()
+    where = f"[{case}] " if case else ""
+    try:
+        yield caught
+    except psycopg.Error as exc:
+        caught.value = exc
+    else:
+        pytest.fail(f"{where}no error raised, expected {sqlstate}")
+    err = caught.value
+    assert err.diag.sqlstate == sqlstate, f"{where}expected {sqlstate}, got {err.diag.sqlstate}: {err}"
     for mention in mentions:
         assert str(mention) in (err.diag.message_primary or ""), (
-            f"message does not mention {mention}: {err.diag.message_primary}"
+            f"{where}message does not mention {mention}: {err.diag.message_primary}"
         )
 
 
 @contextlib.contextmanager
-def refused(conn: psycopg.Connection, sqlstate: str, *mentions: Any) -> Iterator[None]:
+def refused(conn: psycopg.Connection, sqlstate: str, *mentions: Any, case: str = "") -> Iterator[Caught]:
     """``raises`` and ``writes_nothing`` together."""
-    with writes_nothing(conn), raises(sqlstate, *mentions):
-        yield
+    with writes_nothing(conn), raises(sqlstate, *mentions, case=case) as caught:
+        yield caught
 
 
 def set_setting(conn: psycopg.Connection, name: str, value: Any) -> None:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import pytest
-
 from helpers import (
     claim,
     complete,
@@ -25,7 +24,7 @@ from helpers import (
 
 
 def test_refused_while_an_item_is_pending(conn):
-    _, run_id, job = deploy_and_claim(conn, 3)
+    _, _run_id, job = deploy_and_claim(conn, 3)
     items = reserve(conn, job["id"])
     dispatch(conn, job["id"], "w1", [i["id"] for i in items])
     record(conn, job["id"], "w1", [result(i["id"], "sent") for i in items[:2]])
@@ -74,7 +73,7 @@ def test_seed_form_completes_without_a_worker_setting(conn):
 
 
 def test_seed_form_is_fenced_by_the_worker_id_setting(conn):
-    _, run_id, job = deploy_and_claim(conn, 2, "w1")
+    _, _run_id, job = deploy_and_claim(conn, 2, "w1")
     send_items(conn, job["id"], "w1")
     set_setting(conn, "execution_kernel.worker_id", "w2")
     with refused(conn, "KE005", job["id"], "w2"):
@@ -86,16 +85,10 @@ def test_seed_form_is_fenced_by_the_worker_id_setting(conn):
 
 def test_operator_completion_refuses_a_job_that_is_not_processing(conn):
     seed = seed_campaign(conn, 1)
-    run_id = deploy(conn, seed.campaign_id)
+    deploy(conn, seed.campaign_id)
     (job,) = conn.execute("SELECT id FROM job_queue").fetchall()
     with refused(conn, "KE004", job[0]):
         complete(conn, job[0], None, False)
-
-
-def test_null_success_is_refused(conn):
-    _, _, job = deploy_and_claim(conn, 1)
-    with refused(conn, "KE008", "success"):
-        complete(conn, job["id"], "w1", None)
 
 
 # --- the run's status ---------------------------------------------------------------------

@@ -6,7 +6,6 @@ import re
 import uuid
 
 import pytest
-
 from helpers import deploy, jobs_of, raises, scalar, seed_campaign, triggers_off
 
 FROZEN_COLUMNS = {
@@ -34,6 +33,12 @@ HOST_COLUMNS = {
 
 OTHER_TABLES = ["job_events", "schema_migrations", "rate_buckets"]
 
+SEED_CONSTRAINTS = {  # name → pg_constraint.contype
+    "channel_outbox_idempotency_key": "u",
+    "channel_outbox_status_check": "c",
+    "channel_outbox_skipped_status_check": "c",
+}
+
 
 def columns(conn, schema, table):
     return {
@@ -46,16 +51,21 @@ def columns(conn, schema, table):
     }
 
 
-@pytest.mark.parametrize("table", sorted({**FROZEN_COLUMNS, **HOST_COLUMNS}))
-def test_table_has_its_seed_columns(conn, kernel_schema, table):
-    expected = {**FROZEN_COLUMNS, **HOST_COLUMNS}[table]
-    missing = set(expected) - columns(conn, kernel_schema, table)
-    assert not missing, f"{table} lacks {sorted(missing)}"
+@pytest.mark.parametrize("tables", [FROZEN_COLUMNS, HOST_COLUMNS], ids=["frozen", "host"])
+def test_tables_have_their_seed_columns(conn, kernel_schema, tables):
+    missing = {
+        table: sorted(set(expected) - columns(conn, kernel_schema, table))
+        for table, expected in tables.items()
+    }
+    assert {t: m for t, m in missing.items() if m} == {}
 
 
-@pytest.mark.parametrize("table", OTHER_TABLES)
-def test_kernel_table_exists(conn, kernel_schema, table):
-    assert scalar(conn, "SELECT to_regclass(format('%%I.%%I', %s::text, %s::text))", [kernel_schema, table])
+def test_other_kernel_tables_exist(conn, kernel_schema):
+    missing = [
+        t for t in OTHER_TABLES
+        if not scalar(conn, "SELECT to_regclass(format('%%I.%%I', %s::text, %s::text))", [kernel_schema, t])
+    ]
+    assert missing == []
 
 
 def test_content_and_settings_are_jsonb(conn, kernel_schema):
@@ -75,20 +85,14 @@ def test_content_and_settings_are_jsonb(conn, kernel_schema):
     }
 
 
-@pytest.mark.parametrize(
-    ("name", "kind"),
-    [
-        ("channel_outbox_idempotency_key", "u"),
-        ("channel_outbox_status_check", "c"),
-        ("channel_outbox_skipped_status_check", "c"),
-    ],
-)
-def test_outbox_constraint_has_its_seed_name(conn, kernel_schema, name, kind):
-    found = conn.execute(
-        "SELECT contype FROM pg_constraint WHERE conname = %s AND conrelid = %s::regclass",
-        [name, f"{kernel_schema}.channel_outbox"],
-    ).fetchall()
-    assert found == [(kind,)]
+def test_outbox_constraints_have_their_seed_names(conn, kernel_schema):
+    found = dict(
+        conn.execute(
+            "SELECT conname::text, contype::text FROM pg_constraint WHERE conrelid = %s::regclass",
+            [f"{kernel_schema}.channel_outbox"],
+        ).fetchall()
+    )
+    assert {n: found.get(n) for n in SEED_CONSTRAINTS} == SEED_CONSTRAINTS
 
 
 def test_idempotency_key_constraint_is_unique_on_the_key_alone(conn, kernel_schema):
@@ -143,20 +147,19 @@ def test_status_check_refuses_an_unknown_status(conn, outbox_parent):
     assert info.value.diag.constraint_name == "channel_outbox_status_check"
 
 
-@pytest.mark.parametrize(
-    "columns",
-    [
-        {"status": "skipped", "skipped": False, "skip_reason": "unsubscribed"},
-        {"status": "skipped", "skipped": True},
-        {"status": "pending", "skipped": True, "skip_reason": "unsubscribed"},
-        {"status": "pending", "skipped": False, "skip_reason": "unsubscribed"},
-    ],
-    ids=["skipped-not-flagged", "skipped-without-reason", "flagged-but-pending", "reason-but-pending"],
-)
-def test_skipped_status_check_refuses_inconsistent_rows(conn, outbox_parent, columns):
-    with raises("23514") as info:
-        insert_item(conn, outbox_parent, **columns)
-    assert info.value.diag.constraint_name == "channel_outbox_skipped_status_check"
+INCONSISTENT_SKIPS = {
+    "skipped-not-flagged": {"status": "skipped", "skipped": False, "skip_reason": "unsubscribed"},
+    "skipped-without-reason": {"status": "skipped", "skipped": True},
+    "flagged-but-pending": {"status": "pending", "skipped": True, "skip_reason": "unsubscribed"},
+    "reason-but-pending": {"status": "pending", "skipped": False, "skip_reason": "unsubscribed"},
+}
+
+
+def test_skipped_status_check_refuses_inconsistent_rows(conn, outbox_parent):
+    for case, columns in INCONSISTENT_SKIPS.items():
+        with raises("23514", case=case) as info:
+            insert_item(conn, outbox_parent, **columns)
+        assert info.value.diag.constraint_name == "channel_outbox_skipped_status_check", case
 
 
 def test_skipped_status_check_accepts_a_consistent_skipped_row(conn, outbox_parent):

@@ -7,7 +7,6 @@ import json
 import uuid
 
 import pytest
-
 from helpers import (
     LAUNCH_CHECKS,
     SETTINGS,
@@ -223,14 +222,6 @@ def test_several_failures_are_all_named(conn):
         assert check in message
     for check in ["campaign_exists", "channel_supported", "audience_not_empty", "no_active_run"]:
         assert check not in message
-
-
-def test_null_arguments_are_refused(conn):
-    seed = seed_campaign(conn, 1)
-    with raises("KE008", "campaign_id"):
-        checks(conn, None, seed.workspace_id)
-    with raises("KE008", "workspace_id"):
-        checks(conn, seed.campaign_id, None)
 
 
 def test_provider_settings_problems_is_empty_for_the_defaults(conn):
