@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 # Tables holding tenant rows (or per-workspace state): row-level security must be on.
 TENANT_TABLES = [
     "campaigns", "contacts", "campaign_audience", "provider_configs", "campaign_runs",

@@ -23,8 +23,10 @@ def test_the_burst_is_one_second_of_tokens_and_is_shared(conn, connect):
     seed = seed_campaign(conn, 1, max_per_second=5)
     other = connect()
     assert take(conn, seed.workspace_id, 3) == 3
-    assert take(other, seed.workspace_id, 10) == 2  # the other session drains the same bucket
-    assert take(conn, seed.workspace_id, 10) == 0
+    # The other session drains the same bucket: 2 left (3 if a slow server let 0.2 s pass),
+    # where a bucket of its own would give it 5.
+    assert take(other, seed.workspace_id, 10) in (2, 3)
+    assert take(conn, seed.workspace_id, 10) <= 1
     assert take(other, seed.workspace_id, 10, provider="twilio") == 10  # another bucket: unlimited
 
 
@@ -39,15 +41,21 @@ def test_two_sessions_together_get_about_the_rate_over_a_second(conn, connect):
             time.sleep(0.01)
         return granted
 
+    started = time.monotonic()
     grants = in_threads(2, hammer)
+    elapsed = time.monotonic() - started  # a little over a second (more on a busy machine)
     assert all(isinstance(g, int) for g in grants), grants
-    # a burst of 5, then 5 per second: 5..10 in one second (plus one for timing slack)
-    assert 5 <= sum(grants) <= 11, grants
+    # a burst of 5, then 5 per second: about 10 in one second, never more than the rate allows
+    assert 5 <= sum(grants) <= 5 + 5 * elapsed + 1, (grants, elapsed)
+    assert sum(grants) >= 8, grants  # the bucket refills while they wait
     assert scalar(conn, "SELECT count(*) FROM rate_buckets") == 1
 
 
 def test_the_bucket_refills_at_the_rate(conn):
     seed = seed_campaign(conn, 1, max_per_second=20)
     assert take(conn, seed.workspace_id, 100) == 20
+    started = time.monotonic()
     time.sleep(0.25)
-    assert 4 <= take(conn, seed.workspace_id, 100) <= 6
+    refilled = take(conn, seed.workspace_id, 100)
+    elapsed = time.monotonic() - started
+    assert 4 <= refilled <= 20 * elapsed + 1, (refilled, elapsed)
