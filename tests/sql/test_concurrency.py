@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+
+import pytest
 from helpers import (
     claim,
     complete,
@@ -13,6 +16,7 @@ from helpers import (
     scalar,
     seed_campaign,
     send_items,
+    set_setting,
 )
 
 CLAIMERS = 8
@@ -64,3 +68,42 @@ def test_concurrent_completions_derive_the_run_status_once(conn, connect):
         ends = scalar(conn, "SELECT count(*) FROM job_events WHERE run_id = %s AND entity = 'run'"
                       " AND to_status = 'completed'", [run_id])
         assert ends == 1, round_
+
+
+@pytest.fixture
+def slow_job_updates(conn):
+    """A test-only trigger: job_queue updates pause 0.5 s in sessions that set test.slow_jobs,
+    which holds a claim between locking its jobs and touching their run."""
+    conn.execute(
+        "CREATE FUNCTION public.test_slow_jobs() RETURNS trigger LANGUAGE plpgsql AS $$"
+        " BEGIN IF current_setting('test.slow_jobs', true) = 'on' THEN PERFORM pg_sleep(0.5); END IF;"
+        " RETURN NEW; END $$"
+    )
+    conn.execute("CREATE TRIGGER zz_test_slow_jobs BEFORE UPDATE ON job_queue"
+                 " FOR EACH ROW EXECUTE FUNCTION public.test_slow_jobs()")
+    yield
+    conn.execute("DROP TRIGGER zz_test_slow_jobs ON job_queue")
+    conn.execute("DROP FUNCTION public.test_slow_jobs()")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: claim_queued_jobs locks jobs then their run; cancel_campaign_run locks the run "
+    "then its queued jobs: a cancel during a claim deadlocks (40P01) and one of them fails",
+)
+def test_cancel_during_a_claim_does_not_deadlock(conn, connect, slow_job_updates):
+    seed = seed_campaign(conn, 2)
+    run_id = deploy(conn, seed.campaign_id, 1)
+    claimer, canceller = connect(), connect()
+    set_setting(claimer, "test.slow_jobs", "on")
+
+    def work(i):
+        if i == 0:
+            return claim(claimer, "w1", 1)
+        time.sleep(0.2)  # the claim holds its job and sleeps before it reaches the run
+        return canceller.execute("SELECT cancel_campaign_run(%s)", [run_id]).fetchone()
+
+    claimed, cancelled = in_threads(2, work)
+    assert not isinstance(claimed, BaseException), claimed
+    assert not isinstance(cancelled, BaseException), cancelled
+    assert run_row(conn, run_id)["status"] == "cancelled"
