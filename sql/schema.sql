@@ -305,23 +305,16 @@ CREATE OR REPLACE FUNCTION kernel._assert_scope(p_tenant_id uuid, p_workspace_id
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 BEGIN
-    IF kernel.current_tenant() IS NULL THEN
-        -- Unscoped sessions are for the daemon and the owner (and superusers).
-        IF NOT (pg_has_role(session_user, 'kernel_worker', 'MEMBER')
-                OR pg_has_role(session_user, 'kernel_owner', 'MEMBER')) THEN
-            RAISE EXCEPTION 'tenant scope required: role % must set execution_kernel.tenant_id', session_user
-                USING ERRCODE = 'KE009',
-                      HINT = 'SET execution_kernel.tenant_id = ''<tenant uuid>'' before calling kernel functions.';
-        END IF;
-        RETURN;
-    END IF;
-    IF NOT coalesce(kernel.in_scope(p_tenant_id, p_workspace_id), false) THEN
-        -- Same words as a missing row: another tenant's ids must not leak.
+    PERFORM kernel._require_scope();
+    -- A NULL tenant is a row that does not exist. Another tenant's row gets the same words:
+    -- ids must not leak across tenants.
+    IF p_tenant_id IS NULL
+       OR (kernel.current_tenant() IS NOT NULL AND NOT kernel.in_scope(p_tenant_id, p_workspace_id)) THEN
         RAISE EXCEPTION '% % not found', p_what, p_id USING ERRCODE = 'KE002';
     END IF;
 END
 $function$;
-COMMENT ON FUNCTION kernel._assert_scope(p_tenant_id uuid, p_workspace_id uuid, p_what text, p_id uuid) IS 'Raises KE002 when the row is outside the session''s tenant scope, KE009 when an application role has no scope.';
+COMMENT ON FUNCTION kernel._assert_scope(p_tenant_id uuid, p_workspace_id uuid, p_what text, p_id uuid) IS 'Raises KE009 without a scope (see _require_scope), KE002 when the row is missing (NULL tenant) or another tenant''s.';
 ALTER FUNCTION kernel._assert_scope(p_tenant_id uuid, p_workspace_id uuid, p_what text, p_id uuid) OWNER TO kernel_owner;
 
 -- FUNCTION kernel._assert_transition(p_entity text, p_id uuid, p_from text, p_to text)
@@ -656,9 +649,6 @@ DECLARE
 BEGIN
     -- The row lock serialises concurrent deploys and retries of one campaign.
     SELECT * INTO _c FROM kernel.campaigns WHERE id = p_campaign_id FOR UPDATE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'campaign % not found', p_campaign_id USING ERRCODE = 'KE002';
-    END IF;
     PERFORM kernel._assert_scope(_c.tenant_id, _c.workspace_id, 'campaign', p_campaign_id);
     SELECT id INTO _active FROM kernel.campaign_runs
     WHERE campaign_id = p_campaign_id AND status IN ('queued', 'running');
@@ -685,9 +675,6 @@ BEGIN
     PERFORM kernel._require(p_job_id, 'job_id');
     PERFORM kernel._require(p_worker, 'worker');
     SELECT * INTO _job FROM kernel.job_queue WHERE id = p_job_id FOR NO KEY UPDATE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'job % not found', p_job_id USING ERRCODE = 'KE002';
-    END IF;
     PERFORM kernel._assert_scope(_job.tenant_id, _job.workspace_id, 'job', p_job_id);
     IF _job.status <> 'processing' OR _job.locked_by <> p_worker OR _job.lease_expires_at <= now() THEN
         RAISE EXCEPTION 'worker % does not hold the lease on job % (status %, locked by %, lease until %)',
@@ -730,6 +717,7 @@ AS $function$
     SELECT jsonb_build_object('provider', p.provider, 'provider_settings', p.settings)
     FROM kernel.provider_configs AS p
     WHERE p.workspace_id = p_campaign.workspace_id AND p.channel = p_campaign.channel
+      AND (p.tenant_id IS NULL OR p.tenant_id = p_campaign.tenant_id)
 $function$;
 COMMENT ON FUNCTION kernel._provider_snapshot(p_campaign kernel.campaigns) IS 'The provider part of run_config: the workspace''s provider and settings for the campaign''s channel.';
 ALTER FUNCTION kernel._provider_snapshot(p_campaign kernel.campaigns) OWNER TO kernel_owner;
@@ -751,6 +739,28 @@ $function$;
 COMMENT ON FUNCTION kernel._require(p_value anyelement, p_name text) IS 'Raises KE008 when a required argument is NULL.';
 ALTER FUNCTION kernel._require(p_value anyelement, p_name text) OWNER TO kernel_owner;
 
+-- FUNCTION kernel._require_scope()
+
+CREATE OR REPLACE FUNCTION kernel._require_scope()
+ RETURNS void
+ LANGUAGE plpgsql
+ STABLE
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+    -- Unscoped sessions are for the daemon and the owner (and superusers).
+    IF kernel.current_tenant() IS NULL
+       AND NOT (pg_has_role(session_user, 'kernel_worker', 'MEMBER')
+                OR pg_has_role(session_user, 'kernel_owner', 'MEMBER')) THEN
+        RAISE EXCEPTION 'tenant scope required: role % must set execution_kernel.tenant_id', session_user
+            USING ERRCODE = 'KE009',
+                  HINT = 'SET execution_kernel.tenant_id = ''<tenant uuid>'' before calling kernel functions.';
+    END IF;
+END
+$function$;
+COMMENT ON FUNCTION kernel._require_scope() IS 'Raises KE009 when a session that is neither the worker nor the owner has no tenant scope.';
+ALTER FUNCTION kernel._require_scope() OWNER TO kernel_owner;
+
 -- FUNCTION kernel.cancel_campaign_run(p_run_id uuid)
 
 CREATE OR REPLACE FUNCTION kernel.cancel_campaign_run(p_run_id uuid)
@@ -763,10 +773,10 @@ DECLARE
     _run kernel.campaign_runs;
 BEGIN
     PERFORM kernel._require(p_run_id, 'run_id');
+    -- Jobs before their run, the order claim_queued_jobs and complete_job lock in: no deadlock.
+    PERFORM 1 FROM kernel.job_queue WHERE run_id = p_run_id AND status IN ('queued', 'processing')
+    ORDER BY id FOR UPDATE;
     SELECT * INTO _run FROM kernel.campaign_runs WHERE id = p_run_id FOR UPDATE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'run % not found', p_run_id USING ERRCODE = 'KE002';
-    END IF;
     PERFORM kernel._assert_scope(_run.tenant_id, _run.workspace_id, 'run', p_run_id);
     IF _run.status NOT IN ('queued', 'running') THEN
         RAISE EXCEPTION 'run % is % and cannot be cancelled (only queued or running runs can)',
@@ -805,11 +815,10 @@ DECLARE
 BEGIN
     PERFORM kernel._require(p_campaign_id, 'campaign_id');
     PERFORM kernel._require(p_workspace_id, 'workspace_id');
+    PERFORM kernel._require_scope();
     SELECT * INTO _c FROM kernel.campaigns WHERE id = p_campaign_id AND workspace_id = p_workspace_id;
-    passed := FOUND;
-    IF passed THEN
-        PERFORM kernel._assert_scope(_c.tenant_id, _c.workspace_id, 'campaign', p_campaign_id);
-    END IF;
+    -- Another tenant's campaign is reported exactly like a missing one.
+    passed := FOUND AND (kernel.current_tenant() IS NULL OR kernel.in_scope(_c.tenant_id, _c.workspace_id));
     check_name := 'campaign_exists';
     detail := CASE WHEN passed THEN format('campaign %s (%s)', _c.id, _c.name)
                    ELSE format('campaign %s not found in workspace %s', p_campaign_id, p_workspace_id) END;
@@ -904,7 +913,7 @@ BEGIN
     IF p_max_jobs IS NULL OR p_max_jobs NOT BETWEEN 1 AND 1000 THEN
         RAISE EXCEPTION 'max_jobs must be between 1 and 1000, got %', p_max_jobs USING ERRCODE = 'KE008';
     END IF;
-    PERFORM kernel._assert_scope(kernel.current_tenant(), kernel.current_workspace(), 'tenant', kernel.current_tenant());
+    PERFORM kernel._require_scope();
 
     WITH candidates AS (
         SELECT j.id
@@ -987,9 +996,6 @@ BEGIN
     ELSE
         PERFORM kernel._require(p_job_id, 'job_id');
         SELECT * INTO _job FROM kernel.job_queue WHERE id = p_job_id FOR NO KEY UPDATE;
-        IF NOT FOUND THEN
-            RAISE EXCEPTION 'job % not found', p_job_id USING ERRCODE = 'KE002';
-        END IF;
         PERFORM kernel._assert_scope(_job.tenant_id, _job.workspace_id, 'job', p_job_id);
         IF _job.status <> 'processing' THEN
             RAISE EXCEPTION 'job % is % and cannot complete (only processing jobs can)', p_job_id, _job.status
@@ -1315,15 +1321,19 @@ GRANT EXECUTE ON FUNCTION kernel.provider_settings_problems(p_provider text, p_c
 
 CREATE OR REPLACE FUNCTION kernel.queue_stats()
  RETURNS TABLE(status text, jobs bigint, oldest_age_seconds double precision)
- LANGUAGE sql
+ LANGUAGE plpgsql
  STABLE SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
+BEGIN
+    PERFORM kernel._require_scope();
+    RETURN QUERY
     SELECT j.status, count(*), extract(EPOCH FROM now() - min(j.created_at))::double precision
     FROM kernel.job_queue AS j
     WHERE j.status IN ('queued', 'processing')
       AND (kernel.current_tenant() IS NULL OR kernel.in_scope(j.tenant_id, j.workspace_id))
-    GROUP BY j.status
+    GROUP BY j.status;
+END
 $function$;
 COMMENT ON FUNCTION kernel.queue_stats() IS 'Queue depth and age of the oldest job per non-terminal status, for metrics and dashboards.';
 ALTER FUNCTION kernel.queue_stats() OWNER TO kernel_owner;
@@ -1482,7 +1492,7 @@ BEGIN
     RETURN QUERY
     SELECT * FROM kernel.channel_outbox
     WHERE job_id = p_job_id AND status = 'pending' AND dispatched_at IS NULL
-    ORDER BY created_at, id
+    ORDER BY contact_id
     LIMIT p_max_items;
 END
 $function$;
@@ -1517,14 +1527,12 @@ DECLARE
     _c kernel.campaigns;
     _run kernel.campaign_runs;
     _provider jsonb;
+    _failed text;
     _targets uuid[];
 BEGIN
     PERFORM kernel._require(p_run_id, 'run_id');
     PERFORM kernel._require(p_include_unknown, 'include_unknown');
     SELECT * INTO _old FROM kernel.campaign_runs WHERE id = p_run_id;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'run % not found', p_run_id USING ERRCODE = 'KE002';
-    END IF;
     PERFORM kernel._assert_scope(_old.tenant_id, _old.workspace_id, 'run', p_run_id);
     IF _old.status IN ('queued', 'running') THEN
         RAISE EXCEPTION 'run % is % and cannot be retried until it finishes', p_run_id, _old.status
@@ -1551,11 +1559,14 @@ BEGIN
             USING ERRCODE = 'KE010';
     END IF;
 
-    _provider := kernel._provider_snapshot(_c);
-    IF _provider IS NULL THEN
-        RAISE EXCEPTION 'campaign % cannot launch: provider_configured (no provider for channel %)',
-            _c.id, _c.channel USING ERRCODE = 'KE001';
+    -- The provider as configured now (it may have been fixed), checked like a launch.
+    SELECT string_agg(p.check_name || ' (' || p.detail || ')', '; ') INTO _failed
+    FROM kernel.check_campaign_launch_prerequisites(_c.id, _c.workspace_id) AS p
+    WHERE p.check_name IN ('provider_configured', 'provider_settings_valid') AND NOT p.passed;
+    IF _failed IS NOT NULL THEN
+        RAISE EXCEPTION 'run % cannot be retried: %', p_run_id, _failed USING ERRCODE = 'KE001';
     END IF;
+    _provider := kernel._provider_snapshot(_c);
 
     _run.id := gen_random_uuid();
     INSERT INTO kernel.campaign_runs (
@@ -1608,9 +1619,6 @@ BEGIN
         RAISE EXCEPTION 'item_limit must be >= 0, got %', p_item_limit USING ERRCODE = 'KE008';
     END IF;
     SELECT * INTO _run FROM kernel.campaign_runs WHERE id = p_run_id;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'run % not found', p_run_id USING ERRCODE = 'KE002';
-    END IF;
     PERFORM kernel._assert_scope(_run.tenant_id, _run.workspace_id, 'run', p_run_id);
     RETURN jsonb_build_object(
         'run', to_jsonb(_run),

@@ -53,9 +53,11 @@ def test_rate_limit_holds_across_daemons(conn, db_dsn, kernel_schema):
             assert process.returncode == 0, output
     assert len(sink.deliveries_by_key) == 80
     arrivals.sort()
-    # Token bucket: at most one second's burst plus the refill in any one-second window.
+    # Token bucket: at most one second's burst plus the refill are granted in any one-second
+    # window. Arrivals lag their grants by the call's latency, so one chunk (--concurrency, 8)
+    # granted just before a window may land inside it.
     busiest = max(sum(1 for t in arrivals if start <= t < start + 1) for start in arrivals)
-    assert busiest <= 2 * rate
+    assert busiest <= 2 * rate + 8
     assert arrivals[-1] - arrivals[0] >= (80 - 2 * rate) / rate
 
 

@@ -86,11 +86,6 @@ def slow_job_updates(conn):
     conn.execute("DROP FUNCTION public.test_slow_jobs()")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: claim_queued_jobs locks jobs then their run; cancel_campaign_run locks the run "
-    "then its queued jobs: a cancel during a claim deadlocks (40P01) and one of them fails",
-)
 def test_cancel_during_a_claim_does_not_deadlock(conn, connect, slow_job_updates):
     seed = seed_campaign(conn, 2)
     run_id = deploy(conn, seed.campaign_id, 1)

@@ -162,6 +162,17 @@ def test_retry_creates_a_linked_run_for_failed_contacts_only(conn, finished):
     assert targets(conn, new) == [seed.contact_ids[0]]
 
 
+def test_retry_rechecks_the_provider_as_configured_now(conn, finished):
+    seed, run_id = finished
+    conn.execute("UPDATE provider_configs SET settings = '{\"url\": \"ftp://nowhere\"}' WHERE workspace_id = %s",
+                 [seed.workspace_id])
+    with refused(conn, "KE001", run_id, "provider_settings_valid"):
+        retry(conn, run_id)
+    conn.execute("DELETE FROM provider_configs WHERE workspace_id = %s", [seed.workspace_id])
+    with refused(conn, "KE001", run_id, "provider_configured"):
+        retry(conn, run_id)
+
+
 def test_retry_with_unknown_targets_unknown_contacts_too(conn, finished):
     seed, run_id = finished
     new = retry(conn, run_id, True)
