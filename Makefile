@@ -27,8 +27,9 @@ schema: venv
 test: venv lint
 	$(BIN)/pytest -m "not slow"
 
+# The long runs: the scale test with a million contacts (make test runs it with 50,000).
 test-slow: venv
-	$(BIN)/pytest -m slow
+	KERNEL_TEST_SCALE_CONTACTS=1000000 $(BIN)/pytest tests/integration/test_scale.py
 
 # The whole kernel on this machine: KERNEL_DSN, else an embedded PostgreSQL kept in .demo/.
 demo: venv
