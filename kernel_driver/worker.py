@@ -23,7 +23,7 @@ import psycopg
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 from psycopg import sql
 
-from kernel_driver.db import LeaseLost, connect
+from kernel_driver.db import KernelError, LeaseLost, connect
 from kernel_driver.providers import (
     OutboundItem,
     ProviderAdapter,
@@ -178,6 +178,11 @@ class Worker:
         except StopWork:
             kernel.release_job(job.id, worker, f"released by {worker} on shutdown")
             log.info("job released job=%s (shutdown)", job.id, extra=fields)
+            return
+        except KernelError as exc:
+            # A refusal the daemon did not expect: leave the job to its lease (it is re-claimed,
+            # and failed after max_attempts) rather than stop serving every other job.
+            log.error("job abandoned job=%s: kernel refused: %s (%s)", job.id, exc, exc.sqlstate, extra=fields)
             return
         if run_status in ("completed", "partial", "failed", "cancelled"):
             log.info("run %s run=%s", run_status, job.run_id, extra={**fields, "run_status": run_status})
