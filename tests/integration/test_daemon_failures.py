@@ -67,3 +67,19 @@ def test_missing_secret_fails_every_contact_with_the_reason(conn, db_dsn, kernel
     retry_id = conn.execute("SELECT retry_campaign_run(%s)", (run_id,)).fetchone()[0]
     assert conn.execute("SELECT sum(cardinality(contact_ids)) FROM job_queue WHERE run_id = %s",
                         (retry_id,)).fetchone()[0] == 3
+
+
+def test_an_unexpected_refusal_abandons_only_that_job(conn, db_dsn, kernel_schema):
+    healthy = deploy(conn, kernel_schema, contacts=20, provider="noop")
+    broken = deploy(conn, kernel_schema, contacts=3, provider="noop")
+    # Corrupt the snapshot (only a superuser can): a contact listed twice gets one item, so
+    # complete_job refuses the job (KE007) however often it is tried.
+    conn.execute("UPDATE job_queue SET contact_ids = contact_ids || contact_ids[1], max_attempts = 2"
+                 " WHERE run_id = %s", (broken,))
+    result = run_until_idle(db_dsn, kernel_schema, "--lease-seconds", "1")
+    assert "kernel refused" in result.stderr and "KE007" in result.stderr
+    assert item_counts(conn, [healthy]) == {"sent": 20}
+    statuses = dict(conn.execute("SELECT id, status FROM campaign_runs").fetchall())
+    assert statuses == {healthy: "completed", broken: "failed"}
+    assert "gave up after 2 attempts" in conn.execute(
+        "SELECT last_error FROM job_queue WHERE run_id = %s", (broken,)).fetchone()[0]
