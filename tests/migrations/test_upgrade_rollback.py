@@ -55,7 +55,8 @@ INVARIANTS = {
         SELECT o.id FROM channel_outbox o JOIN job_queue j ON j.id = o.job_id WHERE j.run_id <> o.run_id""",
 }
 
-# Every kernel table, its rows as JSON by id: "every row kept, terminal rows untouched".
+# The tables that hold work, with the column and values that make a row terminal: snapshots of
+# their rows (as JSON, by id) prove "every row kept, terminal rows untouched".
 SNAPSHOT = {
     "campaign_runs": ("status", TERMINAL_RUNS),
     "job_queue": ("status", TERMINAL_JOBS),
