@@ -1245,7 +1245,7 @@ CREATE OR REPLACE FUNCTION kernel.provider_settings_problems(p_provider text, p_
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 DECLARE
-    _problems text[] := '{}';
+    _problems text[] := '{}'::text[];
     _key text;
     _required text[];
 BEGIN

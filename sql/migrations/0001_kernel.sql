@@ -582,7 +582,7 @@ LANGUAGE plpgsql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    _problems text[] := '{}';
+    _problems text[] := '{}'::text[];
     _key text;
     _required text[];
 BEGIN
