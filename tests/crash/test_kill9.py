@@ -57,13 +57,18 @@ def test_sigkill_ten_times_never_sends_twice(conn, db_dsn, kernel_schema):
     assert sent_recipients <= set(received)
 
 
+def deploy_voice_campaign(conn, schema, sink, contacts):
+    """A deployed voice campaign through `sink`, and the daemon environment holding its token."""
+    seeded = seed_campaign(conn, schema, contacts=contacts, channel="voice", provider="twilio",
+                           settings=sink.provider_settings())
+    run_id = conn.execute("SELECT deploy_campaign(%s)", (seeded.campaign_id,)).fetchone()[0]
+    return run_id, {"VOICE_SINK_AUTH_TOKEN": sink.auth_token}
+
+
 def test_daemon_frozen_past_its_lease_is_fenced(conn, db_dsn, kernel_schema):
     with VoiceSink() as sink:
         sink.slow_ms = 50
-        env = {"VOICE_SINK_AUTH_TOKEN": sink.auth_token}
-        seeded = seed_campaign(conn, kernel_schema, contacts=200, channel="voice", provider="twilio",
-                               settings=sink.provider_settings())
-        run_id = conn.execute("SELECT deploy_campaign(%s)", (seeded.campaign_id,)).fetchone()[0]
+        run_id, env = deploy_voice_campaign(conn, kernel_schema, sink, contacts=200)
         frozen = start_daemon(db_dsn, kernel_schema, "--concurrency", "4", "--lease-seconds", "1",
                               "--worker-id", "frozen", env=env)
         wait_until(lambda: sent_count(conn, run_id) > 10)
@@ -96,10 +101,7 @@ def test_daemon_frozen_past_its_lease_is_fenced(conn, db_dsn, kernel_schema):
 def test_sigterm_drains_releases_and_another_daemon_finishes(conn, db_dsn, kernel_schema):
     with VoiceSink() as sink:
         sink.slow_ms = 20
-        env = {"VOICE_SINK_AUTH_TOKEN": sink.auth_token}
-        seeded = seed_campaign(conn, kernel_schema, contacts=300, channel="voice", provider="twilio",
-                               settings=sink.provider_settings())
-        run_id = conn.execute("SELECT deploy_campaign(%s)", (seeded.campaign_id,)).fetchone()[0]
+        run_id, env = deploy_voice_campaign(conn, kernel_schema, sink, contacts=300)
         first = start_daemon(db_dsn, kernel_schema, "--concurrency", "4", "--worker-id", "first", env=env)
         wait_until(lambda: sent_count(conn, run_id) > 20)
         first.send_signal(signal.SIGTERM)
