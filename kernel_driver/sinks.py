@@ -323,6 +323,12 @@ class HttpRequest:
     body: bytes
 
 
+class _BackloggedHTTPServer(ThreadingHTTPServer):
+    # The default listen backlog (5) resets connections when a daemon opens more at once than
+    # the accept loop keeps up with on a busy machine; a real provider does not.
+    request_queue_size = 128
+
+
 class _HttpSink(_Sink[T]):
     """A ThreadingHTTPServer answering POSTs through `handle`, with the shared fault modes.
 
@@ -358,7 +364,7 @@ class _HttpSink(_Sink[T]):
 
     def start(self) -> Any:
         handler = type("Handler", (_SinkRequestHandler,), {"sink": self})
-        self._server = ThreadingHTTPServer((HOST, self._port), handler)
+        self._server = _BackloggedHTTPServer((HOST, self._port), handler)
         self._server.daemon_threads = True
         self._port = self._server.server_address[1]
         self._released.clear()
