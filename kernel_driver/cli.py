@@ -6,7 +6,6 @@ Every user mistake ends with one line ``error: …`` on stderr and a stable exit
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -177,18 +176,21 @@ def print_status(
 @click.option("--metrics-port", type=click.IntRange(1, 65535), help="Serve Prometheus metrics on 127.0.0.1:PORT.")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), default="INFO",
               show_default=True)
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="json: one object per line, with job_id, run_id, attempt, run_status as keys.")
 @click.pass_obj
 def run(settings: Settings, worker_id: str | None, concurrency: int, until_idle: bool,
         poll_interval: float, lease_seconds: float, reserve_batch: int, grace_seconds: float,
-        metrics_port: int | None, log_level: str) -> None:
+        metrics_port: int | None, log_level: str, log_format: str) -> None:
     """Run the daemon: claim jobs, send their items through the providers, record every outcome.
 
     SIGTERM or SIGINT: stop claiming, finish in-flight calls within the grace period, release the
     job for another daemon, exit 0.
     """
+    from kernel_driver import logs
     from kernel_driver.worker import Worker, WorkerConfig, stop_on_signals
 
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.configure(log_level, log_format)
     worker = Worker(WorkerConfig(
         dsn=require_dsn(settings), schema=settings.schema, worker_id=worker_id or settings.worker_id,
         concurrency=concurrency, reserve_batch=reserve_batch, poll_interval=poll_interval,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from kernel_driver.seed import seed_campaign
 from kernel_driver.sinks import SmtpSink
 
@@ -15,7 +17,7 @@ def test_email_campaign_reaches_each_reachable_contact_once(conn, db_dsn, kernel
             unsubscribed_every=10, no_address_every=25,
         )
         run_id = conn.execute("SELECT deploy_campaign(%s, 500)", (seeded.campaign_id,)).fetchone()[0]
-        run_until_idle(db_dsn, kernel_schema, "--concurrency", "8")
+        result = run_until_idle(db_dsn, kernel_schema, "--concurrency", "8", "--log-format", "json")
 
         received = sink.count_by_recipient()
     assert len(received) == seeded.reachable
@@ -31,3 +33,11 @@ def test_email_campaign_reaches_each_reachable_contact_once(conn, db_dsn, kernel
         "SELECT provider_message_id FROM channel_outbox WHERE run_id = %s AND status = 'sent'", (run_id,))}
     assert message_ids == stored
     assert conn.execute("SELECT status FROM campaign_runs WHERE id = %s", (run_id,)).fetchone()[0] == "completed"
+
+    # Logs: one JSON line per job and run state change, never one per item.
+    lines = [json.loads(line) for line in result.stderr.splitlines()]
+    claimed = [line for line in lines if line["message"].startswith("job claimed")]
+    assert sorted(line["job_id"] for line in claimed) == sorted(
+        str(row[0]) for row in conn.execute("SELECT id FROM job_queue WHERE run_id = %s", (run_id,)))
+    assert [line["run_status"] for line in lines if "run_status" in line] == ["completed"]
+    assert len(lines) < 3 * len(claimed) + 10
