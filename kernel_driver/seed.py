@@ -54,7 +54,6 @@ def seed_campaign(
     tenant_id = tenant_id or uuid.uuid4()
     workspace_id = workspace_id or uuid.uuid4()
     campaign_id = uuid.uuid4()
-    seeded = SeededCampaign(tenant_id, workspace_id, campaign_id, contacts, 0)
     address_column = "email" if channel == "email" else "phone"
     params = {
         "tenant": tenant_id,

@@ -11,7 +11,7 @@ import pytest
 from kernel_driver.seed import seed_campaign
 from kernel_driver.sinks import SmtpSink, WebhookSink
 
-from .daemon import item_counts, job_workers, run_status, run_until_idle, start_daemon, wait_until
+from .daemon import item_counts, job_workers, run_status, start_daemon, wait_until
 
 
 @pytest.mark.parametrize("daemons", [2, 4])
