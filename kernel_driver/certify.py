@@ -39,7 +39,7 @@ from psycopg.rows import dict_row
 
 from kernel_driver import __version__, freeze, migrate
 from kernel_driver.config import Settings
-from kernel_driver.db import NothingToRetry, connect, wrap_errors
+from kernel_driver.db import NothingToRetry, wrap_errors
 from kernel_driver.providers import ProviderConfigError, load_adapter
 from kernel_driver.queries import Kernel
 from kernel_driver.seed import SeededCampaign, default_content, seed_campaign
