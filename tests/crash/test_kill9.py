@@ -21,7 +21,8 @@ def sent_count(conn, run_id) -> int:
 def test_sigkill_ten_times_never_sends_twice(conn, db_dsn, kernel_schema):
     rng = random.Random(int(os.environ.get("KERNEL_TEST_SEED", "0")) or None)
     with SmtpSink() as sink:
-        seeded = seed_campaign(conn, kernel_schema, contacts=2000, provider="smtp",
+        # Large enough that ten kills land before the end even on a fast machine.
+        seeded = seed_campaign(conn, kernel_schema, contacts=5000, provider="smtp",
                                settings=sink.provider_settings(), unsubscribed_every=20)
         run_id = conn.execute("SELECT deploy_campaign(%s, 250)", (seeded.campaign_id,)).fetchone()[0]
         in_flight_at_kills: set[object] = set()
