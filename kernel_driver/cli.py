@@ -191,6 +191,10 @@ def run(settings: Settings, worker_id: str | None, concurrency: int, until_idle:
     from kernel_driver.worker import Worker, WorkerConfig, stop_on_signals
 
     logs.configure(log_level, log_format)
+    with database(settings) as conn:
+        if migrator.kernel_version(conn, settings.schema) is None:
+            raise CliError(f"no kernel in schema {settings.schema}: run kernel-driver migrate first "
+                           "(or pass the --schema it was installed into)", ExitCode.DATABASE_ERROR)
     worker = Worker(WorkerConfig(
         dsn=require_dsn(settings), schema=settings.schema, worker_id=worker_id or settings.worker_id,
         concurrency=concurrency, reserve_batch=reserve_batch, poll_interval=poll_interval,

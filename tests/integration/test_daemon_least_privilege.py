@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
@@ -22,3 +25,15 @@ def test_daemon_runs_as_a_login_with_only_the_worker_role(conn, db_dsn, kernel_s
         assert run_status(conn, run_id) == "completed"
     finally:
         conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(login)))
+
+
+def test_daemon_without_a_kernel_says_to_migrate(empty_db_dsn):
+    result = subprocess.run(
+        [sys.executable, "-m", "kernel_driver", "--dsn", empty_db_dsn, "run", "--until-idle"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 6
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: no kernel in schema kernel: run kernel-driver migrate first "
+        "(or pass the --schema it was installed into)"
+    )
