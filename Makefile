@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 lint: venv
-	$(BIN)/sqlfluff lint sql/migrations
+	$(BIN)/sqlfluff lint sql/
 
 # Migrate a scratch database and write the reviewable snapshot (commit it with the migration).
 schema: venv
