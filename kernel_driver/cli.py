@@ -52,8 +52,36 @@ EXIT_CODES: list[tuple[type[BaseException], ExitCode]] = [
 ]
 
 
+# Options of the group that may also be written after the subcommand, as the docs do:
+# `kernel-driver run --dsn …` is `kernel-driver --dsn … run`.
+GROUP_OPTIONS = ("--dsn", "--schema")
+
+
+def hoist_group_options(args: list[str]) -> list[str]:
+    """Move --dsn/--schema (and their values) in front of the subcommand; nothing after `--`."""
+    front: list[str] = []
+    rest: list[str] = []
+    position = 0
+    while position < len(args):
+        arg = args[position]
+        if arg == "--":
+            rest.extend(args[position:])
+            break
+        if arg.split("=", 1)[0] in GROUP_OPTIONS:
+            taken = 1 if "=" in arg else 2
+            front.extend(args[position:position + taken])
+            position += taken
+        else:
+            rest.append(arg)
+            position += 1
+    return front + rest
+
+
 class KernelGroup(click.Group):
     """Turns the driver's exceptions into ``error:`` lines for every subcommand."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, hoist_group_options(args))
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -85,7 +113,10 @@ class KernelGroup(click.Group):
 @click.version_option(package_name="kernel-driver")
 @click.pass_context
 def main(ctx: click.Context, dsn: str | None, schema: str) -> None:
-    """Postgres-native campaign execution kernel: install it, run it, certify it."""
+    """Postgres-native campaign execution kernel: install it, run it, certify it.
+
+    --dsn and --schema may also follow the command: `kernel-driver migrate --dsn …`.
+    """
     try:
         ctx.obj = Settings(dsn=dsn, schema=schema)
     except ValueError as exc:

@@ -44,6 +44,29 @@ def test_schema_and_dsn_come_from_the_environment(cli: Cli) -> None:
     assert unreachable.exit_code == 4
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["migrate", "--dsn", NOBODY_LISTENS, "--schema", "Nope"],
+        ["migrate", f"--dsn={NOBODY_LISTENS}", "--schema=Nope", "--dry-run"],
+        ["--dsn", NOBODY_LISTENS, "migrate", "--schema", "Nope"],
+    ],
+)
+def test_dsn_and_schema_may_follow_the_command(cli: Cli, args: list[str]) -> None:
+    # The bad schema name proves --schema was read; the unreachable DSN that --dsn was.
+    assert cli(*args).exit_code == 2
+    args = [arg.replace("Nope", "kernel") for arg in args]
+    assert cli(*args).exit_code == 4
+
+
+def test_group_options_after_a_double_dash_stay_put() -> None:
+    from kernel_driver.cli import hoist_group_options
+
+    assert hoist_group_options(["run", "--dsn", "x", "--", "--schema", "y"]) == [
+        "--dsn", "x", "run", "--", "--schema", "y",
+    ]
+
+
 @pytest.mark.parametrize("dsn", [NOBODY_LISTENS, "host=127.0.0.1 port=1 nonsense"])
 def test_unreachable_database_exits_4(cli: Cli, dsn: str) -> None:
     result = cli("--dsn", dsn, "migrate")
