@@ -5,7 +5,7 @@ from __future__ import annotations
 from kernel_driver.seed import seed_campaign
 from kernel_driver.sinks import SmtpSink, VoiceSink, WebhookSink, refused_port
 
-from .daemon import item_counts, run_until_idle
+from .daemon import item_counts, run_until_idle, start_daemon, wait_until
 
 
 def deploy(conn, schema, **kwargs):
@@ -83,3 +83,20 @@ def test_an_unexpected_refusal_abandons_only_that_job(conn, db_dsn, kernel_schem
     assert statuses == {healthy: "completed", broken: "failed"}
     assert "gave up after 2 attempts" in conn.execute(
         "SELECT last_error FROM job_queue WHERE run_id = %s", (broken,)).fetchone()[0]
+
+
+def test_daemon_survives_losing_its_database_connections(conn, db_dsn, kernel_schema):
+    run_id = deploy(conn, kernel_schema, contacts=200, provider="noop", settings={"latency_ms": 20})
+    daemon = start_daemon(db_dsn, kernel_schema, "--until-idle", "--lease-seconds", "1", "--concurrency", "2")
+    wait_until(lambda: item_counts(conn, [run_id]).get("sent", 0) > 20)
+    # What a failover or a DBA's pg_terminate_backend does to a running daemon.
+    killed = conn.execute(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+    ).fetchone()[0]
+    output, _ = daemon.communicate(timeout=120)
+    assert killed >= 2  # its work and LISTEN connections, at least
+    assert daemon.returncode == 0, output
+    assert "reconnecting" in output
+    # noop deduplicates, so whatever was in flight went out again with its key: all sent.
+    assert item_counts(conn, [run_id]) == {"sent": 200}
