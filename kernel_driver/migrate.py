@@ -26,7 +26,7 @@ from kernel_driver import db
 from kernel_driver.config import DEFAULT_SCHEMA, check_schema_name
 from kernel_driver.db import wrap_errors
 
-ROLE_SUFFIXES = ("_owner", "_worker", "_app", "_reader")
+ROLE_SUFFIXES = ("_owner", "_worker", "_app", "_reader", "_operator")
 MIGRATION_FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 FROZEN = "the kernel is frozen: put the change in a new migration"
 

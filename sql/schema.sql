@@ -7,12 +7,14 @@
 CREATE SCHEMA kernel AUTHORIZATION kernel_owner;
 COMMENT ON SCHEMA kernel IS 'Execution kernel: campaign runs, job queue and channel outbox with exactly-once bookkeeping.';
 GRANT USAGE ON SCHEMA kernel TO kernel_app;
+GRANT USAGE ON SCHEMA kernel TO kernel_operator;
 GRANT USAGE ON SCHEMA kernel TO kernel_reader;
 GRANT USAGE ON SCHEMA kernel TO kernel_worker;
 
 -- applied migrations (schema_migrations)
 --   0001 0001_kernel
--- kernel_version() = 1.0.0
+--   0002 0002_kernel_1_1
+-- kernel_version() = 1.1.0
 
 -- SEQUENCE kernel.job_events_id_seq
 
@@ -31,7 +33,9 @@ ALTER TABLE kernel.campaign_audience ADD CONSTRAINT campaign_audience_pkey PRIMA
 CREATE INDEX campaign_audience_by_contact_idx ON kernel.campaign_audience USING btree (contact_id);
 CREATE TRIGGER campaign_audience_same_tenant_on_insert AFTER INSERT ON kernel.campaign_audience REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION kernel._campaign_audience_same_tenant();
 CREATE TRIGGER campaign_audience_same_tenant_on_update AFTER UPDATE ON kernel.campaign_audience REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION kernel._campaign_audience_same_tenant();
+CREATE TRIGGER campaign_audience_scope_guard BEFORE INSERT OR UPDATE ON kernel.campaign_audience FOR EACH ROW WHEN ((kernel.current_tenant() IS NOT NULL)) EXECUTE FUNCTION kernel._campaign_audience_scope_guard();
 ALTER TABLE kernel.campaign_audience ENABLE ROW LEVEL SECURITY;
+CREATE POLICY campaign_audience_operator_reads ON kernel.campaign_audience AS PERMISSIVE FOR SELECT TO kernel_operator USING (true);
 CREATE POLICY campaign_audience_tenant_isolation ON kernel.campaign_audience AS PERMISSIVE FOR ALL TO kernel_app, kernel_reader USING (((EXISTS ( SELECT 1
    FROM kernel.campaigns c
   WHERE (c.id = campaign_audience.campaign_id))) AND (EXISTS ( SELECT 1
@@ -40,6 +44,7 @@ CREATE POLICY campaign_audience_tenant_isolation ON kernel.campaign_audience AS 
 COMMENT ON TABLE kernel.campaign_audience IS 'Host table: which contacts a campaign targets. Both must belong to the same tenant and workspace.';
 ALTER TABLE kernel.campaign_audience OWNER TO kernel_owner;
 GRANT DELETE, INSERT, SELECT, UPDATE ON TABLE kernel.campaign_audience TO kernel_app;
+GRANT SELECT ON TABLE kernel.campaign_audience TO kernel_operator;
 GRANT SELECT ON TABLE kernel.campaign_audience TO kernel_reader;
 
 -- TABLE kernel.campaign_runs
@@ -70,10 +75,12 @@ CREATE INDEX campaign_runs_lineage_idx ON kernel.campaign_runs USING btree (root
 CREATE UNIQUE INDEX campaign_runs_one_active_per_campaign ON kernel.campaign_runs USING btree (campaign_id) WHERE (status = ANY (ARRAY['queued'::text, 'running'::text]));
 CREATE TRIGGER campaign_runs_guard BEFORE INSERT OR UPDATE ON kernel.campaign_runs FOR EACH ROW EXECUTE FUNCTION kernel._campaign_runs_guard();
 ALTER TABLE kernel.campaign_runs ENABLE ROW LEVEL SECURITY;
+CREATE POLICY campaign_runs_operator_reads ON kernel.campaign_runs AS PERMISSIVE FOR SELECT TO kernel_operator USING (true);
 CREATE POLICY campaign_runs_tenant_isolation ON kernel.campaign_runs AS PERMISSIVE FOR SELECT TO kernel_app, kernel_reader USING (kernel.in_scope(tenant_id, workspace_id));
 COMMENT ON TABLE kernel.campaign_runs IS 'One execution of a campaign. status is derived from its jobs (never set by hand); retries form a lineage through retry_of_run_id and root_run_id.';
 ALTER TABLE kernel.campaign_runs OWNER TO kernel_owner;
 GRANT SELECT ON TABLE kernel.campaign_runs TO kernel_app;
+GRANT SELECT ON TABLE kernel.campaign_runs TO kernel_operator;
 GRANT SELECT ON TABLE kernel.campaign_runs TO kernel_reader;
 
 -- TABLE kernel.campaigns
@@ -88,13 +95,17 @@ CREATE TABLE kernel.campaigns (
     created_at timestamp with time zone DEFAULT now() NOT NULL
 );
 ALTER TABLE kernel.campaigns ADD CONSTRAINT campaigns_pkey PRIMARY KEY (id);
+ALTER TABLE kernel.campaigns ADD CONSTRAINT campaigns_workspace_owner_fkey FOREIGN KEY (tenant_id, workspace_id) REFERENCES kernel.workspaces(tenant_id, id);
 CREATE INDEX campaigns_by_tenant_workspace_idx ON kernel.campaigns USING btree (tenant_id, workspace_id);
 CREATE TRIGGER campaigns_owner_immutable BEFORE UPDATE OF tenant_id, workspace_id ON kernel.campaigns FOR EACH ROW EXECUTE FUNCTION kernel._owner_immutable();
+CREATE TRIGGER campaigns_workspace_guard BEFORE INSERT OR UPDATE OF tenant_id, workspace_id ON kernel.campaigns FOR EACH ROW EXECUTE FUNCTION kernel._workspace_guard();
 ALTER TABLE kernel.campaigns ENABLE ROW LEVEL SECURITY;
+CREATE POLICY campaigns_operator_reads ON kernel.campaigns AS PERMISSIVE FOR SELECT TO kernel_operator USING (true);
 CREATE POLICY campaigns_tenant_isolation ON kernel.campaigns AS PERMISSIVE FOR ALL TO kernel_app, kernel_reader USING (kernel.in_scope(tenant_id, workspace_id));
 COMMENT ON TABLE kernel.campaigns IS 'Host table: a campaign to execute. content: e-mail {"subject","text","html"?}, voice {"from","script"}.';
 ALTER TABLE kernel.campaigns OWNER TO kernel_owner;
 GRANT DELETE, INSERT, SELECT, UPDATE ON TABLE kernel.campaigns TO kernel_app;
+GRANT SELECT ON TABLE kernel.campaigns TO kernel_operator;
 GRANT SELECT ON TABLE kernel.campaigns TO kernel_reader;
 
 -- TABLE kernel.channel_outbox
@@ -132,15 +143,19 @@ ALTER TABLE kernel.channel_outbox ADD CONSTRAINT channel_outbox_sent_has_provide
 ALTER TABLE kernel.channel_outbox ADD CONSTRAINT channel_outbox_sent_was_dispatched CHECK (((status <> ALL (ARRAY['sent'::text, 'unknown'::text])) OR (dispatched_at IS NOT NULL)));
 ALTER TABLE kernel.channel_outbox ADD CONSTRAINT channel_outbox_skipped_status_check CHECK (((skipped = (status = 'skipped'::text)) AND (skipped = (skip_reason IS NOT NULL))));
 ALTER TABLE kernel.channel_outbox ADD CONSTRAINT channel_outbox_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'sent'::text, 'failed'::text, 'unknown'::text, 'skipped'::text])));
-CREATE INDEX channel_outbox_by_job_status_idx ON kernel.channel_outbox USING btree (job_id, status);
-CREATE INDEX channel_outbox_by_run_status_idx ON kernel.channel_outbox USING btree (run_id, status);
+ALTER TABLE kernel.channel_outbox ADD CONSTRAINT channel_outbox_terminal_has_completed_at CHECK (((status = 'pending'::text) OR (completed_at IS NOT NULL))) NOT VALID;
+CREATE INDEX channel_outbox_by_job_idx ON kernel.channel_outbox USING btree (job_id);
+CREATE INDEX channel_outbox_by_run_idx ON kernel.channel_outbox USING btree (run_id);
 CREATE INDEX channel_outbox_lineage_contact_idx ON kernel.channel_outbox USING btree (root_run_id, contact_id, generation);
-CREATE TRIGGER channel_outbox_guard BEFORE INSERT OR UPDATE ON kernel.channel_outbox FOR EACH ROW EXECUTE FUNCTION kernel._channel_outbox_guard();
+CREATE TRIGGER channel_outbox_guard_insert BEFORE INSERT ON kernel.channel_outbox FOR EACH ROW WHEN ((new.status <> 'pending'::text)) EXECUTE FUNCTION kernel._channel_outbox_guard();
+CREATE TRIGGER channel_outbox_guard_update BEFORE UPDATE ON kernel.channel_outbox FOR EACH ROW WHEN (((old.status <> 'pending'::text) OR (new.status = 'skipped'::text) OR ((new.status <> 'pending'::text) AND (new.completed_at IS NULL)))) EXECUTE FUNCTION kernel._channel_outbox_guard();
 ALTER TABLE kernel.channel_outbox ENABLE ROW LEVEL SECURITY;
+CREATE POLICY channel_outbox_operator_reads ON kernel.channel_outbox AS PERMISSIVE FOR SELECT TO kernel_operator USING (true);
 CREATE POLICY channel_outbox_tenant_isolation ON kernel.channel_outbox AS PERMISSIVE FOR SELECT TO kernel_app, kernel_reader USING (kernel.in_scope(tenant_id, workspace_id));
 COMMENT ON TABLE kernel.channel_outbox IS 'One row per provider action (run lineage, contact, channel, generation). Inserted before the provider call; terminal rows never change.';
 ALTER TABLE kernel.channel_outbox OWNER TO kernel_owner;
 GRANT SELECT ON TABLE kernel.channel_outbox TO kernel_app;
+GRANT SELECT ON TABLE kernel.channel_outbox TO kernel_operator;
 GRANT SELECT ON TABLE kernel.channel_outbox TO kernel_reader;
 
 -- TABLE kernel.contacts
@@ -155,13 +170,17 @@ CREATE TABLE kernel.contacts (
     created_at timestamp with time zone DEFAULT now() NOT NULL
 );
 ALTER TABLE kernel.contacts ADD CONSTRAINT contacts_pkey PRIMARY KEY (id);
+ALTER TABLE kernel.contacts ADD CONSTRAINT contacts_workspace_owner_fkey FOREIGN KEY (tenant_id, workspace_id) REFERENCES kernel.workspaces(tenant_id, id);
 CREATE INDEX contacts_by_tenant_workspace_idx ON kernel.contacts USING btree (tenant_id, workspace_id);
 CREATE TRIGGER contacts_owner_immutable BEFORE UPDATE OF tenant_id, workspace_id ON kernel.contacts FOR EACH ROW EXECUTE FUNCTION kernel._owner_immutable();
+CREATE TRIGGER contacts_workspace_guard BEFORE INSERT OR UPDATE OF tenant_id, workspace_id ON kernel.contacts FOR EACH ROW EXECUTE FUNCTION kernel._workspace_guard();
 ALTER TABLE kernel.contacts ENABLE ROW LEVEL SECURITY;
+CREATE POLICY contacts_operator_reads ON kernel.contacts AS PERMISSIVE FOR SELECT TO kernel_operator USING (true);
 CREATE POLICY contacts_tenant_isolation ON kernel.contacts AS PERMISSIVE FOR ALL TO kernel_app, kernel_reader USING (kernel.in_scope(tenant_id, workspace_id));
 COMMENT ON TABLE kernel.contacts IS 'Host table: a recipient. Unsubscribed contacts and contacts without an address become skipped items.';
 ALTER TABLE kernel.contacts OWNER TO kernel_owner;
 GRANT DELETE, INSERT, SELECT, UPDATE ON TABLE kernel.contacts TO kernel_app;
+GRANT SELECT ON TABLE kernel.contacts TO kernel_operator;
 GRANT SELECT ON TABLE kernel.contacts TO kernel_reader;
 
 -- TABLE kernel.job_events
@@ -183,10 +202,12 @@ ALTER TABLE kernel.job_events ADD CONSTRAINT job_events_entity_check CHECK ((ent
 ALTER TABLE kernel.job_events ADD CONSTRAINT job_events_pkey PRIMARY KEY (id);
 CREATE INDEX job_events_by_run_idx ON kernel.job_events USING btree (run_id, occurred_at);
 ALTER TABLE kernel.job_events ENABLE ROW LEVEL SECURITY;
+CREATE POLICY job_events_operator_reads ON kernel.job_events AS PERMISSIVE FOR SELECT TO kernel_operator USING (true);
 CREATE POLICY job_events_tenant_isolation ON kernel.job_events AS PERMISSIVE FOR SELECT TO kernel_app, kernel_reader USING (kernel.in_scope(tenant_id, workspace_id));
 COMMENT ON TABLE kernel.job_events IS 'Audit trail: every run and job status change (who, what, when), written by the guard triggers.';
 ALTER TABLE kernel.job_events OWNER TO kernel_owner;
 GRANT SELECT ON TABLE kernel.job_events TO kernel_app;
+GRANT SELECT ON TABLE kernel.job_events TO kernel_operator;
 GRANT SELECT ON TABLE kernel.job_events TO kernel_reader;
 
 -- TABLE kernel.job_queue
@@ -221,13 +242,16 @@ ALTER TABLE kernel.job_queue ADD CONSTRAINT job_queue_run_id_fkey FOREIGN KEY (r
 ALTER TABLE kernel.job_queue ADD CONSTRAINT job_queue_status_check CHECK ((status = ANY (ARRAY['queued'::text, 'processing'::text, 'completed'::text, 'failed'::text, 'cancelled'::text])));
 CREATE INDEX job_queue_by_run_status_idx ON kernel.job_queue USING btree (run_id, status);
 CREATE INDEX job_queue_claim_order_idx ON kernel.job_queue USING btree (priority DESC, run_after, id) WHERE (status = 'queued'::text);
-CREATE INDEX job_queue_expired_lease_idx ON kernel.job_queue USING btree (lease_expires_at) WHERE (status = 'processing'::text);
-CREATE TRIGGER job_queue_guard BEFORE INSERT OR UPDATE ON kernel.job_queue FOR EACH ROW EXECUTE FUNCTION kernel._job_queue_guard();
+CREATE INDEX job_queue_processing_idx ON kernel.job_queue USING btree (id) WHERE (status = 'processing'::text);
+CREATE TRIGGER job_queue_guard_insert BEFORE INSERT ON kernel.job_queue FOR EACH ROW WHEN ((new.status <> 'queued'::text)) EXECUTE FUNCTION kernel._job_queue_guard();
+CREATE TRIGGER job_queue_guard_update BEFORE UPDATE ON kernel.job_queue FOR EACH ROW WHEN (((new.status IS DISTINCT FROM old.status) OR (new.locked_by IS DISTINCT FROM old.locked_by) OR (new.attempts IS DISTINCT FROM old.attempts))) EXECUTE FUNCTION kernel._job_queue_guard();
 ALTER TABLE kernel.job_queue ENABLE ROW LEVEL SECURITY;
+CREATE POLICY job_queue_operator_reads ON kernel.job_queue AS PERMISSIVE FOR SELECT TO kernel_operator USING (true);
 CREATE POLICY job_queue_tenant_isolation ON kernel.job_queue AS PERMISSIVE FOR SELECT TO kernel_app, kernel_reader USING (kernel.in_scope(tenant_id, workspace_id));
 COMMENT ON TABLE kernel.job_queue IS 'Work units: each send_batch job owns a snapshot of up to batch_size contacts (contact_ids) of its run; reserved_count is how many of them have outbox items.';
 ALTER TABLE kernel.job_queue OWNER TO kernel_owner;
 GRANT SELECT ON TABLE kernel.job_queue TO kernel_app;
+GRANT SELECT ON TABLE kernel.job_queue TO kernel_operator;
 GRANT SELECT ON TABLE kernel.job_queue TO kernel_reader;
 
 -- TABLE kernel.provider_configs
@@ -237,16 +261,20 @@ CREATE TABLE kernel.provider_configs (
     channel text NOT NULL,
     provider text NOT NULL,
     settings jsonb DEFAULT '{}'::jsonb NOT NULL,
-    tenant_id uuid DEFAULT kernel.current_tenant(),
+    tenant_id uuid DEFAULT kernel.current_tenant() NOT NULL,
     max_per_second numeric
 );
 ALTER TABLE kernel.provider_configs ADD CONSTRAINT provider_configs_pkey PRIMARY KEY (workspace_id, channel);
 ALTER TABLE kernel.provider_configs ADD CONSTRAINT provider_configs_rate_positive_check CHECK ((max_per_second > (0)::numeric));
+ALTER TABLE kernel.provider_configs ADD CONSTRAINT provider_configs_workspace_owner_fkey FOREIGN KEY (tenant_id, workspace_id) REFERENCES kernel.workspaces(tenant_id, id);
+CREATE TRIGGER provider_configs_workspace_guard BEFORE INSERT OR UPDATE OF tenant_id, workspace_id ON kernel.provider_configs FOR EACH ROW EXECUTE FUNCTION kernel._workspace_guard();
 ALTER TABLE kernel.provider_configs ENABLE ROW LEVEL SECURITY;
+CREATE POLICY provider_configs_operator_reads ON kernel.provider_configs AS PERMISSIVE FOR SELECT TO kernel_operator USING (true);
 CREATE POLICY provider_configs_tenant_isolation ON kernel.provider_configs AS PERMISSIVE FOR ALL TO kernel_app, kernel_reader USING (kernel.in_scope(tenant_id, workspace_id));
 COMMENT ON TABLE kernel.provider_configs IS 'Host table: the provider a workspace uses per channel. settings never hold secrets, only the names of environment variables. max_per_second is shared by all daemons.';
 ALTER TABLE kernel.provider_configs OWNER TO kernel_owner;
 GRANT DELETE, INSERT, SELECT, UPDATE ON TABLE kernel.provider_configs TO kernel_app;
+GRANT SELECT ON TABLE kernel.provider_configs TO kernel_operator;
 GRANT SELECT ON TABLE kernel.provider_configs TO kernel_reader;
 
 -- TABLE kernel.rate_buckets
@@ -259,8 +287,10 @@ CREATE TABLE kernel.rate_buckets (
 );
 ALTER TABLE kernel.rate_buckets ADD CONSTRAINT rate_buckets_pkey PRIMARY KEY (workspace_id, provider);
 ALTER TABLE kernel.rate_buckets ENABLE ROW LEVEL SECURITY;
+CREATE POLICY rate_buckets_operator_reads ON kernel.rate_buckets AS PERMISSIVE FOR SELECT TO kernel_operator USING (true);
 COMMENT ON TABLE kernel.rate_buckets IS 'Token buckets behind take_rate_tokens: one per workspace and provider, shared by every daemon.';
 ALTER TABLE kernel.rate_buckets OWNER TO kernel_owner;
+GRANT SELECT ON TABLE kernel.rate_buckets TO kernel_operator;
 
 -- TABLE kernel.schema_migrations
 
@@ -273,10 +303,11 @@ CREATE TABLE kernel.schema_migrations (
 );
 ALTER TABLE kernel.schema_migrations ADD CONSTRAINT schema_migrations_pkey PRIMARY KEY (version);
 ALTER TABLE kernel.schema_migrations ENABLE ROW LEVEL SECURITY;
-CREATE POLICY schema_migrations_readable ON kernel.schema_migrations AS PERMISSIVE FOR SELECT TO kernel_app, kernel_reader, kernel_worker USING (true);
+CREATE POLICY schema_migrations_readable ON kernel.schema_migrations AS PERMISSIVE FOR SELECT TO kernel_app, kernel_operator, kernel_reader, kernel_worker USING (true);
 COMMENT ON TABLE kernel.schema_migrations IS 'Ledger of applied kernel migrations; sha256 is filled in by kernel-driver migrate (NULL when applied with psql).';
 ALTER TABLE kernel.schema_migrations OWNER TO kernel_owner;
 GRANT SELECT ON TABLE kernel.schema_migrations TO kernel_app;
+GRANT SELECT ON TABLE kernel.schema_migrations TO kernel_operator;
 GRANT SELECT ON TABLE kernel.schema_migrations TO kernel_reader;
 GRANT SELECT ON TABLE kernel.schema_migrations TO kernel_worker;
 
@@ -289,12 +320,31 @@ CREATE TABLE kernel.state_transitions (
 );
 ALTER TABLE kernel.state_transitions ADD CONSTRAINT state_transitions_pkey PRIMARY KEY (entity, from_status, to_status);
 ALTER TABLE kernel.state_transitions ENABLE ROW LEVEL SECURITY;
-CREATE POLICY state_transitions_readable ON kernel.state_transitions AS PERMISSIVE FOR SELECT TO kernel_app, kernel_reader, kernel_worker USING (true);
+CREATE POLICY state_transitions_readable ON kernel.state_transitions AS PERMISSIVE FOR SELECT TO kernel_app, kernel_operator, kernel_reader, kernel_worker USING (true);
 COMMENT ON TABLE kernel.state_transitions IS 'The only legal status moves of runs, jobs and outbox items; the guard triggers refuse every other (KE004).';
 ALTER TABLE kernel.state_transitions OWNER TO kernel_owner;
 GRANT SELECT ON TABLE kernel.state_transitions TO kernel_app;
+GRANT SELECT ON TABLE kernel.state_transitions TO kernel_operator;
 GRANT SELECT ON TABLE kernel.state_transitions TO kernel_reader;
 GRANT SELECT ON TABLE kernel.state_transitions TO kernel_worker;
+
+-- TABLE kernel.workspaces
+
+CREATE TABLE kernel.workspaces (
+    id uuid NOT NULL,
+    tenant_id uuid NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL
+);
+ALTER TABLE kernel.workspaces ADD CONSTRAINT workspaces_pkey PRIMARY KEY (id);
+ALTER TABLE kernel.workspaces ADD CONSTRAINT workspaces_tenant_id_id_key UNIQUE (tenant_id, id);
+ALTER TABLE kernel.workspaces ENABLE ROW LEVEL SECURITY;
+CREATE POLICY workspaces_operator_reads ON kernel.workspaces AS PERMISSIVE FOR SELECT TO kernel_operator USING (true);
+CREATE POLICY workspaces_tenant_isolation ON kernel.workspaces AS PERMISSIVE FOR SELECT TO kernel_app, kernel_reader USING (kernel.in_scope(tenant_id, id));
+COMMENT ON TABLE kernel.workspaces IS 'Which tenant owns each workspace. A workspace is registered by the first host row that names it and belongs to that row''s tenant for good; another tenant naming it gets KE002 (no such workspace).';
+ALTER TABLE kernel.workspaces OWNER TO kernel_owner;
+GRANT SELECT ON TABLE kernel.workspaces TO kernel_app;
+GRANT SELECT ON TABLE kernel.workspaces TO kernel_operator;
+GRANT SELECT ON TABLE kernel.workspaces TO kernel_reader;
 
 -- FUNCTION kernel._assert_scope(p_tenant_id uuid, p_workspace_id uuid, p_what text, p_id uuid)
 
@@ -365,6 +415,35 @@ $function$;
 COMMENT ON FUNCTION kernel._campaign_audience_same_tenant() IS 'Statement trigger: an audience row must pair a campaign and a contact of the same tenant and workspace.';
 ALTER FUNCTION kernel._campaign_audience_same_tenant() OWNER TO kernel_owner;
 
+-- FUNCTION kernel._campaign_audience_scope_guard()
+
+CREATE OR REPLACE FUNCTION kernel._campaign_audience_scope_guard()
+ RETURNS trigger
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+    -- Before the foreign keys and the primary key look at the row: for a scoped session,
+    -- another tenant's campaign or contact is missing, whether or not it exists.
+    IF NOT EXISTS (
+        SELECT 1 FROM kernel.campaigns AS c
+        WHERE c.id = NEW.campaign_id AND kernel.in_scope(c.tenant_id, c.workspace_id)
+    ) THEN
+        RAISE EXCEPTION 'campaign % not found', NEW.campaign_id USING ERRCODE = 'KE002';
+    END IF;
+    IF NOT EXISTS (
+        SELECT 1 FROM kernel.contacts AS p
+        WHERE p.id = NEW.contact_id AND kernel.in_scope(p.tenant_id, p.workspace_id)
+    ) THEN
+        RAISE EXCEPTION 'contact % not found', NEW.contact_id USING ERRCODE = 'KE002';
+    END IF;
+    RETURN NEW;
+END
+$function$;
+COMMENT ON FUNCTION kernel._campaign_audience_scope_guard() IS 'Trigger for scoped sessions: an audience row naming a campaign or contact outside the scope is refused as not found (KE002), before any key check can reveal it.';
+ALTER FUNCTION kernel._campaign_audience_scope_guard() OWNER TO kernel_owner;
+
 -- FUNCTION kernel._campaign_runs_guard()
 
 CREATE OR REPLACE FUNCTION kernel._campaign_runs_guard()
@@ -405,6 +484,7 @@ BEGIN
             RAISE EXCEPTION 'an outbox item must start pending or skipped, not % (key %)',
                 NEW.status, NEW.idempotency_key USING ERRCODE = 'KE004';
         END IF;
+        NEW.completed_at := coalesce(NEW.completed_at, clock_timestamp());  -- skipped: terminal at once
         RETURN NEW;
     END IF;
     IF OLD.status <> 'pending' THEN
@@ -423,13 +503,119 @@ BEGIN
             RAISE EXCEPTION 'outbox item % can be skipped only while never dispatched and its run cancelled', NEW.id
                 USING ERRCODE = 'KE004';
         END IF;
-        NEW.completed_at := clock_timestamp();
+        NEW.completed_at := coalesce(NEW.completed_at, clock_timestamp());
     END IF;
     RETURN NEW;
 END
 $function$;
-COMMENT ON FUNCTION kernel._channel_outbox_guard() IS 'Trigger: items start pending or skipped, move only along state_transitions, and never change once terminal (KE012).';
+COMMENT ON FUNCTION kernel._channel_outbox_guard() IS 'Trigger: items start pending or skipped, move only along state_transitions, and never change once terminal (KE012); stamps completed_at when the statement did not.';
 ALTER FUNCTION kernel._channel_outbox_guard() OWNER TO kernel_owner;
+
+-- FUNCTION kernel._claim_jobs(p_worker text, p_max_jobs integer, p_lease interval, p_tenant_id uuid)
+
+CREATE OR REPLACE FUNCTION kernel._claim_jobs(p_worker text, p_max_jobs integer, p_lease interval, p_tenant_id uuid)
+ RETURNS SETOF kernel.job_queue
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    _taken kernel.job_queue[];
+    _exhausted kernel.job_queue;
+BEGIN
+    -- Expired leases first (their holder died: the crash path), then queued jobs due now.
+    WITH expired AS (
+        SELECT j.id FROM kernel.job_queue AS j
+        WHERE j.status = 'processing' AND j.lease_expires_at < now()
+          AND (kernel.current_tenant() IS NULL OR kernel.in_scope(j.tenant_id, j.workspace_id))
+          AND (p_tenant_id IS NULL OR j.tenant_id = p_tenant_id)
+        ORDER BY j.lease_expires_at, j.id
+        LIMIT p_max_jobs
+        FOR UPDATE SKIP LOCKED
+    ), due AS (
+        SELECT j.id FROM kernel.job_queue AS j
+        WHERE j.status = 'queued' AND j.run_after <= now()
+          AND (kernel.current_tenant() IS NULL OR kernel.in_scope(j.tenant_id, j.workspace_id))
+          AND (p_tenant_id IS NULL OR j.tenant_id = p_tenant_id)
+        ORDER BY j.priority DESC, j.run_after, j.id
+        LIMIT p_max_jobs
+        FOR UPDATE SKIP LOCKED
+    ), candidates AS (
+        -- Rows are locked as the limit pulls them, so no more than p_max_jobs are locked.
+        SELECT id FROM expired UNION ALL SELECT id FROM due LIMIT p_max_jobs
+    ), taken AS (
+        UPDATE kernel.job_queue AS j
+        SET status = CASE WHEN j.attempts >= j.max_attempts THEN 'failed' ELSE 'processing' END,
+            attempts = least(j.attempts + 1, j.max_attempts),
+            locked_by = CASE WHEN j.attempts >= j.max_attempts THEN NULL ELSE p_worker END,
+            locked_at = now(),
+            lease_expires_at = CASE WHEN j.attempts >= j.max_attempts THEN NULL ELSE now() + p_lease END,
+            completed_at = CASE WHEN j.attempts >= j.max_attempts THEN now() END,
+            last_error = CASE WHEN j.attempts >= j.max_attempts
+                THEN format('gave up after %s attempts (last: %s)', j.attempts, coalesce(j.last_error, 'lease expired'))
+                ELSE j.last_error END
+        FROM candidates AS c
+        WHERE j.id = c.id
+        RETURNING j AS job
+    )
+    SELECT coalesce(array_agg(t.job ORDER BY (t.job).priority DESC, (t.job).run_after, (t.job).id), '{}')
+    INTO _taken FROM taken AS t;
+
+    FOREACH _exhausted IN ARRAY _taken LOOP
+        IF _exhausted.status = 'failed' THEN
+            PERFORM kernel._end_unfinished_items(_exhausted.id, _exhausted.last_error);
+            PERFORM kernel._finish_run_if_done(_exhausted.run_id);
+        END IF;
+    END LOOP;
+
+    UPDATE kernel.campaign_runs SET status = 'running', started_at = now()
+    WHERE status = 'queued'
+      AND id IN (SELECT t.run_id FROM unnest(_taken) AS t WHERE t.status = 'processing');
+
+    RETURN QUERY SELECT * FROM unnest(_taken) AS t WHERE t.status = 'processing';
+END
+$function$;
+COMMENT ON FUNCTION kernel._claim_jobs(p_worker text, p_max_jobs integer, p_lease interval, p_tenant_id uuid) IS 'The one claim (FOR UPDATE SKIP LOCKED): expired leases, then queued jobs due now, in the scope and the optional tenant; jobs at max_attempts are failed instead; their runs move to running.';
+ALTER FUNCTION kernel._claim_jobs(p_worker text, p_max_jobs integer, p_lease interval, p_tenant_id uuid) OWNER TO kernel_owner;
+
+-- FUNCTION kernel._end_job(p_job kernel.job_queue, p_success boolean, p_error text)
+
+CREATE OR REPLACE FUNCTION kernel._end_job(p_job kernel.job_queue, p_success boolean, p_error text)
+ RETURNS text
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    _run_status text;
+    _pending bigint;
+    _items bigint;
+BEGIN
+    SELECT count(*) FILTER (WHERE status = 'pending'), count(*) INTO _pending, _items
+    FROM kernel.channel_outbox WHERE job_id = p_job.id;
+    IF _pending > 0 THEN
+        RAISE EXCEPTION 'job % still has % pending outbox items; record their results first', p_job.id, _pending
+            USING ERRCODE = 'KE006';
+    END IF;
+    SELECT status INTO _run_status FROM kernel.campaign_runs WHERE id = p_job.run_id;
+    IF p_success AND _run_status <> 'cancelled' AND _items < cardinality(p_job.contact_ids) THEN
+        RAISE EXCEPTION 'job % has % of % contacts without an outbox item; reserve them first',
+            p_job.id, cardinality(p_job.contact_ids) - _items, cardinality(p_job.contact_ids)
+            USING ERRCODE = 'KE007';
+    END IF;
+    IF NOT p_success THEN
+        PERFORM kernel._end_unfinished_items(p_job.id, coalesce(p_error, 'job failed'));
+    END IF;
+    UPDATE kernel.job_queue
+    SET status = CASE WHEN _run_status = 'cancelled' THEN 'cancelled'
+                      WHEN p_success THEN 'completed' ELSE 'failed' END,
+        completed_at = now(), last_error = p_error,
+        locked_by = NULL, lease_expires_at = NULL
+    WHERE id = p_job.id;
+    PERFORM kernel._finish_run_if_done(p_job.run_id);
+    RETURN (SELECT status FROM kernel.campaign_runs WHERE id = p_job.run_id);
+END
+$function$;
+COMMENT ON FUNCTION kernel._end_job(p_job kernel.job_queue, p_success boolean, p_error text) IS 'Ends a locked processing job: refused while an item is pending (KE006) and, for success, while a contact has no item (KE007); derives the run status and returns it.';
+ALTER FUNCTION kernel._end_job(p_job kernel.job_queue, p_success boolean, p_error text) OWNER TO kernel_owner;
 
 -- FUNCTION kernel._end_unfinished_items(p_job_id uuid, p_reason text)
 
@@ -739,6 +925,26 @@ $function$;
 COMMENT ON FUNCTION kernel._require(p_value anyelement, p_name text) IS 'Raises KE008 when a required argument is NULL.';
 ALTER FUNCTION kernel._require(p_value anyelement, p_name text) OWNER TO kernel_owner;
 
+-- FUNCTION kernel._require_operator(p_what text)
+
+CREATE OR REPLACE FUNCTION kernel._require_operator(p_what text)
+ RETURNS void
+ LANGUAGE plpgsql
+ STABLE
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+    IF NOT (pg_has_role(session_user, 'kernel_operator', 'MEMBER')
+            OR pg_has_role(session_user, 'kernel_owner', 'MEMBER')) THEN
+        RAISE EXCEPTION '% is for operators: role % is not a member of kernel_operator', p_what, session_user
+            USING ERRCODE = 'KE013',
+                  HINT = 'A daemon passes its worker id (complete_job(job, success, error, worker)).';
+    END IF;
+END
+$function$;
+COMMENT ON FUNCTION kernel._require_operator(p_what text) IS 'Raises KE013 unless the session user is a member of kernel_operator (or the owner).';
+ALTER FUNCTION kernel._require_operator(p_what text) OWNER TO kernel_owner;
+
 -- FUNCTION kernel._require_scope()
 
 CREATE OR REPLACE FUNCTION kernel._require_scope()
@@ -748,18 +954,135 @@ CREATE OR REPLACE FUNCTION kernel._require_scope()
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 BEGIN
-    -- Unscoped sessions are for the daemon and the owner (and superusers).
+    -- Unscoped sessions are for the daemon, the platform operator and the owner.
     IF kernel.current_tenant() IS NULL
        AND NOT (pg_has_role(session_user, 'kernel_worker', 'MEMBER')
+                OR pg_has_role(session_user, 'kernel_operator', 'MEMBER')
                 OR pg_has_role(session_user, 'kernel_owner', 'MEMBER')) THEN
-        RAISE EXCEPTION 'tenant scope required: role % must set execution_kernel.tenant_id', session_user
+        RAISE EXCEPTION 'tenant scope required: role % must scope its transaction to a tenant', session_user
             USING ERRCODE = 'KE009',
-                  HINT = 'SET execution_kernel.tenant_id = ''<tenant uuid>'' before calling kernel functions.';
+                  HINT = 'BEGIN; SELECT kernel.scope(''<tenant uuid>''); … COMMIT; (or SET LOCAL execution_kernel.tenant_id)';
     END IF;
 END
 $function$;
-COMMENT ON FUNCTION kernel._require_scope() IS 'Raises KE009 when a session that is neither the worker nor the owner has no tenant scope.';
+COMMENT ON FUNCTION kernel._require_scope() IS 'Raises KE009 when a session that is neither a worker, an operator nor the owner has no tenant scope.';
 ALTER FUNCTION kernel._require_scope() OWNER TO kernel_owner;
+
+-- FUNCTION kernel._setting_problem(p_kind text, p_value jsonb)
+
+CREATE OR REPLACE FUNCTION kernel._setting_problem(p_kind text, p_value jsonb)
+ RETURNS text
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+    -- kernel_driver/providers/settings.py, kind by kind; NULL when the value is fine.
+    SELECT CASE p_kind
+        WHEN 'text' THEN CASE WHEN jsonb_typeof(p_value) = 'string'
+                                   AND btrim(p_value #>> '{}', E' \t\n\r\f\v') <> '' THEN NULL
+                              ELSE 'must be a non-empty string' END
+        WHEN 'tcp_port' THEN CASE WHEN jsonb_typeof(p_value) = 'number'
+                                       AND (p_value #>> '{}')::numeric BETWEEN 1 AND 65535
+                                       AND (p_value #>> '{}')::numeric % 1 = 0
+                                       AND (p_value #>> '{}') !~ '[.eE]' THEN NULL
+                                  ELSE 'must be an integer from 1 to 65535' END
+        WHEN 'positive_number' THEN CASE WHEN jsonb_typeof(p_value) = 'number'
+                                              AND (p_value #>> '{}')::numeric > 0 THEN NULL
+                                         ELSE 'must be a number greater than 0' END
+        WHEN 'non_negative_number' THEN CASE WHEN jsonb_typeof(p_value) = 'number'
+                                                  AND (p_value #>> '{}')::numeric >= 0 THEN NULL
+                                             ELSE 'must be a number, 0 or more' END
+        WHEN 'boolean' THEN CASE WHEN jsonb_typeof(p_value) = 'boolean' THEN NULL
+                                 ELSE 'must be true or false' END
+        WHEN 'env_name' THEN CASE WHEN jsonb_typeof(p_value) = 'string'
+                                       AND (p_value #>> '{}') ~ '^[A-Za-z_][A-Za-z0-9_]*$' THEN NULL
+                                  ELSE 'must be the name of an environment variable (letters, digits, _)' END
+        WHEN 'email_address' THEN CASE WHEN jsonb_typeof(p_value) = 'string'
+                                            AND position('@' IN p_value #>> '{}') > 0 THEN NULL
+                                       ELSE 'must be an e-mail address such as news@example.com' END
+        WHEN 'http_url' THEN CASE WHEN jsonb_typeof(p_value) = 'string'
+                                       AND (p_value #>> '{}') ~* '^https?://([^/?#@]*@)?[^/?#:@]+' THEN NULL
+                                  ELSE 'must be an http:// or https:// URL' END
+    END
+$function$;
+COMMENT ON FUNCTION kernel._setting_problem(p_kind text, p_value jsonb) IS 'What is wrong with one provider setting value of a kind (text, tcp_port, positive_number, non_negative_number, boolean, env_name, email_address, http_url), or NULL.';
+ALTER FUNCTION kernel._setting_problem(p_kind text, p_value jsonb) OWNER TO kernel_owner;
+
+-- FUNCTION kernel._take_rate_tokens(p_workspace_id uuid, p_provider text, p_wanted integer, OUT granted integer, OUT wait_seconds double precision)
+
+CREATE OR REPLACE FUNCTION kernel._take_rate_tokens(p_workspace_id uuid, p_provider text, p_wanted integer, OUT granted integer, OUT wait_seconds double precision)
+ RETURNS record
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    _rate numeric;
+    _bucket kernel.rate_buckets;
+    _tokens double precision;
+BEGIN
+    SELECT min(max_per_second) INTO _rate FROM kernel.provider_configs
+    WHERE workspace_id = p_workspace_id AND provider = p_provider;
+    wait_seconds := 0;
+    IF _rate IS NULL THEN
+        granted := p_wanted;  -- no limit configured
+        RETURN;
+    END IF;
+    INSERT INTO kernel.rate_buckets (workspace_id, provider, tokens, refreshed_at)
+    VALUES (p_workspace_id, p_provider, greatest(_rate, 1), clock_timestamp())
+    ON CONFLICT (workspace_id, provider) DO NOTHING;
+    SELECT * INTO _bucket FROM kernel.rate_buckets
+    WHERE workspace_id = p_workspace_id AND provider = p_provider FOR UPDATE;
+    -- Refill at the configured rate; the burst is one second's worth.
+    _tokens := least(greatest(_rate, 1),
+                     _bucket.tokens + _rate * extract(EPOCH FROM clock_timestamp() - _bucket.refreshed_at));
+    granted := least(p_wanted, floor(_tokens))::integer;
+    UPDATE kernel.rate_buckets SET tokens = _tokens - granted, refreshed_at = clock_timestamp()
+    WHERE workspace_id = p_workspace_id AND provider = p_provider;
+    IF granted = 0 AND p_wanted > 0 THEN
+        wait_seconds := (1 - _tokens) / _rate;
+    END IF;
+END
+$function$;
+COMMENT ON FUNCTION kernel._take_rate_tokens(p_workspace_id uuid, p_provider text, p_wanted integer, OUT granted integer, OUT wait_seconds double precision) IS 'Shared token bucket (provider_configs.max_per_second, burst of one second): how many of p_wanted sends may start now, and when none may, how long until one can.';
+ALTER FUNCTION kernel._take_rate_tokens(p_workspace_id uuid, p_provider text, p_wanted integer, OUT granted integer, OUT wait_seconds double precision) OWNER TO kernel_owner;
+
+-- FUNCTION kernel._workspace_guard()
+
+CREATE OR REPLACE FUNCTION kernel._workspace_guard()
+ RETURNS trigger
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    _scope uuid := kernel.current_tenant();
+    _owner uuid;
+BEGIN
+    NEW.tenant_id := coalesce(NEW.tenant_id, _scope);
+    IF NEW.tenant_id IS NULL OR NEW.workspace_id IS NULL THEN
+        RAISE EXCEPTION '% rows need a tenant_id and a workspace_id', TG_TABLE_NAME
+            USING ERRCODE = 'KE008', HINT = 'Scope the transaction (kernel.scope) or set tenant_id.';
+    END IF;
+    SELECT tenant_id INTO _owner FROM kernel.workspaces WHERE id = NEW.workspace_id;
+    IF NOT FOUND AND (_scope IS NULL OR NEW.tenant_id = _scope) THEN
+        -- First use registers the workspace; a concurrent first use by another tenant waits
+        -- for this one and then finds it taken.
+        INSERT INTO kernel.workspaces (id, tenant_id) VALUES (NEW.workspace_id, NEW.tenant_id)
+        ON CONFLICT (id) DO NOTHING;
+        SELECT tenant_id INTO _owner FROM kernel.workspaces WHERE id = NEW.workspace_id;
+    END IF;
+    -- Checked before the row reaches any unique index: another tenant's workspace (or a
+    -- row for a tenant outside the session's scope) reveals nothing, not even its keys.
+    IF _owner IS DISTINCT FROM NEW.tenant_id OR NEW.tenant_id <> coalesce(_scope, NEW.tenant_id) THEN
+        RAISE EXCEPTION 'workspace % not found', NEW.workspace_id
+            USING ERRCODE = 'KE002',
+                  HINT = 'A workspace belongs to the tenant whose row named it first.';
+    END IF;
+    RETURN NEW;
+END
+$function$;
+COMMENT ON FUNCTION kernel._workspace_guard() IS 'Trigger: fills tenant_id from the scope, registers a new workspace to the row''s tenant, and refuses another tenant''s workspace as not found (KE002), before any unique check.';
+ALTER FUNCTION kernel._workspace_guard() OWNER TO kernel_owner;
 
 -- FUNCTION kernel.cancel_campaign_run(p_run_id uuid)
 
@@ -795,6 +1118,7 @@ $function$;
 COMMENT ON FUNCTION kernel.cancel_campaign_run(p_run_id uuid) IS 'Cancels a queued or running run: queued jobs cancelled, undispatched items skipped; in-flight calls still get recorded.';
 ALTER FUNCTION kernel.cancel_campaign_run(p_run_id uuid) OWNER TO kernel_owner;
 GRANT EXECUTE ON FUNCTION kernel.cancel_campaign_run(p_run_id uuid) TO kernel_app;
+GRANT EXECUTE ON FUNCTION kernel.cancel_campaign_run(p_run_id uuid) TO kernel_operator;
 
 -- FUNCTION kernel.check_campaign_launch_prerequisites(p_campaign_id uuid, p_workspace_id uuid)
 
@@ -894,6 +1218,7 @@ $function$;
 COMMENT ON FUNCTION kernel.check_campaign_launch_prerequisites(p_campaign_id uuid, p_workspace_id uuid) IS 'One row per launch check (campaign_exists, channel_supported, content_complete, audience_not_empty, reachable_contacts, provider_configured, provider_settings_valid, no_active_run).';
 ALTER FUNCTION kernel.check_campaign_launch_prerequisites(p_campaign_id uuid, p_workspace_id uuid) OWNER TO kernel_owner;
 GRANT EXECUTE ON FUNCTION kernel.check_campaign_launch_prerequisites(p_campaign_id uuid, p_workspace_id uuid) TO kernel_app;
+GRANT EXECUTE ON FUNCTION kernel.check_campaign_launch_prerequisites(p_campaign_id uuid, p_workspace_id uuid) TO kernel_operator;
 GRANT EXECUTE ON FUNCTION kernel.check_campaign_launch_prerequisites(p_campaign_id uuid, p_workspace_id uuid) TO kernel_reader;
 GRANT EXECUTE ON FUNCTION kernel.check_campaign_launch_prerequisites(p_campaign_id uuid, p_workspace_id uuid) TO kernel_worker;
 
@@ -905,55 +1230,13 @@ CREATE OR REPLACE FUNCTION kernel.claim_queued_jobs(p_worker text, p_max_jobs in
  SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
-DECLARE
-    _taken kernel.job_queue[];
-    _exhausted kernel.job_queue;
 BEGIN
     PERFORM kernel._require(p_worker, 'worker');
     IF p_max_jobs IS NULL OR p_max_jobs NOT BETWEEN 1 AND 1000 THEN
         RAISE EXCEPTION 'max_jobs must be between 1 and 1000, got %', p_max_jobs USING ERRCODE = 'KE008';
     END IF;
     PERFORM kernel._require_scope();
-
-    WITH candidates AS (
-        SELECT j.id
-        FROM kernel.job_queue AS j
-        WHERE ((j.status = 'queued' AND j.run_after <= now())
-               OR (j.status = 'processing' AND j.lease_expires_at < now()))
-          AND (kernel.current_tenant() IS NULL OR kernel.in_scope(j.tenant_id, j.workspace_id))
-        ORDER BY j.priority DESC, j.run_after, j.id
-        LIMIT p_max_jobs
-        FOR UPDATE SKIP LOCKED
-    ), taken AS (
-        UPDATE kernel.job_queue AS j
-        SET status = CASE WHEN j.attempts >= j.max_attempts THEN 'failed' ELSE 'processing' END,
-            attempts = least(j.attempts + 1, j.max_attempts),
-            locked_by = CASE WHEN j.attempts >= j.max_attempts THEN NULL ELSE p_worker END,
-            locked_at = now(),
-            lease_expires_at = CASE WHEN j.attempts >= j.max_attempts THEN NULL ELSE now() + kernel._lease_interval() END,
-            completed_at = CASE WHEN j.attempts >= j.max_attempts THEN now() END,
-            last_error = CASE WHEN j.attempts >= j.max_attempts
-                THEN format('gave up after %s attempts (last: %s)', j.attempts, coalesce(j.last_error, 'lease expired'))
-                ELSE j.last_error END
-        FROM candidates AS c
-        WHERE j.id = c.id
-        RETURNING j AS job
-    )
-    SELECT coalesce(array_agg(t.job ORDER BY (t.job).priority DESC, (t.job).run_after, (t.job).id), '{}')
-    INTO _taken FROM taken AS t;
-
-    FOREACH _exhausted IN ARRAY _taken LOOP
-        IF _exhausted.status = 'failed' THEN
-            PERFORM kernel._end_unfinished_items(_exhausted.id, _exhausted.last_error);
-            PERFORM kernel._finish_run_if_done(_exhausted.run_id);
-        END IF;
-    END LOOP;
-
-    UPDATE kernel.campaign_runs SET status = 'running', started_at = now()
-    WHERE status = 'queued'
-      AND id IN (SELECT t.run_id FROM unnest(_taken) AS t WHERE t.status = 'processing');
-
-    RETURN QUERY SELECT * FROM unnest(_taken) AS t WHERE t.status = 'processing';
+    RETURN QUERY SELECT * FROM kernel._claim_jobs(p_worker, p_max_jobs, kernel._lease_interval(), NULL);
 END
 $function$;
 COMMENT ON FUNCTION kernel.claim_queued_jobs(p_worker text, p_max_jobs integer) IS 'Claims up to max_jobs jobs in one statement (FOR UPDATE SKIP LOCKED): queued jobs due now and processing jobs whose lease expired. Jobs at max_attempts are failed instead. Moves their runs to running.';
@@ -964,16 +1247,33 @@ GRANT EXECUTE ON FUNCTION kernel.claim_queued_jobs(p_worker text, p_max_jobs int
 
 CREATE OR REPLACE FUNCTION kernel.complete_job(p_job_id uuid, p_success boolean, p_error text)
  RETURNS void
- LANGUAGE sql
+ LANGUAGE plpgsql
  SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
-    SELECT FROM kernel.complete_job(
-        p_job_id, p_success, p_error, nullif(current_setting('execution_kernel.worker_id', true), '')
-    )
+DECLARE
+    _worker text := nullif(current_setting('execution_kernel.worker_id', TRUE), '');
+    _job kernel.job_queue;
+BEGIN
+    IF _worker IS NOT NULL THEN
+        PERFORM kernel.complete_job(p_job_id, p_success, p_error, _worker);
+        RETURN;
+    END IF;
+    PERFORM kernel._require_operator('completing a job without a worker id');
+    PERFORM kernel._require(p_job_id, 'job_id');
+    PERFORM kernel._require(p_success, 'success');
+    SELECT * INTO _job FROM kernel.job_queue WHERE id = p_job_id FOR NO KEY UPDATE;
+    PERFORM kernel._assert_scope(_job.tenant_id, _job.workspace_id, 'job', p_job_id);
+    IF _job.status <> 'processing' THEN
+        RAISE EXCEPTION 'job % is % and cannot complete (only processing jobs can)', p_job_id, _job.status
+            USING ERRCODE = 'KE004';
+    END IF;
+    PERFORM kernel._end_job(_job, p_success, p_error);
+END
 $function$;
-COMMENT ON FUNCTION kernel.complete_job(p_job_id uuid, p_success boolean, p_error text) IS 'Seed signature: fenced on the setting execution_kernel.worker_id when the session sets it, else an operator''s completion.';
+COMMENT ON FUNCTION kernel.complete_job(p_job_id uuid, p_success boolean, p_error text) IS 'Seed signature: fenced on the setting execution_kernel.worker_id when the session sets it; otherwise an operator''s completion of a processing job, which needs kernel_operator (KE013).';
 ALTER FUNCTION kernel.complete_job(p_job_id uuid, p_success boolean, p_error text) OWNER TO kernel_owner;
+GRANT EXECUTE ON FUNCTION kernel.complete_job(p_job_id uuid, p_success boolean, p_error text) TO kernel_operator;
 GRANT EXECUTE ON FUNCTION kernel.complete_job(p_job_id uuid, p_success boolean, p_error text) TO kernel_worker;
 
 -- FUNCTION kernel.complete_job(p_job_id uuid, p_success boolean, p_error text, p_worker text)
@@ -984,52 +1284,15 @@ CREATE OR REPLACE FUNCTION kernel.complete_job(p_job_id uuid, p_success boolean,
  SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
-DECLARE
-    _job kernel.job_queue;
-    _run_status text;
-    _pending bigint;
-    _items bigint;
 BEGIN
     PERFORM kernel._require(p_success, 'success');
-    IF p_worker IS NOT NULL THEN
-        _job := kernel._lock_leased_job(p_job_id, p_worker);
-    ELSE
-        PERFORM kernel._require(p_job_id, 'job_id');
-        SELECT * INTO _job FROM kernel.job_queue WHERE id = p_job_id FOR NO KEY UPDATE;
-        PERFORM kernel._assert_scope(_job.tenant_id, _job.workspace_id, 'job', p_job_id);
-        IF _job.status <> 'processing' THEN
-            RAISE EXCEPTION 'job % is % and cannot complete (only processing jobs can)', p_job_id, _job.status
-                USING ERRCODE = 'KE004';
-        END IF;
-    END IF;
-
-    SELECT count(*) FILTER (WHERE status = 'pending'), count(*) INTO _pending, _items
-    FROM kernel.channel_outbox WHERE job_id = p_job_id;
-    IF _pending > 0 THEN
-        RAISE EXCEPTION 'job % still has % pending outbox items; record their results first', p_job_id, _pending
-            USING ERRCODE = 'KE006';
-    END IF;
-    SELECT status INTO _run_status FROM kernel.campaign_runs WHERE id = _job.run_id;
-    IF p_success AND _run_status <> 'cancelled' AND _items < cardinality(_job.contact_ids) THEN
-        RAISE EXCEPTION 'job % has % of % contacts without an outbox item; reserve them first',
-            p_job_id, cardinality(_job.contact_ids) - _items, cardinality(_job.contact_ids)
-            USING ERRCODE = 'KE007';
-    END IF;
-
-    IF NOT p_success THEN
-        PERFORM kernel._end_unfinished_items(p_job_id, coalesce(p_error, 'job failed'));
-    END IF;
-    UPDATE kernel.job_queue
-    SET status = CASE WHEN _run_status = 'cancelled' THEN 'cancelled'
-                      WHEN p_success THEN 'completed' ELSE 'failed' END,
-        completed_at = now(), last_error = p_error,
-        locked_by = NULL, lease_expires_at = NULL
-    WHERE id = p_job_id;
-    PERFORM kernel._finish_run_if_done(_job.run_id);
-    RETURN (SELECT status FROM kernel.campaign_runs WHERE id = _job.run_id);
+    -- 1.0 took a NULL worker as an operator's completion, which let any worker end a job
+    -- another worker held. The worker form is now always fenced.
+    PERFORM kernel._require(p_worker, 'worker');
+    RETURN kernel._end_job(kernel._lock_leased_job(p_job_id, p_worker), p_success, p_error);
 END
 $function$;
-COMMENT ON FUNCTION kernel.complete_job(p_job_id uuid, p_success boolean, p_error text, p_worker text) IS 'Ends a job the worker holds (fenced): refused while any item is pending (KE006) and, for success, while a contact has no item (KE007). Derives the run status when it was the last job and returns the run''s status.';
+COMMENT ON FUNCTION kernel.complete_job(p_job_id uuid, p_success boolean, p_error text, p_worker text) IS 'Ends a job the worker holds (fenced; a NULL worker is refused, KE008): refused while any item is pending (KE006) and, for success, while a contact has no item (KE007). Derives the run status when it was the last job and returns the run''s status.';
 ALTER FUNCTION kernel.complete_job(p_job_id uuid, p_success boolean, p_error text, p_worker text) OWNER TO kernel_owner;
 GRANT EXECUTE ON FUNCTION kernel.complete_job(p_job_id uuid, p_success boolean, p_error text, p_worker text) TO kernel_worker;
 
@@ -1039,12 +1302,11 @@ CREATE OR REPLACE FUNCTION kernel.current_tenant()
  RETURNS uuid
  LANGUAGE sql
  STABLE PARALLEL SAFE
-AS $function$
-    SELECT nullif(pg_catalog.current_setting('execution_kernel.tenant_id', true), '')::uuid
-$function$;
+RETURN (NULLIF(current_setting('execution_kernel.tenant_id'::text, true), ''::text))::uuid;
 COMMENT ON FUNCTION kernel.current_tenant() IS 'The tenant this session is scoped to (setting execution_kernel.tenant_id), or NULL.';
 ALTER FUNCTION kernel.current_tenant() OWNER TO kernel_owner;
 GRANT EXECUTE ON FUNCTION kernel.current_tenant() TO kernel_app;
+GRANT EXECUTE ON FUNCTION kernel.current_tenant() TO kernel_operator;
 GRANT EXECUTE ON FUNCTION kernel.current_tenant() TO kernel_reader;
 GRANT EXECUTE ON FUNCTION kernel.current_tenant() TO kernel_worker;
 
@@ -1054,12 +1316,11 @@ CREATE OR REPLACE FUNCTION kernel.current_workspace()
  RETURNS uuid
  LANGUAGE sql
  STABLE PARALLEL SAFE
-AS $function$
-    SELECT nullif(pg_catalog.current_setting('execution_kernel.workspace_id', true), '')::uuid
-$function$;
+RETURN (NULLIF(current_setting('execution_kernel.workspace_id'::text, true), ''::text))::uuid;
 COMMENT ON FUNCTION kernel.current_workspace() IS 'The workspace this session is scoped to (setting execution_kernel.workspace_id), or NULL for all of the tenant.';
 ALTER FUNCTION kernel.current_workspace() OWNER TO kernel_owner;
 GRANT EXECUTE ON FUNCTION kernel.current_workspace() TO kernel_app;
+GRANT EXECUTE ON FUNCTION kernel.current_workspace() TO kernel_operator;
 GRANT EXECUTE ON FUNCTION kernel.current_workspace() TO kernel_reader;
 GRANT EXECUTE ON FUNCTION kernel.current_workspace() TO kernel_worker;
 
@@ -1076,6 +1337,7 @@ $function$;
 COMMENT ON FUNCTION kernel.deploy_campaign(p_campaign_id uuid) IS 'Seed signature: deploy_campaign with batch jobs of 1,000 contacts.';
 ALTER FUNCTION kernel.deploy_campaign(p_campaign_id uuid) OWNER TO kernel_owner;
 GRANT EXECUTE ON FUNCTION kernel.deploy_campaign(p_campaign_id uuid) TO kernel_app;
+GRANT EXECUTE ON FUNCTION kernel.deploy_campaign(p_campaign_id uuid) TO kernel_operator;
 
 -- FUNCTION kernel.deploy_campaign(p_campaign_id uuid, p_batch_size integer)
 
@@ -1124,6 +1386,7 @@ $function$;
 COMMENT ON FUNCTION kernel.deploy_campaign(p_campaign_id uuid, p_batch_size integer) IS 'Validates the launch prerequisites (KE001), refuses a second active run (KE003), snapshots content and provider into run_config, creates the run and its batch jobs queued, and NOTIFYs kernel_jobs.';
 ALTER FUNCTION kernel.deploy_campaign(p_campaign_id uuid, p_batch_size integer) OWNER TO kernel_owner;
 GRANT EXECUTE ON FUNCTION kernel.deploy_campaign(p_campaign_id uuid, p_batch_size integer) TO kernel_app;
+GRANT EXECUTE ON FUNCTION kernel.deploy_campaign(p_campaign_id uuid, p_batch_size integer) TO kernel_operator;
 
 -- FUNCTION kernel.heartbeat_job(p_job_id uuid, p_worker text)
 
@@ -1152,13 +1415,11 @@ CREATE OR REPLACE FUNCTION kernel.in_scope(p_tenant_id uuid, p_workspace_id uuid
  RETURNS boolean
  LANGUAGE sql
  STABLE PARALLEL SAFE
-AS $function$
-    SELECT p_tenant_id = kernel.current_tenant()
-        AND (kernel.current_workspace() IS NULL OR p_workspace_id = kernel.current_workspace())
-$function$;
-COMMENT ON FUNCTION kernel.in_scope(p_tenant_id uuid, p_workspace_id uuid) IS 'RLS predicate: true when the row belongs to the session''s tenant (and workspace, when set).';
+RETURN ((p_tenant_id = kernel.current_tenant()) AND ((kernel.current_workspace() IS NULL) OR (p_workspace_id = kernel.current_workspace())));
+COMMENT ON FUNCTION kernel.in_scope(p_tenant_id uuid, p_workspace_id uuid) IS 'RLS predicate: true when the row belongs to the session''s tenant (and workspace, when set). Bound at creation: the caller''s search_path cannot change it.';
 ALTER FUNCTION kernel.in_scope(p_tenant_id uuid, p_workspace_id uuid) OWNER TO kernel_owner;
 GRANT EXECUTE ON FUNCTION kernel.in_scope(p_tenant_id uuid, p_workspace_id uuid) TO kernel_app;
+GRANT EXECUTE ON FUNCTION kernel.in_scope(p_tenant_id uuid, p_workspace_id uuid) TO kernel_operator;
 GRANT EXECUTE ON FUNCTION kernel.in_scope(p_tenant_id uuid, p_workspace_id uuid) TO kernel_reader;
 GRANT EXECUTE ON FUNCTION kernel.in_scope(p_tenant_id uuid, p_workspace_id uuid) TO kernel_worker;
 
@@ -1200,11 +1461,12 @@ CREATE OR REPLACE FUNCTION kernel.kernel_version()
  IMMUTABLE
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
-    SELECT '1.0.0'::text
+    SELECT '1.1.0'::text
 $function$;
 COMMENT ON FUNCTION kernel.kernel_version() IS 'The installed kernel version; every version bump replaces it.';
 ALTER FUNCTION kernel.kernel_version() OWNER TO kernel_owner;
 GRANT EXECUTE ON FUNCTION kernel.kernel_version() TO kernel_app;
+GRANT EXECUTE ON FUNCTION kernel.kernel_version() TO kernel_operator;
 GRANT EXECUTE ON FUNCTION kernel.kernel_version() TO kernel_reader;
 GRANT EXECUTE ON FUNCTION kernel.kernel_version() TO kernel_worker;
 
@@ -1246,74 +1508,58 @@ CREATE OR REPLACE FUNCTION kernel.provider_settings_problems(p_provider text, p_
 AS $function$
 DECLARE
     _problems text[] := '{}'::text[];
-    _key text;
-    _required text[];
+    _rule record;
 BEGIN
     IF p_settings IS NULL OR jsonb_typeof(p_settings) <> 'object' THEN
         RETURN ARRAY['settings must be a JSON object'];
     END IF;
-    IF p_provider = 'smtp' AND p_channel <> 'email'
-       OR p_provider = 'twilio' AND p_channel <> 'voice' THEN
+    IF p_provider = 'smtp' AND p_channel IS DISTINCT FROM 'email'
+       OR p_provider = 'twilio' AND p_channel IS DISTINCT FROM 'voice' THEN
         _problems := _problems || format('provider %s cannot serve channel %s', p_provider, p_channel);
     END IF;
-    _required := CASE p_provider
-        WHEN 'smtp' THEN ARRAY['host', 'from']
-        WHEN 'twilio' THEN ARRAY['base_url', 'account_sid', 'auth_token_env', 'from']
-        WHEN 'webhook' THEN ARRAY['url']
-        ELSE '{}'::text[]
-    END;
-    FOREACH _key IN ARRAY _required LOOP
-        IF jsonb_typeof(p_settings -> _key) IS DISTINCT FROM 'string'
-           OR btrim(p_settings ->> _key) = '' THEN
-            _problems := _problems || format('%s needs a non-empty string "%s"', p_provider, _key);
+    -- Each shipped adapter's settings_schema; a JSON null counts as absent, as in Python.
+    FOR _rule IN
+        SELECT s.key, s.kind, s.required, p_settings -> s.key AS value
+        FROM (VALUES
+            ('smtp', 'host', 'text', TRUE), ('smtp', 'port', 'tcp_port', TRUE),
+            ('smtp', 'from', 'email_address', TRUE), ('smtp', 'starttls', 'boolean', FALSE),
+            ('smtp', 'ssl', 'boolean', FALSE), ('smtp', 'username_env', 'env_name', FALSE),
+            ('smtp', 'password_env', 'env_name', FALSE), ('smtp', 'timeout_s', 'positive_number', FALSE),
+            ('smtp', 'ca_file', 'text', FALSE),
+            ('twilio', 'base_url', 'http_url', FALSE), ('twilio', 'account_sid', 'text', TRUE),
+            ('twilio', 'auth_token_env', 'env_name', TRUE), ('twilio', 'from', 'text', FALSE),
+            ('twilio', 'timeout_s', 'positive_number', FALSE),
+            ('webhook', 'url', 'http_url', TRUE), ('webhook', 'secret_env', 'env_name', FALSE),
+            ('webhook', 'timeout_s', 'positive_number', FALSE),
+            ('noop', 'latency_ms', 'non_negative_number', FALSE)
+        ) AS s (provider, key, kind, required)
+        WHERE s.provider = p_provider
+    LOOP
+        IF _rule.value IS NULL OR _rule.value = 'null'::jsonb THEN
+            IF _rule.required THEN
+                _problems := _problems || format('%s setting ''%s'' is required', p_provider, _rule.key);
+            END IF;
+        ELSIF kernel._setting_problem(_rule.kind, _rule.value) IS NOT NULL THEN
+            _problems := _problems || format('%s setting ''%s'' %s', p_provider, _rule.key,
+                                             kernel._setting_problem(_rule.kind, _rule.value));
         END IF;
     END LOOP;
-    FOREACH _key IN ARRAY ARRAY['username_env', 'password_env', 'secret_env'] LOOP
-        IF p_settings ? _key AND jsonb_typeof(p_settings -> _key) <> 'string' THEN
-            _problems := _problems || format('"%s" must name an environment variable (a string)', _key);
-        END IF;
-    END LOOP;
-    FOREACH _key IN ARRAY ARRAY['starttls', 'ssl'] LOOP
-        IF p_settings ? _key AND jsonb_typeof(p_settings -> _key) <> 'boolean' THEN
-            _problems := _problems || format('"%s" must be true or false', _key);
-        END IF;
-    END LOOP;
-    IF p_settings -> 'starttls' = 'true' AND p_settings -> 'ssl' = 'true' THEN
-        _problems := _problems || 'choose one of "starttls" and "ssl", not both'::text;
-    END IF;
-    -- Nested IFs: a cast must never run on a value that is not a JSON number.
     IF p_provider = 'smtp' THEN
-        IF jsonb_typeof(p_settings -> 'port') IS DISTINCT FROM 'number' THEN
-            _problems := _problems || 'smtp needs "port", a whole number from 1 to 65535'::text;
-        ELSIF (p_settings ->> 'port')::numeric NOT BETWEEN 1 AND 65535
-              OR (p_settings ->> 'port')::numeric % 1 <> 0 THEN
-            _problems := _problems || 'smtp needs "port", a whole number from 1 to 65535'::text;
+        IF p_settings -> 'ssl' = 'true' AND p_settings -> 'starttls' = 'true' THEN
+            _problems := _problems || 'smtp settings ''ssl'' and ''starttls'' cannot both be true'::text;
+        END IF;
+        IF (coalesce(p_settings ->> 'username_env', '') = '') <> (coalesce(p_settings ->> 'password_env', '') = '') THEN
+            _problems := _problems
+                || 'smtp settings ''username_env'' and ''password_env'' go together: set both or neither'::text;
         END IF;
     END IF;
-    IF p_provider = 'smtp' AND position('@' IN coalesce(p_settings ->> 'from', '')) = 0 THEN
-        _problems := _problems || 'smtp "from" must be an e-mail address'::text;
-    END IF;
-    FOREACH _key IN ARRAY ARRAY['base_url', 'url'] LOOP
-        IF p_settings ? _key AND coalesce(p_settings ->> _key, '') !~ '^https?://' THEN
-            _problems := _problems || format('"%s" must start with http:// or https://', _key);
-        END IF;
-    END LOOP;
-    FOREACH _key IN ARRAY ARRAY['timeout_s', 'latency_ms'] LOOP
-        IF NOT p_settings ? _key THEN
-            CONTINUE;
-        ELSIF jsonb_typeof(p_settings -> _key) <> 'number' THEN
-            _problems := _problems || format('"%s" must be a number', _key);
-        ELSIF (p_settings ->> _key)::numeric < 0 OR (_key = 'timeout_s' AND (p_settings ->> _key)::numeric = 0) THEN
-            _problems := _problems || format('"%s" must be %s', _key,
-                CASE _key WHEN 'timeout_s' THEN 'a positive number of seconds' ELSE 'a number >= 0' END);
-        END IF;
-    END LOOP;
     RETURN _problems;
 END
 $function$;
-COMMENT ON FUNCTION kernel.provider_settings_problems(p_provider text, p_channel text, p_settings jsonb) IS 'Readable problems with a provider''s settings for a channel (empty when valid). Unknown (plug-in) providers are validated by their adapter.';
+COMMENT ON FUNCTION kernel.provider_settings_problems(p_provider text, p_channel text, p_settings jsonb) IS 'Readable problems with a provider''s settings for a channel (empty when valid): the same rules as the shipped adapters'' settings_schema (a parity test keeps them equal). Plug-in providers are validated by their adapter.';
 ALTER FUNCTION kernel.provider_settings_problems(p_provider text, p_channel text, p_settings jsonb) OWNER TO kernel_owner;
 GRANT EXECUTE ON FUNCTION kernel.provider_settings_problems(p_provider text, p_channel text, p_settings jsonb) TO kernel_app;
+GRANT EXECUTE ON FUNCTION kernel.provider_settings_problems(p_provider text, p_channel text, p_settings jsonb) TO kernel_operator;
 GRANT EXECUTE ON FUNCTION kernel.provider_settings_problems(p_provider text, p_channel text, p_settings jsonb) TO kernel_reader;
 GRANT EXECUTE ON FUNCTION kernel.provider_settings_problems(p_provider text, p_channel text, p_settings jsonb) TO kernel_worker;
 
@@ -1338,6 +1584,7 @@ $function$;
 COMMENT ON FUNCTION kernel.queue_stats() IS 'Queue depth and age of the oldest job per non-terminal status, for metrics and dashboards.';
 ALTER FUNCTION kernel.queue_stats() OWNER TO kernel_owner;
 GRANT EXECUTE ON FUNCTION kernel.queue_stats() TO kernel_app;
+GRANT EXECUTE ON FUNCTION kernel.queue_stats() TO kernel_operator;
 GRANT EXECUTE ON FUNCTION kernel.queue_stats() TO kernel_reader;
 GRANT EXECUTE ON FUNCTION kernel.queue_stats() TO kernel_worker;
 
@@ -1455,6 +1702,43 @@ COMMENT ON FUNCTION kernel.release_job(p_job_id uuid, p_worker text, p_reason te
 ALTER FUNCTION kernel.release_job(p_job_id uuid, p_worker text, p_reason text) OWNER TO kernel_owner;
 GRANT EXECUTE ON FUNCTION kernel.release_job(p_job_id uuid, p_worker text, p_reason text) TO kernel_worker;
 
+-- FUNCTION kernel.release_jobs(p_worker text, p_jobs uuid[], p_reason text)
+
+CREATE OR REPLACE FUNCTION kernel.release_jobs(p_worker text, p_jobs uuid[], p_reason text)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    _n integer;
+BEGIN
+    PERFORM kernel._require(p_worker, 'worker');
+    PERFORM kernel._require_scope();
+    WITH held AS (
+        SELECT j.id FROM kernel.job_queue AS j
+        WHERE j.id = ANY (p_jobs) AND j.status = 'processing'
+          AND j.locked_by = p_worker AND j.lease_expires_at > now()
+        ORDER BY j.id
+        FOR NO KEY UPDATE
+    ), released AS (
+        UPDATE kernel.job_queue AS j
+        SET status = 'queued', locked_by = NULL, locked_at = NULL, lease_expires_at = NULL,
+            last_error = p_reason, run_after = now()
+        FROM held AS h WHERE j.id = h.id
+        RETURNING j.id
+    )
+    SELECT count(*) INTO _n FROM released;
+    IF _n > 0 THEN
+        PERFORM pg_notify('kernel_jobs', 'released');
+    END IF;
+    RETURN _n;
+END
+$function$;
+COMMENT ON FUNCTION kernel.release_jobs(p_worker text, p_jobs uuid[], p_reason text) IS 'Gives the jobs a worker still holds back to the queue (processing -> queued), e.g. on shutdown; fenced like every worker write. Returns how many it released.';
+ALTER FUNCTION kernel.release_jobs(p_worker text, p_jobs uuid[], p_reason text) OWNER TO kernel_owner;
+GRANT EXECUTE ON FUNCTION kernel.release_jobs(p_worker text, p_jobs uuid[], p_reason text) TO kernel_worker;
+
 -- FUNCTION kernel.reserve_outbox_items(p_job_id uuid, p_worker text, p_max_items integer)
 
 CREATE OR REPLACE FUNCTION kernel.reserve_outbox_items(p_job_id uuid, p_worker text, p_max_items integer)
@@ -1513,6 +1797,7 @@ $function$;
 COMMENT ON FUNCTION kernel.retry_campaign_run(p_run_id uuid) IS 'retry_campaign_run without unknown items: those are re-sent only when the operator asks explicitly.';
 ALTER FUNCTION kernel.retry_campaign_run(p_run_id uuid) OWNER TO kernel_owner;
 GRANT EXECUTE ON FUNCTION kernel.retry_campaign_run(p_run_id uuid) TO kernel_app;
+GRANT EXECUTE ON FUNCTION kernel.retry_campaign_run(p_run_id uuid) TO kernel_operator;
 
 -- FUNCTION kernel.retry_campaign_run(p_run_id uuid, p_include_unknown boolean)
 
@@ -1586,6 +1871,7 @@ $function$;
 COMMENT ON FUNCTION kernel.retry_campaign_run(p_run_id uuid, p_include_unknown boolean) IS 'UX2: a new run linked by retry_of_run_id/root_run_id targeting only contacts whose latest lineage item failed (and unknown ones when asked); never a contact with a sent item.';
 ALTER FUNCTION kernel.retry_campaign_run(p_run_id uuid, p_include_unknown boolean) OWNER TO kernel_owner;
 GRANT EXECUTE ON FUNCTION kernel.retry_campaign_run(p_run_id uuid, p_include_unknown boolean) TO kernel_app;
+GRANT EXECUTE ON FUNCTION kernel.retry_campaign_run(p_run_id uuid, p_include_unknown boolean) TO kernel_operator;
 
 -- FUNCTION kernel.run_details(p_run_id uuid)
 
@@ -1600,6 +1886,7 @@ $function$;
 COMMENT ON FUNCTION kernel.run_details(p_run_id uuid) IS 'run_details with the first 1,000 outbox items.';
 ALTER FUNCTION kernel.run_details(p_run_id uuid) OWNER TO kernel_owner;
 GRANT EXECUTE ON FUNCTION kernel.run_details(p_run_id uuid) TO kernel_app;
+GRANT EXECUTE ON FUNCTION kernel.run_details(p_run_id uuid) TO kernel_operator;
 GRANT EXECUTE ON FUNCTION kernel.run_details(p_run_id uuid) TO kernel_reader;
 GRANT EXECUTE ON FUNCTION kernel.run_details(p_run_id uuid) TO kernel_worker;
 
@@ -1657,8 +1944,35 @@ $function$;
 COMMENT ON FUNCTION kernel.run_details(p_run_id uuid, p_item_limit integer) IS 'UX1: the run, its jobs, counts per status, its first item_limit outbox items, its lineage and its latest 200 audit events.';
 ALTER FUNCTION kernel.run_details(p_run_id uuid, p_item_limit integer) OWNER TO kernel_owner;
 GRANT EXECUTE ON FUNCTION kernel.run_details(p_run_id uuid, p_item_limit integer) TO kernel_app;
+GRANT EXECUTE ON FUNCTION kernel.run_details(p_run_id uuid, p_item_limit integer) TO kernel_operator;
 GRANT EXECUTE ON FUNCTION kernel.run_details(p_run_id uuid, p_item_limit integer) TO kernel_reader;
 GRANT EXECUTE ON FUNCTION kernel.run_details(p_run_id uuid, p_item_limit integer) TO kernel_worker;
+
+-- FUNCTION kernel.scope(p_tenant_id uuid, p_workspace_id uuid)
+
+CREATE OR REPLACE FUNCTION kernel.scope(p_tenant_id uuid, p_workspace_id uuid DEFAULT NULL::uuid)
+ RETURNS uuid
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+    IF p_tenant_id IS NULL THEN
+        RAISE EXCEPTION 'tenant_id must not be NULL' USING ERRCODE = 'KE008';
+    END IF;
+    -- Transaction-local (is_local): gone at COMMIT or ROLLBACK, so a pooled server
+    -- connection carries no scope to the next client. (The SET clause above restores only
+    -- search_path when the function returns.)
+    PERFORM set_config('execution_kernel.workspace_id', coalesce(p_workspace_id::text, ''), TRUE);
+    PERFORM set_config('execution_kernel.tenant_id', p_tenant_id::text, TRUE);
+    RETURN p_tenant_id;
+END
+$function$;
+COMMENT ON FUNCTION kernel.scope(p_tenant_id uuid, p_workspace_id uuid) IS 'Scopes the current transaction to a tenant (and optionally one workspace), like SET LOCAL: call it right after BEGIN. Safe behind a transaction-mode pooler; a session-level SET is not.';
+ALTER FUNCTION kernel.scope(p_tenant_id uuid, p_workspace_id uuid) OWNER TO kernel_owner;
+GRANT EXECUTE ON FUNCTION kernel.scope(p_tenant_id uuid, p_workspace_id uuid) TO kernel_app;
+GRANT EXECUTE ON FUNCTION kernel.scope(p_tenant_id uuid, p_workspace_id uuid) TO kernel_operator;
+GRANT EXECUTE ON FUNCTION kernel.scope(p_tenant_id uuid, p_workspace_id uuid) TO kernel_reader;
+GRANT EXECUTE ON FUNCTION kernel.scope(p_tenant_id uuid, p_workspace_id uuid) TO kernel_worker;
 
 -- FUNCTION kernel.take_rate_tokens(p_workspace_id uuid, p_provider text, p_wanted integer)
 
@@ -1668,36 +1982,356 @@ CREATE OR REPLACE FUNCTION kernel.take_rate_tokens(p_workspace_id uuid, p_provid
  SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
-DECLARE
-    _rate numeric;
-    _bucket kernel.rate_buckets;
-    _tokens double precision;
-    _granted integer;
 BEGIN
     PERFORM kernel._require(p_workspace_id, 'workspace_id');
     PERFORM kernel._require(p_provider, 'provider');
     IF p_wanted IS NULL OR p_wanted < 0 THEN
         RAISE EXCEPTION 'wanted must be >= 0, got %', p_wanted USING ERRCODE = 'KE008';
     END IF;
-    SELECT min(max_per_second) INTO _rate FROM kernel.provider_configs
-    WHERE workspace_id = p_workspace_id AND provider = p_provider;
-    IF _rate IS NULL THEN
-        RETURN p_wanted;  -- no limit configured
-    END IF;
-    INSERT INTO kernel.rate_buckets (workspace_id, provider, tokens, refreshed_at)
-    VALUES (p_workspace_id, p_provider, greatest(_rate, 1), clock_timestamp())
-    ON CONFLICT (workspace_id, provider) DO NOTHING;
-    SELECT * INTO _bucket FROM kernel.rate_buckets
-    WHERE workspace_id = p_workspace_id AND provider = p_provider FOR UPDATE;
-    -- Refill at the configured rate; the burst is one second's worth.
-    _tokens := least(greatest(_rate, 1),
-                     _bucket.tokens + _rate * extract(EPOCH FROM clock_timestamp() - _bucket.refreshed_at));
-    _granted := least(p_wanted, floor(_tokens))::integer;
-    UPDATE kernel.rate_buckets SET tokens = _tokens - _granted, refreshed_at = clock_timestamp()
-    WHERE workspace_id = p_workspace_id AND provider = p_provider;
-    RETURN _granted;
+    RETURN (kernel._take_rate_tokens(p_workspace_id, p_provider, p_wanted)).granted;
 END
 $function$;
 COMMENT ON FUNCTION kernel.take_rate_tokens(p_workspace_id uuid, p_provider text, p_wanted integer) IS 'Shared token bucket (provider_configs.max_per_second, burst of one second): how many of p_wanted sends may start now, across every daemon.';
 ALTER FUNCTION kernel.take_rate_tokens(p_workspace_id uuid, p_provider text, p_wanted integer) OWNER TO kernel_owner;
 GRANT EXECUTE ON FUNCTION kernel.take_rate_tokens(p_workspace_id uuid, p_provider text, p_wanted integer) TO kernel_worker;
+
+-- FUNCTION kernel.worker_step(p_worker text, p_lease_seconds numeric, p_held uuid[], p_result_ids uuid[], p_result_outcomes text[], p_result_provider_ids text[], p_result_responses text[], p_result_errors text[], p_complete uuid[], p_redispatch uuid[], p_want integer, p_claim integer, p_deduplicating text[], p_tenant_id uuid)
+
+CREATE OR REPLACE FUNCTION kernel.worker_step(p_worker text, p_lease_seconds numeric, p_held uuid[], p_result_ids uuid[], p_result_outcomes text[], p_result_provider_ids text[], p_result_responses text[], p_result_errors text[], p_complete uuid[], p_redispatch uuid[], p_want integer, p_claim integer, p_deduplicating text[], p_tenant_id uuid)
+ RETURNS TABLE(kind text, job_id uuid, run_id uuid, item_id uuid, idempotency_key text, recipient text, contact_id uuid, detail jsonb)
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+#variable_conflict use_column
+DECLARE
+    _lease interval;
+    _results integer := coalesce(cardinality(p_result_ids), 0);
+    _held uuid[];
+    _recorded uuid[];
+    _waiting uuid[];
+    _ended uuid[] := '{}';
+    _claimed kernel.job_queue[] := '{}';
+    _cancelled uuid[];
+    _dispatchable uuid[];
+    _job record;
+    _pending bigint;
+    _items bigint;
+    _run_id uuid;
+    _grant record;
+    _cap_jobs uuid[] := '{}';
+    _caps integer[] := '{}';
+    _want integer := p_want;
+    _left integer;
+    _n integer;
+    _wait double precision;
+BEGIN
+    PERFORM kernel._require(p_worker, 'worker');
+    IF p_lease_seconds IS NULL OR p_lease_seconds NOT BETWEEN 1 AND 3600 THEN
+        RAISE EXCEPTION 'lease_seconds must be between 1 and 3600, got %', p_lease_seconds USING ERRCODE = 'KE008';
+    END IF;
+    IF p_want IS NULL OR p_want NOT BETWEEN 0 AND 10000 OR p_claim IS NULL OR p_claim NOT BETWEEN 0 AND 1000 THEN
+        RAISE EXCEPTION 'want must be between 0 and 10000 and claim between 0 and 1000, got % and %', p_want, p_claim
+            USING ERRCODE = 'KE008';
+    END IF;
+    IF _results <> coalesce(cardinality(p_result_outcomes), 0)
+       OR _results <> coalesce(cardinality(p_result_provider_ids), 0)
+       OR _results <> coalesce(cardinality(p_result_responses), 0)
+       OR _results <> coalesce(cardinality(p_result_errors), 0) THEN
+        RAISE EXCEPTION 'the five result arrays must have one entry per result (% ids)', _results USING ERRCODE = 'KE008';
+    END IF;
+    IF coalesce(cardinality(p_redispatch), 0) > p_want THEN
+        RAISE EXCEPTION 'redispatching % items exceeds want %', cardinality(p_redispatch), p_want USING ERRCODE = 'KE008';
+    END IF;
+    IF EXISTS (
+        SELECT 1 FROM unnest(p_result_outcomes, p_result_provider_ids) AS r (outcome, provider_message_id)
+        WHERE r.outcome IS NULL OR r.outcome NOT IN ('sent', 'failed', 'unknown', 'retry')
+           OR (r.outcome = 'sent' AND coalesce(r.provider_message_id, '') = '')
+    ) THEN
+        RAISE EXCEPTION 'malformed results: each outcome is sent, failed, unknown or retry, and sent needs a provider_message_id'
+            USING ERRCODE = 'KE008';
+    END IF;
+    PERFORM kernel._require_scope();
+    _lease := p_lease_seconds * interval '1 second';
+
+    -- 1. Fencing, once for the batch: lock the jobs this worker still holds. A job whose
+    --    lease expired or was taken is lost: nothing is written for it from here on.
+    SELECT coalesce(array_agg(q.id), '{}') INTO _held
+    FROM (
+        SELECT j.id FROM kernel.job_queue AS j
+        WHERE j.id = ANY (p_held) AND j.status = 'processing'
+          AND j.locked_by = p_worker AND j.lease_expires_at > now()
+        ORDER BY j.id
+        FOR NO KEY UPDATE
+    ) AS q;
+    RETURN QUERY
+    SELECT 'lost', h.id, NULL::uuid, NULL::uuid, NULL::text, NULL::text, NULL::uuid, NULL::jsonb
+    FROM unnest(p_held) AS h (id) WHERE h.id <> ALL (_held);
+
+    -- 2. Record what the provider calls came to. A retry goes back undispatched with the
+    --    same key (failed after 5 dispatches); the daemon gets it back as 'waiting'.
+    IF _results > 0 THEN
+        WITH r AS (
+            SELECT * FROM unnest(p_result_ids, p_result_outcomes, p_result_provider_ids, p_result_responses, p_result_errors)
+                AS x (id, outcome, provider_message_id, response, error)
+        ), recorded AS (
+            UPDATE kernel.channel_outbox AS o
+            SET status = CASE WHEN r.outcome <> 'retry' THEN r.outcome
+                              WHEN o.dispatch_count >= 5 THEN 'failed' ELSE 'pending' END,
+                dispatched_at = CASE WHEN r.outcome = 'retry' AND o.dispatch_count < 5 THEN NULL ELSE o.dispatched_at END,
+                provider_message_id = coalesce(r.provider_message_id, o.provider_message_id),
+                provider_response = coalesce(r.response::jsonb, o.provider_response),
+                error = CASE WHEN r.outcome = 'retry' AND o.dispatch_count >= 5
+                             THEN format('gave up after %s dispatches: %s', o.dispatch_count, r.error) ELSE r.error END,
+                sent_at = CASE WHEN r.outcome = 'sent' THEN clock_timestamp() END,
+                completed_at = CASE WHEN r.outcome <> 'retry' OR o.dispatch_count >= 5 THEN clock_timestamp() END
+            FROM r
+            WHERE o.id = r.id AND o.job_id = ANY (_held) AND o.status = 'pending' AND o.dispatched_at IS NOT NULL
+            RETURNING o.id, o.status
+        )
+        SELECT coalesce(array_agg(d.id), '{}'), coalesce(array_agg(d.id) FILTER (WHERE d.status = 'pending'), '{}')
+        INTO _recorded, _waiting FROM recorded AS d;
+        IF cardinality(_waiting) > 0 THEN
+            RETURN QUERY
+            SELECT 'waiting', o.job_id, o.run_id, o.id, o.idempotency_key, o.recipient, o.contact_id,
+                   jsonb_build_object('dispatch_count', o.dispatch_count)
+            FROM kernel.channel_outbox AS o WHERE o.id = ANY (_waiting);
+        END IF;
+        IF cardinality(_recorded) < _results THEN
+            -- Results for held jobs that match no dispatched pending item: a daemon bug.
+            RETURN QUERY
+            SELECT 'stale', o.job_id, o.run_id, o.id, o.idempotency_key, o.recipient, o.contact_id,
+                   jsonb_build_object('status', o.status, 'dispatched', o.dispatched_at IS NOT NULL)
+            FROM kernel.channel_outbox AS o
+            WHERE o.id = ANY (p_result_ids) AND o.job_id = ANY (_held) AND o.id <> ALL (_recorded);
+        END IF;
+    END IF;
+
+    -- 3. Renew the leases that are a third gone: one statement for every job held.
+    UPDATE kernel.job_queue AS j SET lease_expires_at = now() + _lease
+    WHERE j.id = ANY (_held) AND j.lease_expires_at < now() + _lease * 2 / 3;
+
+    -- 4. End the jobs the daemon has finished, checked here as complete_job checks them.
+    IF cardinality(p_complete) > 0 THEN
+        FOR _job IN
+            SELECT j.id, cardinality(j.contact_ids) AS contacts, r.status AS run_status
+            FROM kernel.job_queue AS j INNER JOIN kernel.campaign_runs AS r ON j.run_id = r.id
+            WHERE j.id = ANY (p_complete) AND j.id = ANY (_held)
+            ORDER BY j.id
+        LOOP
+            IF _job.run_status = 'cancelled' THEN
+                UPDATE kernel.channel_outbox AS o
+                SET status = 'skipped', skipped = TRUE, skip_reason = 'run_cancelled', completed_at = clock_timestamp()
+                WHERE o.job_id = _job.id AND o.status = 'pending' AND o.dispatched_at IS NULL;
+            END IF;
+            SELECT count(*) FILTER (WHERE o.status = 'pending'), count(*) INTO _pending, _items
+            FROM kernel.channel_outbox AS o WHERE o.job_id = _job.id;
+            CONTINUE WHEN _pending > 0 OR (_job.run_status <> 'cancelled' AND _items < _job.contacts);
+            UPDATE kernel.job_queue AS j
+            SET status = CASE WHEN _job.run_status = 'cancelled' THEN 'cancelled' ELSE 'completed' END,
+                completed_at = now(), last_error = NULL, locked_by = NULL, lease_expires_at = NULL
+            WHERE j.id = _job.id;
+            _ended := _ended || _job.id;
+        END LOOP;
+        FOR _run_id IN SELECT DISTINCT j.run_id FROM kernel.job_queue AS j WHERE j.id = ANY (_ended) ORDER BY 1 LOOP
+            PERFORM kernel._finish_run_if_done(_run_id);
+        END LOOP;
+        RETURN QUERY
+        SELECT 'done', j.id, j.run_id, NULL::uuid, NULL::text, NULL::text, NULL::uuid,
+               jsonb_build_object('job_status', j.status, 'run_status', r.status)
+        FROM kernel.job_queue AS j INNER JOIN kernel.campaign_runs AS r ON j.run_id = r.id
+        WHERE j.id = ANY (_ended);
+        _held := ARRAY(SELECT h FROM unnest(_held) AS h WHERE h <> ALL (_ended));
+    END IF;
+
+    -- 5. Claim new jobs. Items a lost holder left dispatched end unknown, or go back to
+    --    be re-sent with the same key when the provider deduplicates.
+    IF p_claim > 0 THEN
+        SELECT coalesce(array_agg(c), '{}') INTO _claimed
+        FROM kernel._claim_jobs(p_worker, p_claim, _lease, p_tenant_id) AS c;
+        UPDATE kernel.channel_outbox AS o
+        SET status = CASE WHEN d.dedup THEN 'pending' ELSE 'unknown' END,
+            dispatched_at = CASE WHEN d.dedup THEN NULL ELSE o.dispatched_at END,
+            completed_at = CASE WHEN d.dedup THEN NULL ELSE clock_timestamp() END,
+            error = CASE WHEN d.dedup THEN o.error
+                         ELSE 'worker lost after dispatch; the provider cannot deduplicate, so it is not re-sent' END
+        FROM (
+            SELECT c.id, (r.run_config ->> 'provider') = ANY (coalesce(p_deduplicating, '{}')) AS dedup
+            FROM unnest(_claimed) AS c INNER JOIN kernel.campaign_runs AS r ON c.run_id = r.id
+            WHERE c.attempts > 1
+        ) AS d
+        WHERE o.job_id = d.id AND o.status = 'pending' AND o.dispatched_at IS NOT NULL;
+        RETURN QUERY
+        SELECT 'job', c.id, c.run_id, NULL::uuid, NULL::text, NULL::text, NULL::uuid,
+               jsonb_build_object(
+                   'run_status', r.status, 'campaign_id', r.campaign_id, 'tenant_id', r.tenant_id,
+                   'workspace_id', r.workspace_id, 'channel', r.channel, 'generation', r.generation,
+                   'contact_count', cardinality(c.contact_ids),
+                   'remaining', cardinality(c.contact_ids) - c.reserved_count, 'attempts', c.attempts
+               ) || r.run_config
+        FROM unnest(_claimed) AS c INNER JOIN kernel.campaign_runs AS r ON c.run_id = r.id;
+        -- What a re-claimed job has reserved but not dispatched: the daemon sends it first.
+        RETURN QUERY
+        SELECT 'waiting', o.job_id, o.run_id, o.id, o.idempotency_key, o.recipient, o.contact_id,
+               jsonb_build_object('dispatch_count', o.dispatch_count)
+        FROM kernel.channel_outbox AS o
+        WHERE o.job_id IN (SELECT c.id FROM unnest(_claimed) AS c WHERE c.attempts > 1)
+          AND o.status = 'pending' AND o.dispatched_at IS NULL;
+        _held := _held || ARRAY(SELECT c.id FROM unnest(_claimed) AS c);
+    END IF;
+
+    -- 6. Dispatch at most p_want items: the waiting ones the daemon names, then new items
+    --    for the next contacts of each job's snapshot, inserted already dispatched (the
+    --    commit of this transaction comes before any provider call).
+    SELECT coalesce(array_agg(j.id) FILTER (WHERE r.status = 'cancelled'), '{}'),
+           coalesce(array_agg(j.id ORDER BY j.locked_at, j.id)
+                    FILTER (WHERE r.status <> 'cancelled' AND j.reserved_count < cardinality(j.contact_ids)), '{}')
+    INTO _cancelled, _dispatchable
+    FROM kernel.job_queue AS j INNER JOIN kernel.campaign_runs AS r ON j.run_id = r.id
+    WHERE j.id = ANY (_held);
+    RETURN QUERY
+    SELECT 'cancelled', c, NULL::uuid, NULL::uuid, NULL::text, NULL::text, NULL::uuid, NULL::jsonb
+    FROM unnest(_cancelled) AS c;
+
+    IF cardinality(p_redispatch) > 0 THEN
+        RETURN QUERY
+        WITH again AS (
+            UPDATE kernel.channel_outbox AS o
+            SET dispatched_at = clock_timestamp(), dispatch_count = o.dispatch_count + 1
+            WHERE o.id = ANY (p_redispatch) AND o.job_id = ANY (_held) AND o.job_id <> ALL (_cancelled)
+              AND o.status = 'pending' AND o.dispatched_at IS NULL
+            RETURNING o.job_id, o.run_id, o.id, o.idempotency_key, o.recipient, o.contact_id
+        )
+        SELECT 'item', a.job_id, a.run_id, a.id, a.idempotency_key, a.recipient, a.contact_id, NULL::jsonb
+        FROM again AS a;
+        GET DIAGNOSTICS _n = ROW_COUNT;
+        _want := _want - _n;
+    END IF;
+
+    -- Shared rate limits: each limited job may start only what its bucket grants now.
+    _left := _want;
+    FOR _job IN
+        SELECT j.id, j.workspace_id, r.run_config ->> 'provider' AS provider,
+               cardinality(j.contact_ids) - j.reserved_count AS remaining
+        FROM kernel.job_queue AS j INNER JOIN kernel.campaign_runs AS r ON j.run_id = r.id
+        WHERE j.id = ANY (_dispatchable) AND _want > 0
+          AND EXISTS (
+              SELECT 1 FROM kernel.provider_configs AS p
+              WHERE p.workspace_id = j.workspace_id AND p.provider = r.run_config ->> 'provider'
+                AND p.max_per_second IS NOT NULL
+          )
+        ORDER BY j.locked_at, j.id
+    LOOP
+        _grant := kernel._take_rate_tokens(_job.workspace_id, _job.provider, least(_left, _job.remaining));
+        _cap_jobs := _cap_jobs || _job.id;
+        _caps := _caps || _grant.granted;
+        _left := greatest(_left - _grant.granted, 0);
+        IF _grant.granted = 0 THEN
+            _wait := least(coalesce(_wait, _grant.wait_seconds), _grant.wait_seconds);
+        END IF;
+    END LOOP;
+    IF _wait IS NOT NULL THEN
+        RETURN QUERY
+        SELECT 'wait', NULL::uuid, NULL::uuid, NULL::uuid, NULL::text, NULL::text, NULL::uuid,
+               jsonb_build_object('seconds', _wait);
+    END IF;
+
+    IF _want > 0 AND cardinality(_dispatchable) > 0 THEN
+        RETURN QUERY
+        WITH held AS (
+            SELECT j.id, j.run_id, j.tenant_id, j.workspace_id, j.contact_ids, j.reserved_count, j.locked_at,
+                   cardinality(j.contact_ids) - j.reserved_count AS remaining,
+                   r.channel, r.run_config ->> 'provider' AS provider, r.root_run_id, r.generation, k.cap
+            FROM kernel.job_queue AS j
+            INNER JOIN kernel.campaign_runs AS r ON j.run_id = r.id
+            LEFT JOIN unnest(_cap_jobs, _caps) AS k (job_id, cap) ON j.id = k.job_id
+            WHERE j.id = ANY (_dispatchable)
+        ), ordered AS (
+            -- Older jobs first; a job is looked at only while those before it may leave room.
+            SELECT h.*, row_number() OVER w AS rank,
+                   coalesce(sum(least(h.remaining, coalesce(h.cap, h.remaining)))
+                       OVER (w ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before
+            FROM held AS h
+            WINDOW w AS (ORDER BY h.locked_at, h.id)
+        ), candidates AS (
+            -- The next contacts of each snapshot; unreachable ones become skipped items and
+            -- take no slot, so a little more than the window is looked at.
+            SELECT h.id AS job_id, h.rank, u.ord, u.contact_id, h.run_id, h.tenant_id, h.workspace_id,
+                   h.channel, h.provider, h.root_run_id, h.generation, h.cap, s.recipient, s.reason
+            FROM ordered AS h
+            CROSS JOIN LATERAL unnest(
+                h.contact_ids[h.reserved_count + 1:h.reserved_count + least(h.remaining, _want + 16)]
+            ) WITH ORDINALITY AS u (contact_id, ord)
+            LEFT JOIN kernel.contacts AS p ON u.contact_id = p.id
+            CROSS JOIN LATERAL (
+                SELECT nullif(btrim(CASE h.channel WHEN 'email' THEN p.email ELSE p.phone END), '') AS recipient
+            ) AS a
+            CROSS JOIN LATERAL (
+                SELECT a.recipient,
+                       CASE WHEN p.id IS NULL THEN 'contact_deleted'
+                            WHEN p.unsubscribed THEN 'unsubscribed'
+                            WHEN a.recipient IS NULL THEN 'no_address' END AS reason
+            ) AS s
+            WHERE h.before < _want AND coalesce(h.cap, 1) > 0
+        ), counted AS (
+            SELECT c.*,
+                   count(*) FILTER (WHERE c.reason IS NULL)
+                       OVER (ORDER BY c.rank, c.ord ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS sendable_before,
+                   count(*) FILTER (WHERE c.reason IS NULL)
+                       OVER (PARTITION BY c.job_id ORDER BY c.ord ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
+                       AS job_sendable_before
+            FROM candidates AS c
+        ), taken AS (
+            SELECT * FROM counted AS c
+            WHERE c.sendable_before < _want AND (c.cap IS NULL OR c.job_sendable_before < c.cap)
+        ), inserted AS (
+            INSERT INTO kernel.channel_outbox AS o (
+                run_id, job_id, tenant_id, workspace_id, channel, provider, status, idempotency_key,
+                skipped, skip_reason, contact_id, recipient, root_run_id, generation,
+                dispatched_at, dispatch_count, completed_at
+            )
+            SELECT t.run_id, t.job_id, t.tenant_id, t.workspace_id, t.channel, t.provider,
+                   CASE WHEN t.reason IS NULL THEN 'pending' ELSE 'skipped' END,
+                   format('%s:%s:%s:%s', t.root_run_id, t.channel, t.contact_id, t.generation),
+                   t.reason IS NOT NULL, t.reason, t.contact_id, t.recipient, t.root_run_id, t.generation,
+                   CASE WHEN t.reason IS NULL THEN clock_timestamp() END,
+                   CASE WHEN t.reason IS NULL THEN 1 ELSE 0 END,
+                   CASE WHEN t.reason IS NOT NULL THEN clock_timestamp() END
+            FROM taken AS t
+            ORDER BY t.rank, t.ord
+            ON CONFLICT (idempotency_key) DO NOTHING
+            RETURNING o.job_id, o.run_id, o.id, o.idempotency_key, o.recipient, o.contact_id, o.status
+        ), advanced AS (
+            UPDATE kernel.job_queue AS j SET reserved_count = j.reserved_count + n.taken
+            FROM (SELECT t.job_id, count(*) AS taken FROM taken AS t GROUP BY t.job_id) AS n
+            WHERE j.id = n.job_id
+            RETURNING j.id, j.run_id, cardinality(j.contact_ids) - j.reserved_count AS remaining
+        )
+        SELECT 'item', i.job_id, i.run_id, i.id, i.idempotency_key, i.recipient, i.contact_id, NULL::jsonb
+        FROM inserted AS i WHERE i.status = 'pending'
+        UNION ALL
+        SELECT 'held', a.id, a.run_id, NULL::uuid, NULL::text, NULL::text, NULL::uuid,
+               jsonb_build_object('remaining', a.remaining)
+        FROM advanced AS a;
+    END IF;
+
+    -- 7. Nothing held and nothing to claim: say what is left in scope (for --until-idle).
+    IF cardinality(_held) = 0 AND p_claim > 0 THEN
+        RETURN QUERY
+        SELECT 'idle', NULL::uuid, NULL::uuid, NULL::uuid, NULL::text, NULL::text, NULL::uuid,
+               jsonb_build_object(
+                   'queued', EXISTS (
+                       SELECT 1 FROM kernel.job_queue AS j
+                       WHERE j.status = 'queued' AND (p_tenant_id IS NULL OR j.tenant_id = p_tenant_id)
+                         AND (kernel.current_tenant() IS NULL OR kernel.in_scope(j.tenant_id, j.workspace_id))),
+                   'processing', EXISTS (
+                       SELECT 1 FROM kernel.job_queue AS j
+                       WHERE j.status = 'processing' AND (p_tenant_id IS NULL OR j.tenant_id = p_tenant_id)
+                         AND (kernel.current_tenant() IS NULL OR kernel.in_scope(j.tenant_id, j.workspace_id)))
+               );
+    END IF;
+END
+$function$;
+COMMENT ON FUNCTION kernel.worker_step(p_worker text, p_lease_seconds numeric, p_held uuid[], p_result_ids uuid[], p_result_outcomes text[], p_result_provider_ids text[], p_result_responses text[], p_result_errors text[], p_complete uuid[], p_redispatch uuid[], p_want integer, p_claim integer, p_deduplicating text[], p_tenant_id uuid) IS 'The daemon''s hot path, one transaction: fences the jobs it holds (lost rows), records results (waiting rows for retries), renews leases, ends finished jobs (done rows), claims up to p_claim jobs (job rows with their context), and dispatches up to p_want items (item rows), inserting new items already dispatched. No session state: lease and tenant travel with the call.';
+ALTER FUNCTION kernel.worker_step(p_worker text, p_lease_seconds numeric, p_held uuid[], p_result_ids uuid[], p_result_outcomes text[], p_result_provider_ids text[], p_result_responses text[], p_result_errors text[], p_complete uuid[], p_redispatch uuid[], p_want integer, p_claim integer, p_deduplicating text[], p_tenant_id uuid) OWNER TO kernel_owner;
+GRANT EXECUTE ON FUNCTION kernel.worker_step(p_worker text, p_lease_seconds numeric, p_held uuid[], p_result_ids uuid[], p_result_outcomes text[], p_result_provider_ids text[], p_result_responses text[], p_result_errors text[], p_complete uuid[], p_redispatch uuid[], p_want integer, p_claim integer, p_deduplicating text[], p_tenant_id uuid) TO kernel_worker;

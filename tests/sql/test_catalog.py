@@ -79,6 +79,19 @@ def test_security_definer_functions_pin_search_path(conn, kernel_schema):
     assert unpinned == []
 
 
+def test_every_function_resolves_names_without_the_callers_search_path(conn, kernel_schema):
+    """Pinned search_path, or a SQL-standard body (bound at creation; what the RLS predicates
+    use so that they stay inlinable): a caller's schema can shadow nothing inside either."""
+    unbound = functions_where(
+        conn, kernel_schema,
+        "p.prosqlbody IS NULL AND NOT EXISTS ("
+        " SELECT 1 FROM unnest(p.proconfig) AS c WHERE c LIKE 'search_path=%%')",
+    )
+    assert unbound == []
+    bound = functions_where(conn, kernel_schema, "p.prosqlbody IS NOT NULL")
+    assert sorted(f.split("(")[0].split(".")[-1] for f in bound) == ["current_tenant", "current_workspace", "in_scope"]
+
+
 def test_no_function_is_executable_by_public(conn, kernel_schema):
     # A NULL proacl means the default privileges, which include EXECUTE for PUBLIC.
     public = functions_where(

@@ -112,11 +112,6 @@ SCENARIOS = {
         None,
         {"provider_configured": "no provider_configs row", "provider_settings_valid": "no provider"},
     ),
-    "provider-of-another-tenant": (
-        {},
-        "UPDATE provider_configs SET tenant_id = gen_random_uuid() WHERE workspace_id = %(workspace)s",
-        {"provider_configured": "no provider_configs row", "provider_settings_valid": "no provider"},
-    ),
     "smtp-port-abc": (
         {"settings": settings("smtp", port="abc")},
         None,

@@ -190,8 +190,8 @@ def make_terminal(conn, job_id, item, status):
     if status == "skipped":
         with triggers_off(conn):  # a cancel would do it; keep the rest of the run untouched
             conn.execute(
-                "UPDATE channel_outbox SET status = 'skipped', skipped = true, skip_reason = 'run_cancelled'"
-                " WHERE id = %s",
+                "UPDATE channel_outbox SET status = 'skipped', skipped = true, skip_reason = 'run_cancelled',"
+                " completed_at = now() WHERE id = %s",
                 [item],
             )
         return
