@@ -6,6 +6,7 @@ Every user mistake ends with one line ``error: …`` on stderr and a stable exit
 
 from __future__ import annotations
 
+import uuid
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -193,30 +194,35 @@ def print_status(
 
 @main.command()
 @click.option("--worker-id", envvar="KERNEL_WORKER_ID", help="Unique id of this daemon [default: host:pid].")
-@click.option("--concurrency", type=click.IntRange(1, 256), default=8, show_default=True,
+@click.option("--concurrency", type=click.IntRange(1, 1024), default=8, show_default=True,
               help="Provider calls in flight at once (also the most items that can end unknown after a crash).")
+@click.option("--tenant", "tenant_id", type=click.UUID, envvar="KERNEL_TENANT_ID",
+              help="Claim only this tenant's jobs (passed with every call: safe behind a pooler).")
 @click.option("--until-idle", is_flag=True, help="Exit 0 once no queued or processing job is left.")
 @click.option("--poll-interval", type=click.FloatRange(0.05, 3600), default=2.0, show_default=True,
-              help="Seconds between claims when no NOTIFY arrives.")
+              help="Seconds between looks for work when no NOTIFY arrives.")
 @click.option("--lease-seconds", type=click.FloatRange(1, 3600), default=30.0, show_default=True,
-              help="Job lease; heartbeats renew it every third of it.")
-@click.option("--reserve-batch", type=click.IntRange(1, 10000), default=100, show_default=True,
-              help="Outbox items reserved per round trip.")
+              help="Job lease; the daemon renews it while it works.")
 @click.option("--grace-seconds", type=click.FloatRange(0, 3600), default=10.0, show_default=True,
               help="On SIGTERM/SIGINT, how long in-flight provider calls may finish.")
+@click.option("--listen-dsn", envvar="KERNEL_LISTEN_DSN",
+              help="Direct (unpooled) connection for LISTEN wake-ups [default: the --dsn].")
+@click.option("--no-listen", is_flag=True,
+              help="Poll only (a transaction-mode pooler cannot deliver NOTIFY and no direct DSN is given).")
 @click.option("--metrics-port", type=click.IntRange(1, 65535), help="Serve Prometheus metrics on 127.0.0.1:PORT.")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]), default="INFO",
               show_default=True)
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
               help="json: one object per line, with job_id, run_id, attempt, run_status as keys.")
 @click.pass_obj
-def run(settings: Settings, worker_id: str | None, concurrency: int, until_idle: bool,
-        poll_interval: float, lease_seconds: float, reserve_batch: int, grace_seconds: float,
-        metrics_port: int | None, log_level: str, log_format: str) -> None:
+def run(settings: Settings, worker_id: str | None, concurrency: int, tenant_id: uuid.UUID | None,
+        until_idle: bool, poll_interval: float, lease_seconds: float, grace_seconds: float,
+        listen_dsn: str | None, no_listen: bool, metrics_port: int | None, log_level: str,
+        log_format: str) -> None:
     """Run the daemon: claim jobs, send their items through the providers, record every outcome.
 
     SIGTERM or SIGINT: stop claiming, finish in-flight calls within the grace period, release the
-    job for another daemon, exit 0.
+    jobs for another daemon, exit 0.
     """
     from kernel_driver import logs
     from kernel_driver.worker import Worker, WorkerConfig, stop_on_signals
@@ -228,11 +234,11 @@ def run(settings: Settings, worker_id: str | None, concurrency: int, until_idle:
                            "(or pass the --schema it was installed into)", ExitCode.DATABASE_ERROR)
     worker = Worker(WorkerConfig(
         dsn=require_dsn(settings), schema=settings.schema, worker_id=worker_id or settings.worker_id,
-        concurrency=concurrency, reserve_batch=reserve_batch, poll_interval=poll_interval,
-        lease_seconds=lease_seconds, grace_seconds=grace_seconds, until_idle=until_idle,
-        metrics_port=metrics_port,
+        concurrency=concurrency, poll_interval=poll_interval, lease_seconds=lease_seconds,
+        grace_seconds=grace_seconds, until_idle=until_idle, metrics_port=metrics_port,
+        tenant_id=tenant_id, listen_dsn=listen_dsn, listen=not no_listen,
     ))
-    with stop_on_signals(worker.stop):
+    with stop_on_signals(worker.request_stop):
         worker.run()
 
 

@@ -19,8 +19,10 @@ class DatabaseUnreachable(Exception):
 
 
 def connect(dsn: str, *, autocommit: bool = False) -> psycopg.Connection:
+    # No server-side prepared statements: a transaction-mode pooler (PgBouncer, Supavisor)
+    # hands each transaction to any server connection, where a prepared name may not exist.
     try:
-        return psycopg.connect(dsn, autocommit=autocommit)
+        return psycopg.connect(dsn, autocommit=autocommit, prepare_threshold=None)
     except (psycopg.OperationalError, psycopg.ProgrammingError) as exc:
         # libpq spreads its message over several lines; the CLI prints one.
         reason = re.sub(r"\s+", " ", str(exc)).strip()

@@ -1,15 +1,16 @@
-"""One typed wrapper per kernel SQL function the daemon calls; nothing else in the daemon talks SQL.
+"""One typed wrapper per kernel SQL function the driver calls; nothing else in the daemon talks SQL.
 
 Each call is one statement on an autocommit connection, so each is its own short transaction:
-no transaction is ever held open across a provider call.
+no transaction is ever held open across a provider call. No call relies on session state (the
+lease, the tenant and the worker travel as arguments), so all of them work through a
+transaction-mode pooler.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
@@ -23,30 +24,53 @@ NOTIFY_CHANNEL = "kernel_jobs"
 
 
 @dataclass(frozen=True)
-class ClaimedJob:
-    id: UUID
-    run_id: UUID
-    workspace_id: UUID
-    attempts: int
-    max_attempts: int
-    lease_expires_at: datetime
-
-
-@dataclass(frozen=True)
-class ReservedItem:
-    id: UUID
-    idempotency_key: str
-    channel: str
-    recipient: str
-    contact_id: UUID
-    run_id: UUID
-
-
-@dataclass(frozen=True)
 class QueueDepth:
     status: str
     jobs: int
     oldest_age_seconds: float
+
+
+@dataclass(frozen=True)
+class Result:
+    """What one provider call came to, as worker_step records it."""
+
+    item_id: UUID
+    outcome: str  # sent, failed, unknown or retry (providers.outbox_outcome)
+    provider_message_id: str | None
+    response: str | None  # JSON text
+    error: str | None
+
+
+@dataclass
+class StepRequest:
+    """The arguments of one worker_step call (see its comment in the migration)."""
+
+    worker: str
+    lease_seconds: float
+    tenant_id: UUID | None
+    held: list[UUID] = field(default_factory=list)
+    results: list[Result] = field(default_factory=list)
+    complete: list[UUID] = field(default_factory=list)
+    fail: dict[UUID, str] = field(default_factory=dict)
+    redispatch: list[UUID] = field(default_factory=list)
+    want: int = 0
+    claim: int = 0
+    deduplicating: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class StepRow:
+    """One row of worker_step: kind is lost, waiting, stale, done, job, cancelled, item, held,
+    wait or idle; the other columns are set as the kind needs."""
+
+    kind: str
+    job_id: UUID | None
+    run_id: UUID | None
+    item_id: UUID | None
+    idempotency_key: str | None
+    recipient: str | None
+    contact_id: UUID | None
+    detail: Any
 
 
 class Kernel:
@@ -65,56 +89,27 @@ class Kernel:
     def _scalar(self, query: str, params: Sequence[Any]) -> Any:
         return self._call(query, params)[0][0]
 
-    def claim_queued_jobs(self, worker: str, max_jobs: int) -> list[ClaimedJob]:
+    def worker_step(self, request: StepRequest) -> list[StepRow]:
+        results = request.results
         return self._call(
-            "SELECT id, run_id, workspace_id, attempts, max_attempts, lease_expires_at"
-            " FROM {schema}.claim_queued_jobs(%s, %s)",
-            (worker, max_jobs),
-            class_row(ClaimedJob),
+            "SELECT kind, job_id, run_id, item_id, idempotency_key, recipient, contact_id, detail"
+            " FROM {schema}.worker_step(%s::text, %s::numeric, %s::uuid[], %s::uuid[], %s::text[],"
+            " %s::text[], %s::text[], %s::text[], %s::uuid[], %s::uuid[], %s::text[], %s::uuid[],"
+            " %s::integer, %s::integer, %s::text[], %s::uuid)",
+            (
+                request.worker, request.lease_seconds, request.held,
+                [r.item_id for r in results], [r.outcome for r in results],
+                [r.provider_message_id for r in results], [r.response for r in results],
+                [r.error for r in results],
+                request.complete, list(request.fail), list(request.fail.values()), request.redispatch,
+                request.want, request.claim, request.deduplicating, request.tenant_id,
+            ),
+            class_row(StepRow),
         )
 
-    def job_context(self, job_id: UUID, worker: str) -> dict[str, Any]:
-        return self._scalar("SELECT {schema}.job_context(%s, %s)", (job_id, worker))
-
-    def heartbeat_job(self, job_id: UUID, worker: str) -> datetime:
-        return self._scalar("SELECT {schema}.heartbeat_job(%s, %s)", (job_id, worker))
-
-    def release_job(self, job_id: UUID, worker: str, reason: str) -> None:
-        self._call("SELECT FROM {schema}.release_job(%s, %s, %s)", (job_id, worker, reason))
-
-    def recover_dispatched_items(self, job_id: UUID, worker: str, deduplicates: bool) -> int:
+    def release_jobs(self, worker: str, job_ids: Sequence[UUID], reason: str) -> int:
         return self._scalar(
-            "SELECT {schema}.recover_dispatched_items(%s, %s, %s)", (job_id, worker, deduplicates)
-        )
-
-    def reserve_outbox_items(self, job_id: UUID, worker: str, max_items: int) -> list[ReservedItem]:
-        return self._call(
-            "SELECT id, idempotency_key, channel, recipient, contact_id, run_id"
-            " FROM {schema}.reserve_outbox_items(%s, %s, %s)",
-            (job_id, worker, max_items),
-            class_row(ReservedItem),
-        )
-
-    def mark_outbox_dispatched(self, job_id: UUID, worker: str, item_ids: Sequence[UUID]) -> int:
-        return self._scalar(
-            "SELECT {schema}.mark_outbox_dispatched(%s, %s, %s)", (job_id, worker, list(item_ids))
-        )
-
-    def record_outbox_results(self, job_id: UUID, worker: str, results: Sequence[dict[str, Any]]) -> int:
-        return self._scalar(
-            "SELECT {schema}.record_outbox_results(%s, %s, %s::jsonb)",
-            (job_id, worker, json.dumps(list(results), default=str)),
-        )
-
-    def complete_job(self, job_id: UUID, success: bool, error: str | None, worker: str) -> str:
-        """Returns the run's status after the job ended."""
-        return self._scalar(
-            "SELECT {schema}.complete_job(%s, %s, %s, %s)", (job_id, success, error, worker)
-        )
-
-    def take_rate_tokens(self, workspace_id: UUID, provider: str, wanted: int) -> int:
-        return self._scalar(
-            "SELECT {schema}.take_rate_tokens(%s, %s, %s)", (workspace_id, provider, wanted)
+            "SELECT {schema}.release_jobs(%s, %s::uuid[], %s)", (worker, list(job_ids), reason)
         )
 
     def queue_stats(self) -> list[QueueDepth]:
@@ -128,7 +123,10 @@ class Kernel:
         return self._scalar("SELECT {schema}.run_details(%s, %s)", (run_id, item_limit))
 
 
+def response_json(response: dict[str, Any]) -> str | None:
+    return json.dumps(response, default=str) if response else None
+
+
 def listen(conn: psycopg.Connection) -> None:
     """Subscribe `conn` (autocommit) to the wake-ups deploy, retry and release send."""
     conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(NOTIFY_CHANNEL)))
-

@@ -1,38 +1,45 @@
-"""The daemon: claim a job → reserve items → mark a chunk dispatched → call the provider → record.
+"""The daemon: a sliding window of provider calls, fed and recorded by one kernel call per batch.
 
-Every state change is a kernel SQL function (queries.Kernel); this module only does I/O and
-scheduling. Each SQL call is its own short transaction, and the outbox rows of a chunk are
-committed as dispatched *before* the provider is called (invariant 1), so after a crash at most
-one chunk (`concurrency` items) can end `unknown`.
+`kernel.worker_step` does in one transaction what 1.0 did in eight: it fences the jobs the
+daemon holds, records the results that came back, renews the leases, ends finished jobs, claims
+new ones and marks the next items dispatched. That commit comes before any provider call for
+those items (invariant 1), and the daemon never has more than `concurrency` items dispatched
+and unrecorded, so after a crash at most `concurrency` items can end `unknown`.
+
+Threads: the main thread owns all state and the database connection; `concurrency` provider
+threads make the calls; one listener thread (optional) turns NOTIFY into wake-ups.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
+import math
 import logging
 import signal
 import threading
 import time
-from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from queue import Empty, SimpleQueue
 from typing import Any
+from uuid import UUID
 
 import psycopg
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
-from psycopg import sql
 
-from kernel_driver.db import KernelError, LeaseLost, connect
+from kernel_driver.db import DatabaseUnreachable, connect
 from kernel_driver.providers import (
     OutboundItem,
     ProviderAdapter,
     ProviderConfigError,
     SendResult,
+    installed_providers,
     load_adapter,
     outbox_outcome,
 )
-from kernel_driver.queries import ClaimedJob, Kernel, ReservedItem, listen
+from kernel_driver.queries import Kernel, Result, StepRequest, StepRow, listen, response_json
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +52,16 @@ JOBS_RECLAIMED = Counter(
     "kernel_jobs_reclaimed_total", "Jobs claimed again after a release or an expired lease"
 )
 LEASE_LOSSES = Counter("kernel_lease_losses_total", "Jobs this daemon lost to another worker (fenced)")
+STEPS = Counter("kernel_worker_steps_total", "worker_step calls (one transaction each)")
 QUEUE_JOBS = Gauge("kernel_queue_jobs", "Jobs in the queue by status (all workers)", ["status"])
 QUEUE_OLDEST = Gauge(
     "kernel_queue_oldest_job_age_seconds", "Age of the oldest job by status (all workers)", ["status"]
 )
 
-RETRY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
+# Seconds before an item the provider did not take (or that a lost worker left undispatched)
+# goes out again, by how often it was dispatched before; the kernel fails it after 5.
+RETRY_BACKOFF_S = (0.0, 0.2, 0.5, 1.0, 2.0, 5.0)
+TERMINAL_RUN = frozenset({"completed", "partial", "failed", "cancelled"})
 
 
 @dataclass(frozen=True)
@@ -59,300 +70,403 @@ class WorkerConfig:
     schema: str
     worker_id: str
     concurrency: int = 8
-    reserve_batch: int = 100
     poll_interval: float = 2.0
     lease_seconds: float = 30.0
     grace_seconds: float = 10.0
     until_idle: bool = False
     metrics_port: int | None = None
+    tenant_id: UUID | None = None
+    # Where LISTEN runs: the DSN itself unless given; None with listen=False (poll only).
+    listen_dsn: str | None = None
+    listen: bool = True
 
 
-class StopWork(Exception):
-    """Shutdown asked while a job was in hand: release it for another worker."""
+@dataclass(frozen=True)
+class Item:
+    id: UUID
+    job_id: UUID
+    run_id: UUID
+    idempotency_key: str
+    recipient: str
+    contact_id: UUID
+
+
+@dataclass
+class HeldJob:
+    id: UUID
+    run_id: UUID
+    attempt: int
+    channel: str
+    provider: str
+    content: Any
+    remaining: int  # contacts of the job that have no item yet
+    adapter: ProviderAdapter | None = None
+    error: str | None = None  # the provider cannot be used: the job is failed with this
+    cancelled: bool = False
+    in_flight: int = 0
+    waiting: dict[UUID, tuple[Item, float]] = field(default_factory=dict)  # item -> (item, ready at)
+    complete_asked: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return self.in_flight == 0 and not self.waiting and (self.cancelled or self.remaining == 0)
 
 
 class Worker:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
         self.stop = threading.Event()
-        self._stop_requested_at: float | None = None
+        self._wake = threading.Event()
+        self._notified = True  # claim at start
+        self._tasks: SimpleQueue[tuple[HeldJob, Item] | None] = SimpleQueue()
+        self._done: SimpleQueue[tuple[HeldJob, Item, SendResult]] = SimpleQueue()
         self._adapters: dict[str, ProviderAdapter] = {}
-        self._pool = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="provider")
+        self._jobs: dict[UUID, HeldJob] = {}
+        self._in_flight = 0
+        self._unrecorded: list[Result] = []
+        self._deduplicating = [name for name in installed_providers() if _deduplicates(name)]
+        self._last_step = 0.0
+        self._next_claim = 0.0  # when to look for work again without a NOTIFY
+        self._rate_until = 0.0  # a shared rate limit allows no send before this
+        self._job_size = 1000.0  # contacts per claimed job, a running average (start: one batch)
+        self._stop_at: float | None = None
+        self._threads = [
+            threading.Thread(target=self._call_providers, name=f"provider-{n}", daemon=True)
+            for n in range(config.concurrency)
+        ]
 
-    # --- the main loop --------------------------------------------------------------------
+    # --- lifecycle ------------------------------------------------------------------------
 
     def run(self) -> None:
         """Work until stopped (or, with until_idle, until no queued or processing job is left)."""
         if self.config.metrics_port:
             start_http_server(self.config.metrics_port, addr="127.0.0.1")
+        for thread in self._threads:
+            thread.start()
+        if self.config.listen:
+            threading.Thread(target=self._listen, name="listener", daemon=True).start()
         log.info("worker started", extra={"worker": self.config.worker_id})
         try:
-            while not self.stop.is_set():
-                try:
-                    self._serve()
-                    return
-                except psycopg.OperationalError as exc:
-                    log.error("database connection lost, reconnecting: %s", exc)
-                    self.stop.wait(self.config.poll_interval)
+            self._serve()
         finally:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self.stop.set()
+            for _ in self._threads:
+                self._tasks.put(None)
             for adapter in self._adapters.values():
                 adapter.close()
             log.info("worker stopped", extra={"worker": self.config.worker_id})
 
     def _serve(self) -> None:
-        with self._connect() as conn, self._connect() as listener:
-            listen(listener)
-            kernel = Kernel(conn, self.config.schema)
-            while not self.stop.is_set():
-                jobs = kernel.claim_queued_jobs(self.config.worker_id, 1)
-                if jobs:
-                    self._process(kernel, jobs[0])
-                    continue
-                depth = {q.status: q for q in kernel.queue_stats()}
-                self._publish_queue_metrics(depth)
-                if self.config.until_idle and not depth:
-                    log.info("no work left", extra={"worker": self.config.worker_id})
+        """Step until done; a lost connection is reopened, keeping every outcome seen so far
+        (the next step records it, fenced, if the lease is still held)."""
+        while True:
+            try:
+                with connect(self.config.dsn, autocommit=True) as conn:
+                    if self._loop(Kernel(conn, self.config.schema)):
+                        return
+            except (psycopg.OperationalError, DatabaseUnreachable) as exc:
+                if self._stop_expired():
+                    log.error("database unreachable while stopping: %s", exc)
                     return
-                self._wait_for_work(listener)
+                log.error("database connection lost, reconnecting: %s", exc)
+                time.sleep(min(self.config.poll_interval, 0.5))
 
-    def _connect(self) -> psycopg.Connection:
-        conn = connect(self.config.dsn, autocommit=True)
-        # The lease length is read by claim_queued_jobs and heartbeat_job from this setting.
-        conn.execute(
-            sql.SQL("SET execution_kernel.lease_seconds = {}").format(
-                sql.Literal(str(self.config.lease_seconds))
-            )
-        )
-        return conn
-
-    def _wait_for_work(self, listener: psycopg.Connection) -> None:
-        """Return on a NOTIFY, after the poll interval, or soon after stop."""
-        deadline = time.monotonic() + self.config.poll_interval
+    def _listen(self) -> None:
+        """Set the wake-up on every NOTIFY; reconnects by itself. Polling covers the gaps."""
         while not self.stop.is_set():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            for _ in listener.notifies(timeout=min(remaining, 0.25), stop_after=1):
-                return
+            try:
+                with connect(self.config.listen_dsn or self.config.dsn, autocommit=True) as conn:
+                    listen(conn)
+                    while not self.stop.is_set():
+                        for _ in conn.notifies(timeout=0.5, stop_after=1):
+                            self._notified = True
+                            self._wake.set()
+            except (psycopg.Error, DatabaseUnreachable) as exc:
+                log.warning("listener connection lost (polling meanwhile): %s", exc)
+                self.stop.wait(self.config.poll_interval)
 
-    @staticmethod
-    def _publish_queue_metrics(depth: dict[str, Any]) -> None:
+    def request_stop(self) -> None:
+        """Stop claiming; finish in-flight calls within the grace period; release; return."""
+        self.stop.set()
+        self._wake.set()
+
+    def _stop_expired(self) -> bool:
+        return self._stop_at is not None and time.monotonic() - self._stop_at > self.config.grace_seconds
+
+    # --- the main loop --------------------------------------------------------------------
+
+    def _loop(self, kernel: Kernel) -> bool:
+        """Returns True when the daemon is done (stopped, or idle with until_idle)."""
+        while True:
+            self._wake.clear()
+            self._collect()
+            now = time.monotonic()
+            if self.stop.is_set() and self._stop_at is None:
+                self._stop_at = now
+            if self._stop_at is not None and (self._in_flight == 0 or self._stop_expired()):
+                self._shut_down(kernel)
+                return True
+            request = self._request(now)
+            if request is None:
+                self._wake.wait(self._sleep(now))
+                continue
+            rows = kernel.worker_step(request)
+            STEPS.inc()
+            self._last_step = time.monotonic()
+            self._unrecorded = self._unrecorded[len(request.results):]
+            if self._apply(kernel, request, rows):
+                return True
+
+    def _request(self, now: float) -> StepRequest | None:
+        """The next step, or None when there is nothing worth a round trip yet."""
+        stopping = self._stop_at is not None
+        free = 0 if stopping else self.config.concurrency - self._in_flight
+        redispatch = []
+        for job in self._jobs.values():
+            if not (job.cancelled or job.error):
+                redispatch += [item.id for item, ready in job.waiting.values() if ready <= now]
+        redispatch = redispatch[:free]
+        remaining = sum(job.remaining for job in self._jobs.values() if not (job.cancelled or job.error))
+        claim = 0
+        needed = free - remaining - len(redispatch)
+        if not stopping and needed > 0 and (self._notified or now >= self._next_claim):
+            # Enough jobs to fill the window, judged by the size of the jobs claimed lately:
+            # one big batch job, or many one-contact jobs at once.
+            claim = min(math.ceil(needed / self._job_size), 1000)
+        complete = [job.id for job in self._jobs.values() if job.finished and not job.error]
+        fail = {job.id: job.error for job in self._jobs.values() if job.error and job.in_flight == 0}
+        dispatch = free > 0 and (remaining > 0 or redispatch) and now >= self._rate_until
+        renew = bool(self._jobs) and now - self._last_step >= self.config.lease_seconds / 6
+        if not (self._unrecorded or complete or fail or redispatch or dispatch or claim or renew):
+            return None
+        return StepRequest(
+            worker=self.config.worker_id, lease_seconds=self.config.lease_seconds,
+            tenant_id=self.config.tenant_id, held=list(self._jobs), results=list(self._unrecorded),
+            complete=complete, fail=fail, redispatch=redispatch,
+            want=free if (dispatch or claim) else len(redispatch), claim=claim,
+            deduplicating=self._deduplicating,
+        )
+
+    def _sleep(self, now: float) -> float:
+        """How long nothing needs a step: until a retry is due, a lease wants renewing, or the
+        next look for work (a result or a NOTIFY wakes the loop earlier)."""
+        deadlines = [now + self.config.poll_interval, self._next_claim, self._rate_until]
+        if self._jobs:
+            deadlines.append(self._last_step + self.config.lease_seconds / 6)
+        deadlines += [ready for job in self._jobs.values() for _, ready in job.waiting.values()]
+        if self._stop_at is not None:
+            deadlines.append(self._stop_at + self.config.grace_seconds)
+        # Deadlines already past wait for a free slot, which a finished call signals.
+        return min((deadline for deadline in deadlines if deadline > now), default=now) - now
+
+    def _apply(self, kernel: Kernel, request: StepRequest, rows: list[StepRow]) -> bool:
+        """Act on what the step returned; True when until_idle finds nothing left."""
+        now = time.monotonic()
+        if request.claim:
+            self._notified = False
+        claimed = 0
+        ended: set[UUID] = set()
+        retried: set[UUID] = set()
+        for job_id in request.redispatch:
+            for job in self._jobs.values():
+                job.waiting.pop(job_id, None)
+        for row in rows:
+            kind = row.kind
+            job = self._jobs.get(row.job_id) if row.job_id else None
+            if kind == "item" and job is not None:
+                self._dispatch(job, _item(row))
+            elif kind == "held" and job is not None:
+                job.remaining = row.detail["remaining"]
+            elif kind == "job":
+                claimed += 1
+                self._hold(row)
+                self._job_size = 0.7 * self._job_size + 0.3 * max(1, row.detail["remaining"])
+            elif kind == "waiting" and job is not None:
+                retried.add(job.id)
+                count = row.detail["dispatch_count"]
+                job.waiting[row.item_id] = (_item(row), now + RETRY_BACKOFF_S[min(count, len(RETRY_BACKOFF_S) - 1)])
+            elif kind == "done" and job is not None:
+                ended.add(job.id)
+                self._end(job, row.detail)
+            elif kind == "cancelled" and job is not None:
+                job.cancelled = True
+                job.waiting.clear()
+            elif kind == "lost" and job is not None:
+                LEASE_LOSSES.inc()
+                del self._jobs[job.id]
+                log.warning("lease lost job=%s: another worker holds it or it ended", job.id,
+                            extra=_fields(job))
+            elif kind == "wait":
+                self._rate_until = now + float(row.detail["seconds"])
+            elif kind == "stale":
+                log.warning("result for item %s not recorded: it is %s", row.item_id, row.detail)
+            elif kind == "idle":
+                self._publish_queue_metrics(kernel)
+                if self.config.until_idle and not self._in_flight and not self._unrecorded:
+                    if not row.detail["queued"] and not row.detail["processing"]:
+                        log.info("no work left", extra={"worker": self.config.worker_id})
+                        return True
+                    # Another daemon's job may still end or expire: look again soon.
+                    self._next_claim = now + min(self.config.poll_interval, 0.1)
+                    continue
+        if request.claim:
+            if claimed < request.claim:
+                self._next_claim = now + self.config.poll_interval
+            else:
+                self._notified = True  # more may be queued
+        self._release_stuck(kernel, request, ended | retried)
+        return False
+
+    def _release_stuck(self, kernel: Kernel, request: StepRequest, settled: set[UUID]) -> None:
+        """A job this daemon finished that the kernel would not end, twice, is in a state the
+        daemon does not know: items dispatched by a step whose commit it never saw (a connection
+        lost mid-call; those items were never sent) or a snapshot the kernel refuses to close.
+        Release it: its next holder settles the items by the contract, and the kernel fails
+        the job after max_attempts."""
+        stuck = []
+        for job_id in request.complete:
+            job = self._jobs.get(job_id)
+            if job is None:
+                continue
+            if job_id in settled:  # a retry came back: the job is not finished after all
+                job.complete_asked = False
+                continue
+            if job.complete_asked:
+                stuck.append(job_id)
+                log.warning("job %s: the kernel would not end it; releasing it for another attempt",
+                            job_id, extra=_fields(job))
+            job.complete_asked = True
+        if stuck:
+            kernel.release_jobs(self.config.worker_id, stuck, "the kernel would not end the job")
+            for job_id in stuck:
+                del self._jobs[job_id]
+
+    def _shut_down(self, kernel: Kernel) -> None:
+        """Record what came back, end what is finished, give the rest back to the queue."""
+        if self._in_flight:
+            log.warning("grace period over: %d provider calls abandoned", self._in_flight)
+        request = self._request(time.monotonic())
+        if request is not None:
+            rows = kernel.worker_step(request)
+            self._unrecorded = []
+            self._apply(kernel, request, rows)
+        if self._jobs:
+            released = kernel.release_jobs(
+                self.config.worker_id, list(self._jobs), f"released by {self.config.worker_id} on shutdown"
+            )
+            log.info("%d jobs released (shutdown)", released)
+            self._jobs.clear()
+
+    # --- jobs and items -------------------------------------------------------------------
+
+    def _hold(self, row: StepRow) -> None:
+        context = row.detail
+        job = HeldJob(
+            id=row.job_id, run_id=row.run_id, attempt=context["attempts"], channel=context["channel"],
+            provider=context["provider"], content=context.get("content"), remaining=context["remaining"],
+        )
+        try:
+            job.adapter = self._adapter(job.provider, context.get("provider_settings") or {})
+        except ProviderConfigError as exc:
+            job.error = str(exc)
+            log.error("job failed job=%s: %s", job.id, exc, extra=_fields(job))
+        self._jobs[job.id] = job
+        JOBS_CLAIMED.inc()
+        if job.attempt > 1:
+            JOBS_RECLAIMED.inc()
+        log.info("job claimed job=%s run=%s attempt=%s", job.id, job.run_id, job.attempt, extra=_fields(job))
+
+    def _dispatch(self, job: HeldJob, item: Item) -> None:
+        if job.error is not None:
+            # Dispatched by the same step that claimed the job, but never sent.
+            self._unrecorded.append(Result(item.id, "failed", None, None, job.error))
+            return
+        job.in_flight += 1
+        self._in_flight += 1
+        self._tasks.put((job, item))
+
+    def _end(self, job: HeldJob, detail: dict[str, Any]) -> None:
+        del self._jobs[job.id]
+        run_status = detail["run_status"]
+        log.info("job %s job=%s", detail["job_status"], job.id, extra=_fields(job))
+        if run_status in TERMINAL_RUN:
+            log.info("run %s run=%s", run_status, job.run_id, extra={**_fields(job), "run_status": run_status})
+
+    def _collect(self) -> None:
+        """Take the outcomes the provider threads finished since the last look."""
+        while True:
+            try:
+                job, item, result = self._done.get_nowait()
+            except Empty:
+                return
+            self._in_flight -= 1
+            job.in_flight -= 1
+            if self._jobs.get(job.id) is not job:
+                continue  # lost meanwhile: fenced, nothing is recorded for it
+            assert job.adapter is not None
+            outcome = outbox_outcome(result.outcome, job.adapter.deduplicates)
+            ITEMS.labels(job.channel, job.provider, outcome).inc()
+            self._unrecorded.append(
+                Result(item.id, outcome, result.provider_message_id, response_json(result.response), result.error)
+            )
+
+    def _call_providers(self) -> None:
+        """One provider thread: call, time, hand back, wake the main loop."""
+        while (task := self._tasks.get()) is not None:
+            job, item = task
+            assert job.adapter is not None
+            started = time.perf_counter()
+            result = job.adapter.send(OutboundItem(
+                id=str(item.id), idempotency_key=item.idempotency_key, channel=job.channel,
+                recipient=item.recipient, content=job.content, run_id=str(item.run_id),
+                contact_id=str(item.contact_id),
+            ))
+            CALL_SECONDS.labels(job.provider).observe(time.perf_counter() - started)
+            self._done.put((job, item, result))
+            self._wake.set()
+
+    def _adapter(self, provider: str, settings: dict[str, Any]) -> ProviderAdapter:
+        key = f"{provider}:{json.dumps(settings, sort_keys=True)}"
+        if key not in self._adapters:
+            adapter_class = load_adapter(provider)
+            if "concurrency" in inspect.signature(adapter_class).parameters:
+                self._adapters[key] = adapter_class(settings, concurrency=self.config.concurrency)
+            else:  # an adapter written for 1.0
+                self._adapters[key] = adapter_class(settings)
+        return self._adapters[key]
+
+    def _publish_queue_metrics(self, kernel: Kernel) -> None:
+        if not self.config.metrics_port:
+            return
+        depth = {q.status: q for q in kernel.queue_stats()}
         for status in ("queued", "processing"):
             entry = depth.get(status)
             QUEUE_JOBS.labels(status).set(entry.jobs if entry else 0)
             QUEUE_OLDEST.labels(status).set(entry.oldest_age_seconds if entry else 0)
 
-    # --- one job ----------------------------------------------------------------------------
 
-    def _process(self, kernel: Kernel, job: ClaimedJob) -> None:
-        worker = self.config.worker_id
-        JOBS_CLAIMED.inc()
-        if job.attempts > 1:
-            JOBS_RECLAIMED.inc()
-        fields = {"job_id": str(job.id), "run_id": str(job.run_id), "attempt": job.attempts}
-        log.info("job claimed job=%s run=%s attempt=%s", job.id, job.run_id, job.attempts, extra=fields)
-        try:
-            with self._heartbeat(job) as lease_lost:
-                context = kernel.job_context(job.id, worker)
-                try:
-                    adapter = self._adapter(context["provider"], context["provider_settings"])
-                except ProviderConfigError as exc:
-                    run_status = self._fail_job(kernel, job, str(exc))
-                    log.error("job failed job=%s: %s", job.id, exc, extra=fields)
-                else:
-                    recovered = kernel.recover_dispatched_items(job.id, worker, adapter.deduplicates)
-                    if recovered:
-                        log.warning(
-                            "job %s: %d items dispatched by a lost worker %s",
-                            job.id, recovered, "will be re-sent (provider deduplicates)"
-                            if adapter.deduplicates else "ended unknown", extra=fields,
-                        )
-                    self._send_all(kernel, job, context, adapter, lease_lost)
-                    run_status = kernel.complete_job(job.id, True, None, worker)
-                    log.info("job completed job=%s", job.id, extra=fields)
-        except LeaseLost as exc:
-            LEASE_LOSSES.inc()
-            log.warning("lease lost job=%s: %s", job.id, exc, extra=fields)
-            return
-        except StopWork:
-            kernel.release_job(job.id, worker, f"released by {worker} on shutdown")
-            log.info("job released job=%s (shutdown)", job.id, extra=fields)
-            return
-        except KernelError as exc:
-            # A refusal the daemon did not expect: leave the job to its lease (it is re-claimed,
-            # and failed after max_attempts) rather than stop serving every other job.
-            log.error("job abandoned job=%s: kernel refused: %s (%s)", job.id, exc, exc.sqlstate, extra=fields)
-            return
-        if run_status in ("completed", "partial", "failed", "cancelled"):
-            log.info("run %s run=%s", run_status, job.run_id, extra={**fields, "run_status": run_status})
+def _item(row: StepRow) -> Item:
+    return Item(row.item_id, row.job_id, row.run_id, row.idempotency_key, row.recipient, row.contact_id)
 
-    def _send_all(
-        self,
-        kernel: Kernel,
-        job: ClaimedJob,
-        context: dict[str, Any],
-        adapter: ProviderAdapter,
-        lease_lost: threading.Event,
-    ) -> None:
-        worker = self.config.worker_id
-        retry_rounds = 0
-        while True:
-            items = kernel.reserve_outbox_items(job.id, worker, self.config.reserve_batch)
-            if not items:
-                return
-            retried = False
-            while items:
-                if lease_lost.is_set():
-                    raise LeaseLost(f"heartbeat for job {job.id} was refused")
-                if self.stop.is_set():
-                    raise StopWork
-                chunk = items[: self._granted(kernel, context, min(len(items), self.config.concurrency))]
-                items = items[len(chunk):]
-                retried |= self._send_chunk(kernel, job, context, adapter, chunk)
-            if retried:
-                # Transient provider trouble: back off before the same keys go out again.
-                self.stop.wait(RETRY_BACKOFF_S[min(retry_rounds, len(RETRY_BACKOFF_S) - 1)])
-                retry_rounds += 1
 
-    def _granted(self, kernel: Kernel, context: dict[str, Any], wanted: int) -> int:
-        """How many sends may start now under the workspace's shared rate limit (waits for one)."""
-        rate = context.get("max_per_second")
-        if rate is None:
-            return wanted
-        while not self.stop.is_set():
-            granted = kernel.take_rate_tokens(context["workspace_id"], context["provider"], wanted)
-            if granted:
-                return granted
-            self.stop.wait(min(1.0, 1.0 / float(rate)))
-        raise StopWork
+def _fields(job: HeldJob) -> dict[str, Any]:
+    return {"job_id": str(job.id), "run_id": str(job.run_id), "attempt": job.attempt}
 
-    def _send_chunk(
-        self,
-        kernel: Kernel,
-        job: ClaimedJob,
-        context: dict[str, Any],
-        adapter: ProviderAdapter,
-        chunk: list[ReservedItem],
-    ) -> bool:
-        """Dispatch, call, record one chunk; True when some item is to be retried."""
-        worker = self.config.worker_id
-        kernel.mark_outbox_dispatched(job.id, worker, [item.id for item in chunk])
-        futures = {
-            self._pool.submit(self._call_provider, adapter, self._outbound(item, context)): item
-            for item in chunk
-        }
-        finished = self._await(futures)
-        results = []
-        for future, item in futures.items():
-            if future not in finished:
-                continue  # abandoned at shutdown: dispatched, recovered by the next holder
-            outcome = outbox_outcome(future.result().outcome, adapter.deduplicates)
-            results.append(self._result_row(item, future.result(), outcome))
-            ITEMS.labels(item.channel, adapter.name, outcome).inc()
-        if results:
-            kernel.record_outbox_results(job.id, worker, results)
-        if len(finished) < len(futures):
-            raise StopWork
-        return any(row["outcome"] == "retry" for row in results)
 
-    def _await(self, futures: dict[Future[SendResult], ReservedItem]) -> set[Future[SendResult]]:
-        """Wait for the chunk's calls; after a stop, only for what is left of the grace period."""
-        pending = set(futures)
-        done: set[Future[SendResult]] = set()
-        while pending:
-            finished, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
-            done |= finished
-            if self.stop.is_set():
-                if self._stop_requested_at is None:
-                    self._stop_requested_at = time.monotonic()
-                if time.monotonic() - self._stop_requested_at > self.config.grace_seconds:
-                    log.warning("grace period over: %d provider calls abandoned", len(pending))
-                    break
-        return done
-
-    @staticmethod
-    def _call_provider(adapter: ProviderAdapter, item: OutboundItem) -> SendResult:
-        with CALL_SECONDS.labels(adapter.name).time():
-            return adapter.send(item)
-
-    @staticmethod
-    def _outbound(item: ReservedItem, context: dict[str, Any]) -> OutboundItem:
-        return OutboundItem(
-            id=str(item.id),
-            idempotency_key=item.idempotency_key,
-            channel=item.channel,
-            recipient=item.recipient,
-            content=context["content"],
-            run_id=str(item.run_id),
-            contact_id=str(item.contact_id),
-        )
-
-    @staticmethod
-    def _result_row(item: ReservedItem, result: SendResult, outcome: str) -> dict[str, Any]:
-        return {
-            "id": str(item.id),
-            "outcome": outcome,
-            "provider_message_id": result.provider_message_id,
-            "provider_response": result.response or None,
-            "error": result.error,
-        }
-
-    def _fail_job(self, kernel: Kernel, job: ClaimedJob, error: str) -> str:
-        """The provider cannot be used: every contact of the job gets a failed item saying why,
-        so that a retry after the fix targets exactly them."""
-        worker = self.config.worker_id
-        kernel.recover_dispatched_items(job.id, worker, False)
-        while items := kernel.reserve_outbox_items(job.id, worker, 1000):
-            kernel.record_outbox_results(
-                job.id, worker, [{"id": str(item.id), "outcome": "failed", "error": error} for item in items]
-            )
-        return kernel.complete_job(job.id, False, error, worker)
-
-    def _adapter(self, provider: str, settings: dict[str, Any]) -> ProviderAdapter:
-        key = f"{provider}:{json.dumps(settings, sort_keys=True)}"
-        if key not in self._adapters:
-            self._adapters[key] = load_adapter(provider)(settings)
-        return self._adapters[key]
-
-    @contextmanager
-    def _heartbeat(self, job: ClaimedJob) -> Iterator[threading.Event]:
-        """Extend the lease every third of its length on a connection of its own.
-
-        Yields an event set when the kernel refuses a heartbeat: the lease is lost.
-        """
-        lost = threading.Event()
-        done = threading.Event()
-        interval = self.config.lease_seconds / 3
-
-        def beat() -> None:
-            try:
-                with self._connect() as conn:
-                    kernel = Kernel(conn, self.config.schema)
-                    while not done.wait(interval):
-                        kernel.heartbeat_job(job.id, self.config.worker_id)
-            except LeaseLost:
-                lost.set()
-            except Exception as exc:  # no heartbeat means no lease: stop working on the job
-                log.error("heartbeat for job %s failed: %s", job.id, exc)
-                lost.set()
-
-        thread = threading.Thread(target=beat, name=f"heartbeat-{job.id}", daemon=True)
-        thread.start()
-        try:
-            yield lost
-        finally:
-            done.set()
-            thread.join()
+def _deduplicates(provider: str) -> bool:
+    try:
+        return load_adapter(provider).deduplicates
+    except ProviderConfigError:
+        return False  # cannot be loaded: its jobs fail with the reason when claimed
 
 
 @contextmanager
-def stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    """SIGTERM/SIGINT set `stop` (drain, release, exit 0); the old handlers come back after."""
+def stop_on_signals(stop: Callable[[], None]) -> Iterator[None]:
+    """SIGTERM/SIGINT call `stop` (drain, release, exit 0); the old handlers come back after."""
 
     def handler(signum: int, _frame: object) -> None:
         log.info("signal %s: finishing in-flight calls, then stopping", signal.Signals(signum).name)
-        stop.set()
+        stop()
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:

@@ -602,6 +602,8 @@ CREATE FUNCTION kernel.worker_step(
     p_result_responses text[],
     p_result_errors text[],
     p_complete uuid[],
+    p_fail uuid[],
+    p_fail_errors text[],
     p_redispatch uuid[],
     p_want integer,
     p_claim integer,
@@ -651,6 +653,9 @@ BEGIN
        OR _results <> coalesce(cardinality(p_result_responses), 0)
        OR _results <> coalesce(cardinality(p_result_errors), 0) THEN
         RAISE EXCEPTION 'the five result arrays must have one entry per result (% ids)', _results USING ERRCODE = 'KE008';
+    END IF;
+    IF coalesce(cardinality(p_fail), 0) <> coalesce(cardinality(p_fail_errors), 0) THEN
+        RAISE EXCEPTION 'fail and fail_errors must have one entry per job' USING ERRCODE = 'KE008';
     END IF;
     IF coalesce(cardinality(p_redispatch), 0) > p_want THEN
         RAISE EXCEPTION 'redispatching % items exceeds want %', cardinality(p_redispatch), p_want USING ERRCODE = 'KE008';
@@ -748,6 +753,24 @@ BEGIN
         FOR _run_id IN SELECT DISTINCT j.run_id FROM kernel.job_queue AS j WHERE j.id = ANY (_ended) ORDER BY 1 LOOP
             PERFORM kernel._finish_run_if_done(_run_id);
         END LOOP;
+    END IF;
+
+    -- 4b. End the jobs the daemon cannot execute (their provider is unusable): what was never
+    --     dispatched fails with the reason, contacts never reached get failed items.
+    IF cardinality(p_fail) > 0 THEN
+        FOR _job IN
+            SELECT j AS job, f.error
+            FROM kernel.job_queue AS j INNER JOIN unnest(p_fail, p_fail_errors) AS f (id, error) ON j.id = f.id
+            WHERE j.id = ANY (_held) AND j.id <> ALL (_ended)
+            ORDER BY j.id
+        LOOP
+            UPDATE kernel.channel_outbox AS o SET status = 'failed', error = _job.error
+            WHERE o.job_id = (_job.job).id AND o.status = 'pending' AND o.dispatched_at IS NULL;
+            PERFORM kernel._end_job(_job.job, FALSE, _job.error);
+            _ended := _ended || (_job.job).id;
+        END LOOP;
+    END IF;
+    IF cardinality(_ended) > 0 THEN
         RETURN QUERY
         SELECT 'done', j.id, j.run_id, NULL::uuid, NULL::text, NULL::text, NULL::uuid,
                jsonb_build_object('job_status', j.status, 'run_status', r.status)
@@ -945,8 +968,8 @@ BEGIN
 END
 $$;
 
-COMMENT ON FUNCTION kernel.worker_step(text, numeric, uuid[], uuid[], text[], text[], text[], text[], uuid[], uuid[], integer, integer, text[], uuid) IS
-'The daemon''s hot path, one transaction: fences the jobs it holds (lost rows), records results (waiting rows for retries), renews leases, ends finished jobs (done rows), claims up to p_claim jobs (job rows with their context), and dispatches up to p_want items (item rows), inserting new items already dispatched. No session state: lease and tenant travel with the call.';
+COMMENT ON FUNCTION kernel.worker_step(text, numeric, uuid[], uuid[], text[], text[], text[], text[], uuid[], uuid[], text[], uuid[], integer, integer, text[], uuid) IS
+'The daemon''s hot path, one transaction: fences the jobs it holds (lost rows), records results (waiting rows for retries), renews leases, ends finished jobs and fails the ones it cannot execute (done rows), claims up to p_claim jobs (job rows with their context), and dispatches up to p_want items (item rows), inserting new items already dispatched. No session state: lease and tenant travel with the call.';
 
 CREATE FUNCTION kernel.release_jobs(p_worker text, p_jobs uuid[], p_reason text) RETURNS integer
 LANGUAGE plpgsql SECURITY DEFINER
@@ -1084,7 +1107,7 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA kernel FROM PUBLIC;
 GRANT USAGE ON SCHEMA kernel TO kernel_operator;
 
 GRANT EXECUTE ON FUNCTION
-kernel.worker_step(text, numeric, uuid[], uuid[], text[], text[], text[], text[], uuid[], uuid[], integer, integer, text[], uuid),
+kernel.worker_step(text, numeric, uuid[], uuid[], text[], text[], text[], text[], uuid[], uuid[], text[], uuid[], integer, integer, text[], uuid),
 kernel.release_jobs(text, uuid[], text)
 TO kernel_worker;
 

@@ -18,6 +18,13 @@ def sent_count(conn, run_id) -> int:
     return item_counts(conn, [run_id]).get("sent", 0)
 
 
+def daemon_backends(conn) -> int:
+    return conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+    ).fetchone()[0]
+
+
 def test_sigkill_ten_times_never_sends_twice(conn, db_dsn, kernel_schema):
     rng = random.Random(int(os.environ.get("KERNEL_TEST_SEED", "0")) or None)
     with SmtpSink() as sink:
@@ -37,6 +44,9 @@ def test_sigkill_ten_times_never_sends_twice(conn, db_dsn, kernel_schema):
             daemon.send_signal(signal.SIGKILL)
             daemon.wait()
             kills += 1
+            # A statement the daemon sent just before it died still runs (and commits) on the
+            # server: count what it dispatched once its backends are gone.
+            wait_until(lambda: not daemon_backends(conn), timeout=30)
             in_flight_at_kills |= in_flight_ids(conn, run_id)
         run_until_idle(db_dsn, kernel_schema, "--lease-seconds", "1")
 

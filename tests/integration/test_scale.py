@@ -24,7 +24,7 @@ def test_large_campaign_is_shared_and_memory_stays_flat(conn, db_dsn, kernel_sch
     seeded = seed_campaign(conn, kernel_schema, contacts=CONTACTS, provider="noop", unsubscribed_every=100)
     run_id = conn.execute("SELECT deploy_campaign(%s)", (seeded.campaign_id,)).fetchone()[0]
     daemons = [
-        start_daemon(db_dsn, kernel_schema, "--until-idle", "--concurrency", "32", "--reserve-batch", "500",
+        start_daemon(db_dsn, kernel_schema, "--until-idle", "--concurrency", "32",
                      "--log-level", "WARNING", "--worker-id", f"scale-{n}")
         for n in range(2)
     ]
