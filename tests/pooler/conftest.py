@@ -18,6 +18,7 @@ Without pgbouncer the tests skip, except in CI (``CI=true``), where they fail.
 from __future__ import annotations
 
 import os
+import pwd
 import secrets
 import shutil
 import socket
@@ -115,8 +116,7 @@ class PgBouncer:
             config = self.directory / "pgbouncer.ini"
             config.write_text(self._config(self.port, settings))
             config.chmod(0o644)
-            # pgbouncer refuses to run as root: -u switches to an unprivileged user.
-            user = ["-u", "nobody"] if os.geteuid() == 0 else []
+            user = ["-u", self._run_as()] if os.geteuid() == 0 else []
             with self.log.open("ab") as log:
                 self._process = subprocess.Popen([binary, *user, str(config)], stdout=log, stderr=log)
             if self._wait_until_listening():
@@ -125,6 +125,17 @@ class PgBouncer:
             if "Address already in use" not in self.log.read_text():
                 break
         raise RuntimeError(f"pgbouncer did not start:\n{self.log.read_text()}")
+
+    def _run_as(self) -> str:
+        """pgbouncer refuses to run as root. It runs as nobody, or, when it reaches the server
+        through a Unix socket in a private directory (the embedded pgserver's), as that
+        directory's owner."""
+        host = conninfo_to_dict(self.direct_dsn).get("host") or ""
+        if host.startswith("/") and os.path.isdir(host):
+            owner = pwd.getpwuid(os.stat(host).st_uid).pw_name
+            if owner != "root":
+                return owner
+        return "nobody"
 
     def _wait_until_listening(self, timeout: float = 10.0) -> bool:
         deadline = time.monotonic() + timeout
