@@ -101,6 +101,10 @@ class TerminalItemImmutable(KernelError):
     sqlstate = "KE012"
 
 
+class OperatorRequired(KernelError):
+    sqlstate = "KE013"
+
+
 ERRORS_BY_SQLSTATE: dict[str, type[KernelError]] = {
     cls.sqlstate: cls for cls in KernelError.__subclasses__()
 }

@@ -21,6 +21,7 @@ DOCUMENTED = {
     "KE010": db.NothingToRetry,
     "KE011": db.RunNotFinished,
     "KE012": db.TerminalItemImmutable,
+    "KE013": db.OperatorRequired,
 }
 
 
