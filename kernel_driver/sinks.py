@@ -493,7 +493,7 @@ class _SinkRequestHandler(BaseHTTPRequestHandler):
         self.requests_served = 0
 
     def handle_one_request(self) -> None:
-        if self.requests_served and self.sink.drop_reused_first_n:
+        if self.requests_served:
             try:
                 arrived = self.rfile.peek(1)  # wait for the client to reuse the connection
             except OSError:  # the idle timeout
@@ -501,6 +501,7 @@ class _SinkRequestHandler(BaseHTTPRequestHandler):
             if not arrived:
                 self.close_connection = True
                 return
+            # decided once the request is coming, so that the fault may be switched on meanwhile
             if self.sink._take("drop_reused_first_n"):
                 self._reset()
                 return

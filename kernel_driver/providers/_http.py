@@ -146,12 +146,12 @@ def _where(url: str) -> str:
 
 def _describe(exc: BaseException) -> str:
     """httpx's error, with the OS error under it (ConnectionRefusedError, ...) when there is one."""
-    root = exc
-    while (under := root.__cause__ or root.__context__) is not None:  # httpcore chains implicitly
-        root = under
     shown = describe_error(exc)
-    if root is not exc and isinstance(root, OSError):
-        shown += f" ({type(root).__name__})"
+    under = exc.__cause__ or exc.__context__  # httpcore chains implicitly
+    while under is not None and not isinstance(under, OSError):
+        under = under.__cause__ or under.__context__
+    if under is not None:
+        shown += f" ({type(under).__name__})"
     return shown
 
 
