@@ -150,6 +150,7 @@ class SmtpMessage:
     peer: tuple[str, int]  # the client's end of the connection: one per SMTP session
     raw: bytes
     received_at: float = field(default_factory=time.monotonic)
+    mail_options: tuple[str, ...] = ()  # the MAIL FROM parameters, upper case: ("BODY=8BITMIME",)
 
 
 class _EphemeralPortController(Controller):
@@ -180,6 +181,9 @@ class SmtpSink(_Sink[SmtpMessage]):
         idle_timeout_s: float = 300,
         tls: Literal["starttls", "ssl"] | None = None,
         certificate: tuple[str, str] | None = None,
+        eight_bit_mime: bool = True,
+        smtputf8: bool = False,
+        auth_mechanisms: Collection[str] = ("LOGIN", "PLAIN"),
     ) -> None:
         super().__init__()
         if bool(tls) != bool(certificate):
@@ -191,6 +195,9 @@ class SmtpSink(_Sink[SmtpMessage]):
         self._idle_timeout_s = idle_timeout_s
         self._tls = tls
         self._certificate = certificate
+        self._eight_bit_mime = eight_bit_mime
+        self._smtputf8 = smtputf8
+        self._auth_mechanisms = {m.upper() for m in auth_mechanisms}
         self._controller: _EphemeralPortController | None = None
 
     def start(self) -> SmtpSink:
@@ -198,14 +205,19 @@ class SmtpSink(_Sink[SmtpMessage]):
         if self._credentials:
             # AUTH without TLS is fine on a local sink; handle_MAIL requires it (aiosmtpd's own
             # auth_required would warn about the missing TLS on every connection)
-            auth = {"authenticator": self._authenticate, "auth_require_tls": False}
+            auth = {
+                "authenticator": self._authenticate,
+                "auth_require_tls": False,
+                "auth_exclude_mechanism": {"LOGIN", "PLAIN"} - self._auth_mechanisms,
+            }
         tls: dict[str, Any] = {}
         if self._certificate:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             context.load_cert_chain(*self._certificate)
             tls = {"tls_context": context} if self._tls == "starttls" else {"ssl_context": context}
         self._controller = _EphemeralPortController(
-            self, hostname=HOST, port=0, timeout=self._idle_timeout_s, **auth, **tls
+            self, hostname=HOST, port=0, timeout=self._idle_timeout_s, enable_SMTPUTF8=self._smtputf8,
+            **auth, **tls,
         )
         self._controller.start()
         return self
@@ -258,11 +270,21 @@ class SmtpSink(_Sink[SmtpMessage]):
 
     # aiosmtpd handler hooks
 
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname  # what aiosmtpd does when there is no hook
+        if not self._eight_bit_mime:
+            responses = [line for line in responses if line != "250-8BITMIME"]
+        return responses
+
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
     ) -> str:
         if self._credentials and not session.authenticated:
             return "530 5.7.0 Authentication required"
+        if not self._eight_bit_mime and "BODY=8BITMIME" in mail_options:
+            return "555 5.5.4 BODY=8BITMIME not offered"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 OK"
@@ -280,6 +302,8 @@ class SmtpSink(_Sink[SmtpMessage]):
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         raw = envelope.original_content or envelope.content or b""
         assert isinstance(raw, bytes)
+        if not self._eight_bit_mime and not raw.isascii():
+            return "554 5.6.1 8-bit message data on a 7-bit server (no 8BITMIME)"
         self._recorder.add(_parse_message(envelope, session, raw))
         if _hits(self.hang_after_data, envelope.rcpt_tos):
             await asyncio.sleep(HANG_LIMIT_S)
@@ -311,6 +335,7 @@ def _parse_message(envelope: Envelope, session: Session, raw: bytes) -> SmtpMess
         html=html_part.get_content() if html_part else None,
         peer=tuple(session.peer[:2]),  # type: ignore[index]  # aiosmtpd says str; it is (host, port)
         raw=raw,
+        mail_options=tuple(envelope.mail_options),
     )
 
 
