@@ -1,25 +1,27 @@
 """One HTTP POST, classified: the plumbing the twilio and webhook adapters share.
 
-Connections are kept alive and pooled (httpx), one pool per adapter, sized to the daemon's
-concurrency. The classification depends on *when* a failure happened: before the request was
-fully written nothing can have been acted on (NOT_SENT); after it, the provider may have acted
-and its answer was lost (AMBIGUOUS). httpcore hides a write failure behind the read that follows
-it (it hopes for an early error reply), so the exception type alone does not tell; httpx's
-`trace` request extension does: it reports "http11.send_request_body.complete" once the whole
-request is on the wire.
+Connections are kept alive and pooled, one pool per adapter, holding up to the daemon's
+concurrency. http.client rather than httpx: measured on this machine (docs/providers.md,
+"Threads or asyncio"), an httpx.Client shared by 64 threads spent 2.9 ms of CPU per request and
+reached 0.27 of concurrency / latency; http.client with this pool 0.37 ms and 0.93.
+
+The classification depends on *when* a failure happened, and http.client shows it: request()
+returns once the whole request is written; before that nothing can have been acted on
+(NOT_SENT); after it, the provider may have acted and its answer was lost (AMBIGUOUS).
 """
 
 from __future__ import annotations
 
-import http.cookiejar
+import http.client
 import json
+import select
 import ssl
+import threading
+import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
-
-import httpx
 
 from kernel_driver.providers.base import Outcome, SendResult, describe_error
 
@@ -60,99 +62,119 @@ class _StaleConnection(Exception):
     """A pooled connection failed before the request was written: the server had closed it."""
 
 
-class _Progress:
-    """How far one request got, from httpcore's trace events (one instance per request)."""
-
-    def __init__(self) -> None:
-        self.connected = False  # a new TCP connection was opened for it
-        self.started = False  # it began writing the request on some connection
-        self.written = False  # the whole request was written
-
-    def trace(self, event: str, info: Mapping[str, Any]) -> None:
-        if event == "connection.connect_tcp.started":
-            self.connected = True
-        elif event.endswith(".send_request_headers.started"):
-            self.started = True
-        elif event.endswith(".send_request_body.complete"):
-            self.written = True
-
-    @property
-    def on_reused_connection(self) -> bool:
-        return self.started and not self.connected
-
-
 class HttpClient:
-    """Keep-alive connection pool shared by the threads that call one adapter (httpx is thread-safe)."""
+    """Keep-alive connections to the adapter's endpoints, shared by the threads that call it.
+
+    Each send takes an idle connection (or opens one) for itself and gives it back after the
+    reply: no lock is held during I/O. At most `concurrency` connections are open; a send
+    beyond that waits for one (up to the timeout, then NOT_SENT).
+    """
 
     def __init__(self, timeout_s: float, concurrency: int) -> None:
-        limits = httpx.Limits(
-            max_connections=concurrency,
-            max_keepalive_connections=concurrency,
-            keepalive_expiry=KEEPALIVE_EXPIRY_S,
-        )
-        self._pooled = self._client(timeout_s, limits)
-        # for the one retry after a stale connection: always a new connection
-        self._fresh = self._client(timeout_s, httpx.Limits(max_keepalive_connections=0))
-
-    @staticmethod
-    def _client(timeout_s: float, limits: httpx.Limits) -> httpx.Client:
-        return httpx.Client(
-            limits=limits,
-            timeout=timeout_s,
-            headers={"User-Agent": USER_AGENT},
-            verify=ssl.create_default_context(),  # the system's trust store, as before httpx
-            trust_env=False,  # no proxy from the environment: the settings name the endpoint
-            # each item's request stands alone: a cookie from one reply must not ride on the next
-            cookies=http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[])),
-        )
+        self._timeout_s = timeout_s
+        self._max_idle = concurrency
+        self._tls = ssl.create_default_context()  # the system's trust store
+        self._idle: dict[tuple[str, str, int], list[tuple[http.client.HTTPConnection, float]]] = {}
+        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(concurrency)
+        self._closed = False
 
     def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> HttpReply:
         """POST `body` to `url`; raise TransportFailure (NOT_SENT or AMBIGUOUS) when no reply came."""
-        try:
-            return self._attempt(self._pooled, url, body, headers)
-        except _StaleConnection:
-            # nothing reached the server; once more on a new connection, so that a connection
-            # the server dropped while idle never costs the item a retry (or, worse, `unknown`)
-            return self._attempt(self._fresh, url, body, headers)
-
-    def _attempt(self, client: httpx.Client, url: str, body: bytes, headers: Mapping[str, str]) -> HttpReply:
-        progress = _Progress()
-        try:
-            response = client.post(url, content=body, headers=headers, extensions={"trace": progress.trace})
-            return HttpReply(response.status_code, response.content)
-        except (httpx.HTTPError, OSError) as exc:
-            where = _where(url)
-            if progress.written:
-                raise TransportFailure(
-                    Outcome.AMBIGUOUS, f"request to {where} sent but no reply: {_describe(exc)}"
-                ) from None
-            if progress.on_reused_connection and client is self._pooled:
-                raise _StaleConnection from exc
-            # refused, DNS, TLS, connect or pool timeout, or the request not fully written:
-            # a server cannot act on a request it did not receive whole
+        parts = urlsplit(url)
+        origin = (parts.scheme, parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80))
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        headers = {"User-Agent": USER_AGENT, **headers}
+        if not self._slots.acquire(timeout=self._timeout_s):
             raise TransportFailure(
-                Outcome.NOT_SENT, f"request to {where} not sent: {_describe(exc)}"
+                Outcome.NOT_SENT, f"request to {origin[1]}:{origin[2]} not sent: all connections busy"
+            )
+        try:
+            connection = self._take(origin)
+            if connection is not None:
+                try:
+                    return self._exchange(origin, connection, True, target, body, headers)
+                except _StaleConnection:
+                    pass  # nothing reached the server: once more on a new connection
+            return self._exchange(origin, self._open(origin), False, target, body, headers)
+        finally:
+            self._slots.release()
+
+    def _exchange(
+        self,
+        origin: tuple[str, str, int],
+        connection: http.client.HTTPConnection,
+        reused: bool,
+        target: str,
+        body: bytes,
+        headers: Mapping[str, str],
+    ) -> HttpReply:
+        where = f"{origin[1]}:{origin[2]}"
+        try:
+            if not reused:
+                connection.connect()
+            connection.request("POST", target, body=body, headers=headers)
+        except (OSError, http.client.HTTPException) as exc:
+            connection.close()
+            if reused:
+                raise _StaleConnection from exc
+            # refused, DNS, TLS, connect timeout, or the request not fully written: a server
+            # cannot act on a request it did not receive whole
+            raise TransportFailure(Outcome.NOT_SENT, f"request to {where} not sent: {describe_error(exc)}") from None
+        try:
+            response = connection.getresponse()
+            reply = HttpReply(response.status, response.read())
+        except (OSError, http.client.HTTPException) as exc:
+            connection.close()
+            raise TransportFailure(
+                Outcome.AMBIGUOUS, f"request to {where} sent but no reply: {describe_error(exc)}"
             ) from None
+        if response.will_close:
+            connection.close()
+        else:
+            self._give_back(origin, connection)
+        return reply
+
+    def _open(self, origin: tuple[str, str, int]) -> http.client.HTTPConnection:
+        scheme, host, port = origin
+        if scheme == "https":
+            return http.client.HTTPSConnection(host, port, timeout=self._timeout_s, context=self._tls)
+        return http.client.HTTPConnection(host, port, timeout=self._timeout_s)
+
+    def _take(self, origin: tuple[str, str, int]) -> http.client.HTTPConnection | None:
+        """An idle connection that is still good, or None."""
+        while True:
+            with self._lock:
+                idle = self._idle.get(origin)
+                if not idle:
+                    return None
+                connection, idle_since = idle.pop()
+            # expired, or readable while idle: the server closed it (or said something unasked)
+            sock = connection.sock
+            if (
+                sock is None
+                or time.monotonic() - idle_since > KEEPALIVE_EXPIRY_S
+                or select.select([sock], [], [], 0)[0]
+            ):
+                connection.close()
+                continue
+            return connection
+
+    def _give_back(self, origin: tuple[str, str, int], connection: http.client.HTTPConnection) -> None:
+        with self._lock:
+            idle = self._idle.setdefault(origin, [])
+            if not self._closed and len(idle) < self._max_idle:
+                idle.append((connection, time.monotonic()))
+                return
+        connection.close()
 
     def close(self) -> None:
-        self._pooled.close()
-        self._fresh.close()
-
-
-def _where(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
-
-
-def _describe(exc: BaseException) -> str:
-    """httpx's error, with the OS error under it (ConnectionRefusedError, ...) when there is one."""
-    shown = describe_error(exc)
-    under = exc.__cause__ or exc.__context__  # httpcore chains implicitly
-    while under is not None and not isinstance(under, OSError):
-        under = under.__cause__ or under.__context__
-    if under is not None:
-        shown += f" ({type(under).__name__})"
-    return shown
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, {}
+        for connections in idle.values():
+            for connection, _ in connections:
+                connection.close()
 
 
 def outcome_for_status(status: int, also_accepted: Collection[int] = ()) -> Outcome:
