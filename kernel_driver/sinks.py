@@ -373,12 +373,13 @@ class _SinkHTTPServer(ThreadingHTTPServer):
         super().shutdown_request(request)
 
     def end_connections(self) -> None:
-        """End every kept-alive connection: idle ones at once, busy ones after their answer."""
+        """End every open connection (a request in progress loses its answer)."""
         with self._open_lock:
             connections = list(self._open)
         for connection in connections:
             try:
-                connection.shutdown(socket.SHUT_RD)  # the handler reads EOF when it wants the next request
+                # SHUT_RD alone lets a request that arrives later still be read (Linux)
+                connection.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
 
@@ -439,7 +440,7 @@ class _HttpSink(_Sink[T]):
         return self
 
     def refuse(self) -> None:
-        """Stop listening, so that new connections are refused (requests in progress finish)."""
+        """Stop listening and end the open connections: new connections are refused until start()."""
         if self._server is not None:
             self._server.shutdown()
             self._server.end_connections()

@@ -150,7 +150,7 @@ def test_refused_after_the_sink_stops_listening_is_not_sent():
         sink.start()
         again = adapter.send(email())
 
-    assert refused.outcome is Outcome.NOT_SENT
+    assert refused.outcome is Outcome.NOT_SENT, (refused, sink.connections, len(sink.deliveries))
     assert "ConnectionRefusedError" in (refused.error or "")
     assert again.outcome is Outcome.ACCEPTED
 
