@@ -24,6 +24,7 @@ import json
 import re
 import socket
 import ssl
+import struct
 import threading
 import time
 import uuid
@@ -149,6 +150,7 @@ class SmtpMessage:
     peer: tuple[str, int]  # the client's end of the connection: one per SMTP session
     raw: bytes
     received_at: float = field(default_factory=time.monotonic)
+    mail_options: tuple[str, ...] = ()  # the MAIL FROM parameters, upper case: ("BODY=8BITMIME",)
 
 
 class _EphemeralPortController(Controller):
@@ -179,6 +181,9 @@ class SmtpSink(_Sink[SmtpMessage]):
         idle_timeout_s: float = 300,
         tls: Literal["starttls", "ssl"] | None = None,
         certificate: tuple[str, str] | None = None,
+        eight_bit_mime: bool = True,
+        smtputf8: bool = False,
+        auth_mechanisms: Collection[str] = ("LOGIN", "PLAIN"),
     ) -> None:
         super().__init__()
         if bool(tls) != bool(certificate):
@@ -190,6 +195,9 @@ class SmtpSink(_Sink[SmtpMessage]):
         self._idle_timeout_s = idle_timeout_s
         self._tls = tls
         self._certificate = certificate
+        self._eight_bit_mime = eight_bit_mime
+        self._smtputf8 = smtputf8
+        self._auth_mechanisms = {m.upper() for m in auth_mechanisms}
         self._controller: _EphemeralPortController | None = None
 
     def start(self) -> SmtpSink:
@@ -197,14 +205,19 @@ class SmtpSink(_Sink[SmtpMessage]):
         if self._credentials:
             # AUTH without TLS is fine on a local sink; handle_MAIL requires it (aiosmtpd's own
             # auth_required would warn about the missing TLS on every connection)
-            auth = {"authenticator": self._authenticate, "auth_require_tls": False}
+            auth = {
+                "authenticator": self._authenticate,
+                "auth_require_tls": False,
+                "auth_exclude_mechanism": {"LOGIN", "PLAIN"} - self._auth_mechanisms,
+            }
         tls: dict[str, Any] = {}
         if self._certificate:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             context.load_cert_chain(*self._certificate)
             tls = {"tls_context": context} if self._tls == "starttls" else {"ssl_context": context}
         self._controller = _EphemeralPortController(
-            self, hostname=HOST, port=0, timeout=self._idle_timeout_s, **auth, **tls
+            self, hostname=HOST, port=0, timeout=self._idle_timeout_s, enable_SMTPUTF8=self._smtputf8,
+            **auth, **tls,
         )
         self._controller.start()
         return self
@@ -257,11 +270,21 @@ class SmtpSink(_Sink[SmtpMessage]):
 
     # aiosmtpd handler hooks
 
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname  # what aiosmtpd does when there is no hook
+        if not self._eight_bit_mime:
+            responses = [line for line in responses if line != "250-8BITMIME"]
+        return responses
+
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
     ) -> str:
         if self._credentials and not session.authenticated:
             return "530 5.7.0 Authentication required"
+        if not self._eight_bit_mime and "BODY=8BITMIME" in mail_options:
+            return "555 5.5.4 BODY=8BITMIME not offered"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 OK"
@@ -279,6 +302,8 @@ class SmtpSink(_Sink[SmtpMessage]):
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         raw = envelope.original_content or envelope.content or b""
         assert isinstance(raw, bytes)
+        if not self._eight_bit_mime and not raw.isascii():
+            return "554 5.6.1 8-bit message data on a 7-bit server (no 8BITMIME)"
         self._recorder.add(_parse_message(envelope, session, raw))
         if _hits(self.hang_after_data, envelope.rcpt_tos):
             await asyncio.sleep(HANG_LIMIT_S)
@@ -310,6 +335,7 @@ def _parse_message(envelope: Envelope, session: Session, raw: bytes) -> SmtpMess
         html=html_part.get_content() if html_part else None,
         peer=tuple(session.peer[:2]),  # type: ignore[index]  # aiosmtpd says str; it is (host, port)
         raw=raw,
+        mail_options=tuple(envelope.mail_options),
     )
 
 
@@ -323,30 +349,70 @@ class HttpRequest:
     body: bytes
 
 
-class _BackloggedHTTPServer(ThreadingHTTPServer):
+class _SinkHTTPServer(ThreadingHTTPServer):
     # The default listen backlog (5) resets connections when a daemon opens more at once than
     # the accept loop keeps up with on a busy machine; a real provider does not.
     request_queue_size = 128
+
+    def __init__(self, sink: _HttpSink[Any], handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__((HOST, sink._port), handler)
+        self.daemon_threads = True
+        self._sink = sink
+        self._open: set[socket.socket] = set()
+        self._open_lock = threading.Lock()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._open_lock:
+            self._open.add(request)
+        self._sink._count_connection()
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._open_lock:
+            self._open.discard(request)
+        super().shutdown_request(request)
+
+    def end_connections(self) -> None:
+        """End every open connection (a request in progress loses its answer)."""
+        with self._open_lock:
+            connections = list(self._open)
+        for connection in connections:
+            try:
+                # SHUT_RD alone lets a request that arrives later still be read (Linux)
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 class _HttpSink(_Sink[T]):
     """A ThreadingHTTPServer answering POSTs through `handle`, with the shared fault modes.
 
+    It speaks HTTP/1.1 with keep-alive; a connection idle for `idle_timeout_s` is closed, as real
+    servers do, and `connections` counts the TCP connections accepted.
+
     force_status: answer every request with this status (500, 429, 409, 202...) and a JSON body
     without an id, processing and recording nothing. status_500 is short for force_status=500.
     slow_ms: answer this late. hang: record, then never answer. timeout_first_n: hang the next
-    n requests. refuse(): close the listening socket (connections are refused until start()).
+    n requests. reset_first_n: process and record the next n requests, then reset the connection
+    without an answer. drop_reused_first_n: the next n requests that come on a kept-alive
+    connection find it reset before they are read (a connection the server had closed; nothing
+    recorded). refuse(): close the listening socket and end the open connections (connections
+    are refused until start()).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, idle_timeout_s: float = 5.0) -> None:
         super().__init__()
         self.force_status: int | None = None
         self.slow_ms = 0
         self.hang = False
         self.timeout_first_n = 0
+        self.reset_first_n = 0
+        self.drop_reused_first_n = 0
+        self.idle_timeout_s = idle_timeout_s
+        self._connections = 0
         self._lock = threading.Lock()
         self._released = threading.Event()
-        self._server: ThreadingHTTPServer | None = None
+        self._server: _SinkHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._port = 0  # 0 until first started; a restart after refuse() reuses the port
 
@@ -363,9 +429,8 @@ class _HttpSink(_Sink[T]):
         self.force_status = 500 if on else None
 
     def start(self) -> Any:
-        handler = type("Handler", (_SinkRequestHandler,), {"sink": self})
-        self._server = _BackloggedHTTPServer((HOST, self._port), handler)
-        self._server.daemon_threads = True
+        handler = type("Handler", (_SinkRequestHandler,), {"sink": self, "timeout": self.idle_timeout_s})
+        self._server = _SinkHTTPServer(self, handler)
         self._port = self._server.server_address[1]
         self._released.clear()
         self._thread = threading.Thread(
@@ -375,9 +440,10 @@ class _HttpSink(_Sink[T]):
         return self
 
     def refuse(self) -> None:
-        """Stop listening, so that new connections are refused (requests in progress finish)."""
+        """Stop listening and end the open connections: new connections are refused until start()."""
         if self._server is not None:
             self._server.shutdown()
+            self._server.end_connections()
             self._server.server_close()
             assert self._thread is not None
             self._thread.join()
@@ -396,26 +462,48 @@ class _HttpSink(_Sink[T]):
     def url(self) -> str:
         return f"http://{HOST}:{self.port}"
 
+    @property
+    def connections(self) -> int:
+        """TCP connections accepted since the sink was created (across refuse() and start())."""
+        with self._lock:
+            return self._connections
+
+    def _count_connection(self) -> None:
+        with self._lock:
+            self._connections += 1
+
+    def _take(self, fault: str) -> bool:
+        """Use up one of the `<fault>_first_n` count; False when it is 0."""
+        with self._lock:
+            left = getattr(self, fault)
+            setattr(self, fault, max(0, left - 1))
+            return left > 0
+
     def faults(self) -> dict[str, Any]:
         return {
             "force_status": self.force_status,
             "slow_ms": self.slow_ms,
             "hang": self.hang,
             "timeout_first_n": self.timeout_first_n,
+            "reset_first_n": self.reset_first_n,
+            "drop_reused_first_n": self.drop_reused_first_n,
             "refuse": self._port != 0 and self._server is None,
         }
 
-    def answer(self, request: HttpRequest) -> tuple[int, dict[str, Any]] | None:
-        """Apply the fault modes around `handle`; None means: never answer."""
+    def answer(self, request: HttpRequest) -> tuple[int, dict[str, Any]] | Literal["hang", "reset"]:
+        """Apply the fault modes around `handle`: a status and body, or how not to answer."""
         if self.force_status:
             return self.force_status, {"status": self.force_status, "message": "forced status (sink fault)"}
         with self._lock:
             hang = self.hang or self.timeout_first_n > 0
             self.timeout_first_n = max(0, self.timeout_first_n - 1)
+        reset = not hang and self._take("reset_first_n")
         status, payload = self.handle(request)
+        if reset:
+            return "reset"
         if hang:
             self._released.wait(HANG_LIMIT_S)
-            return None
+            return "hang"
         if self.slow_ms:
             time.sleep(self.slow_ms / 1000)
         return status, payload
@@ -423,11 +511,36 @@ class _HttpSink(_Sink[T]):
 
 class _SinkRequestHandler(BaseHTTPRequestHandler):
     sink: _HttpSink[Any]
+    protocol_version = "HTTP/1.1"  # keep-alive
+    disable_nagle_algorithm = True  # headers and body go out in two writes: do not hold the second
+
+    def setup(self) -> None:
+        super().setup()
+        self.requests_served = 0
+
+    def handle_one_request(self) -> None:
+        if self.requests_served:
+            try:
+                arrived = self.rfile.peek(1)  # wait for the client to reuse the connection
+            except OSError:  # the idle timeout
+                arrived = b""
+            if not arrived:
+                self.close_connection = True
+                return
+            # decided once the request is coming, so that the fault may be switched on meanwhile
+            if self.sink._take("drop_reused_first_n"):
+                self._reset()
+                return
+        super().handle_one_request()
 
     def do_POST(self) -> None:
+        self.requests_served += 1
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         answer = self.sink.answer(HttpRequest(self.path, self.headers, body))
-        if answer is None:
+        if answer == "reset":
+            self._reset()
+            return
+        if answer == "hang":
             self.close_connection = True
             return
         status, payload = answer
@@ -440,6 +553,12 @@ class _SinkRequestHandler(BaseHTTPRequestHandler):
             self.wfile.write(data)
         except OSError:
             pass  # the client stopped waiting (slow_ms past its timeout)
+
+    def _reset(self) -> None:
+        """Close the connection with a TCP reset (RST), unread data and all."""
+        self.close_connection = True
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.connection.close()  # the reset goes out once finish() has closed rfile and wfile
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # what arrived is in the sink's records
@@ -469,8 +588,10 @@ class VoiceSink(_HttpSink[VoiceCall]):
 
     title = "voice sink (Twilio Calls API)"
 
-    def __init__(self, account_sid: str | None = None, auth_token: str | None = None) -> None:
-        super().__init__()
+    def __init__(
+        self, account_sid: str | None = None, auth_token: str | None = None, idle_timeout_s: float = 5.0
+    ) -> None:
+        super().__init__(idle_timeout_s)
         self.account_sid = account_sid or "AC" + uuid.uuid4().hex
         self.auth_token = auth_token or "sink-" + uuid.uuid4().hex
 
@@ -534,8 +655,8 @@ class WebhookSink(_HttpSink[WebhookDelivery]):
 
     title = "webhook sink"
 
-    def __init__(self, secret: str | None = None) -> None:
-        super().__init__()
+    def __init__(self, secret: str | None = None, idle_timeout_s: float = 5.0) -> None:
+        super().__init__(idle_timeout_s)
         self._secret = secret
         self._by_key: dict[str, WebhookDelivery] = {}
         self.duplicate_attempts = 0

@@ -12,6 +12,7 @@ from kernel_driver.providers.base import (
     SendResult,
     installed_providers,
     load_adapter,
+    open_adapter,
     outbox_outcome,
 )
 
@@ -24,5 +25,6 @@ __all__ = [
     "SendResult",
     "installed_providers",
     "load_adapter",
+    "open_adapter",
     "outbox_outcome",
 ]

@@ -8,6 +8,7 @@ see docs/providers.md.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import os
 from abc import ABC, abstractmethod
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "kernel_driver.providers"
 CHANNELS = frozenset({"email", "voice"})
+DEFAULT_CONCURRENCY = 8  # the daemon's default --concurrency
 
 
 class ProviderConfigError(Exception):
@@ -98,8 +100,9 @@ def outbox_outcome(outcome: Outcome, deduplicates: bool) -> str:
 class ProviderAdapter(ABC):
     """Base of every adapter. Subclasses declare their settings and implement `deliver`.
 
-    The daemon calls `send` from several threads at once on one instance, so `deliver` must be
-    thread-safe.
+    The daemon calls `send` from up to `concurrency` threads at once on one instance, so
+    `deliver` must be thread-safe; an adapter that keeps connections sizes its pool to
+    `self.concurrency` (the daemon's `--concurrency`).
     """
 
     name: ClassVar[str]
@@ -120,11 +123,20 @@ class ProviderAdapter(ABC):
             return [f"{cls.name} settings must be a JSON object, got {type(settings).__name__}"]
         return check_settings(cls.name, settings, cls.settings_schema)
 
-    def __init__(self, settings: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -> None:
+    def __init__(
+        self,
+        settings: Mapping[str, Any],
+        environ: Mapping[str, str] = os.environ,
+        *,
+        concurrency: int = DEFAULT_CONCURRENCY,
+    ) -> None:
         problems = self.validate_settings(settings)
         if problems:
             raise ProviderConfigError(f"invalid {self.name} settings: " + "; ".join(problems))
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ProviderConfigError(f"{self.name}: concurrency must be an integer of 1 or more, got {concurrency!r}")
         self.settings: dict[str, Any] = with_defaults(settings, self.settings_schema)
+        self.concurrency = concurrency
         self._environ = environ
 
     def secret(self, setting_key: str) -> str | None:
@@ -194,3 +206,22 @@ def load_adapter(name: str) -> type[ProviderAdapter]:
             f"provider {name!r} ({found[name].value}) is not a ProviderAdapter subclass"
         )
     return adapter
+
+
+def open_adapter(
+    name: str,
+    settings: Mapping[str, Any],
+    *,
+    concurrency: int,
+    environ: Mapping[str, str] = os.environ,
+) -> ProviderAdapter:
+    """An instance of the adapter registered under `name`, told the daemon's concurrency.
+
+    An adapter whose own __init__ predates the `concurrency` keyword is built without it (it
+    keeps the default), so that adapters written for kernel 1.0 go on working.
+    """
+    adapter_class = load_adapter(name)
+    parameters = inspect.signature(adapter_class).parameters.values()
+    if any(p.name == "concurrency" or p.kind is p.VAR_KEYWORD for p in parameters):
+        return adapter_class(settings, environ, concurrency=concurrency)
+    return adapter_class(settings, environ)

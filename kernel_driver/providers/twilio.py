@@ -9,8 +9,8 @@ from typing import Any
 from urllib.parse import quote, urlencode
 from xml.sax.saxutils import escape
 
-from kernel_driver.providers._http import HttpReply, post_and_classify
-from kernel_driver.providers.base import OutboundItem, Outcome, ProviderAdapter, SendResult
+from kernel_driver.providers._http import HttpClient, HttpReply, post_and_classify
+from kernel_driver.providers.base import DEFAULT_CONCURRENCY, OutboundItem, Outcome, ProviderAdapter, SendResult
 from kernel_driver.providers.settings import Setting, env_name, http_url, positive_number, text
 
 
@@ -31,14 +31,21 @@ class TwilioAdapter(ProviderAdapter):
         "timeout_s": Setting(positive_number, default=10),
     }
 
-    def __init__(self, settings: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -> None:
-        super().__init__(settings, environ)
+    def __init__(
+        self,
+        settings: Mapping[str, Any],
+        environ: Mapping[str, str] = os.environ,
+        *,
+        concurrency: int = DEFAULT_CONCURRENCY,
+    ) -> None:
+        super().__init__(settings, environ, concurrency=concurrency)
         sid = self.settings["account_sid"]
         credentials = f"{sid}:{self.secret('auth_token_env')}".encode()
         self._authorization = "Basic " + base64.b64encode(credentials).decode()
         self._calls_url = (
             f"{self.settings['base_url'].rstrip('/')}/2010-04-01/Accounts/{quote(sid)}/Calls.json"
         )
+        self._http = HttpClient(self.settings["timeout_s"], self.concurrency)
 
     def deliver(self, item: OutboundItem) -> SendResult:
         caller = item.content.get("from") or self.settings["from"]
@@ -57,9 +64,10 @@ class TwilioAdapter(ProviderAdapter):
             "Accept": "application/json",
             "I-Twilio-Idempotency-Token": item.idempotency_key,
         }
-        return post_and_classify(
-            self._calls_url, urlencode(form).encode(), headers, self.settings["timeout_s"], _call_sid
-        )
+        return post_and_classify(self._http, self._calls_url, urlencode(form).encode(), headers, _call_sid)
+
+    def close(self) -> None:
+        self._http.close()
 
 
 def _call_sid(reply: HttpReply) -> str | None:

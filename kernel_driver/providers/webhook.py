@@ -9,8 +9,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from kernel_driver.providers._http import HttpReply, post_and_classify
-from kernel_driver.providers.base import OutboundItem, ProviderAdapter, SendResult
+from kernel_driver.providers._http import HttpClient, HttpReply, post_and_classify
+from kernel_driver.providers.base import DEFAULT_CONCURRENCY, OutboundItem, ProviderAdapter, SendResult
 from kernel_driver.providers.settings import Setting, env_name, http_url, positive_number
 
 SIGNATURE_HEADER = "X-Kernel-Signature-256"
@@ -37,9 +37,16 @@ class WebhookAdapter(ProviderAdapter):
         "timeout_s": Setting(positive_number, default=10),
     }
 
-    def __init__(self, settings: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -> None:
-        super().__init__(settings, environ)
+    def __init__(
+        self,
+        settings: Mapping[str, Any],
+        environ: Mapping[str, str] = os.environ,
+        *,
+        concurrency: int = DEFAULT_CONCURRENCY,
+    ) -> None:
+        super().__init__(settings, environ, concurrency=concurrency)
         self._signing_secret = self.secret("secret_env")
+        self._http = HttpClient(self.settings["timeout_s"], self.concurrency)
 
     def deliver(self, item: OutboundItem) -> SendResult:
         body = json.dumps(
@@ -64,6 +71,7 @@ class WebhookAdapter(ProviderAdapter):
             return str(found) if found not in (None, "") else item.idempotency_key
 
         # 409: the receiver already processed this key, which is what we wanted
-        return post_and_classify(
-            self.settings["url"], body, headers, self.settings["timeout_s"], message_id, also_accepted=(409,)
-        )
+        return post_and_classify(self._http, self.settings["url"], body, headers, message_id, also_accepted=(409,))
+
+    def close(self) -> None:
+        self._http.close()

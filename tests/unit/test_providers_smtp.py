@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from kernel_driver.providers import OutboundItem, Outcome, ProviderConfigError
+from kernel_driver.providers import OutboundItem, Outcome, ProviderConfigError, outbox_outcome
 from kernel_driver.providers.smtp import SmtpAdapter
 from kernel_driver.sinks import SmtpSink, refused_port
 
@@ -129,9 +129,11 @@ def test_lost_answer_after_data_is_ambiguous_and_the_next_send_reconnects(sink, 
         email(subject="", text="body"),
         email(subject="no text"),
         email("ann@example.com\r\nBcc: all@example.com"),
-        email("ännchen@example.com"),
+        email("nobody"),
+        email("ann@" + "ü" * 70 + ".example"),
+        email(key="root:email:ä:1"),
     ],
-    ids=["empty subject", "missing text", "header injection", "non-ascii address"],
+    ids=["empty subject", "missing text", "header injection", "no address", "no IDNA form", "non-ascii key"],
 )
 def test_an_unsendable_item_is_rejected_without_a_connection(item):
     adapter = SmtpAdapter({"host": "127.0.0.1", "port": refused_port(), "from": "a@example.com"})
@@ -270,3 +272,118 @@ def test_settings_problems_are_readable(settings, problem):
 
 def test_valid_settings_have_no_problems_and_a_display_name_is_allowed():
     assert SmtpAdapter.validate_settings({"host": "h", "port": 587, "from": "Shop <news@shop.example>"}) == []
+
+
+# ------------------------------------------------------------ what the adapter announces
+
+GREETING = {"subject": "Grüße aus Köln", "text": "Schöne Grüße — bis bald.\n", "html": "<p>Schöne Grüße</p>"}
+
+
+def test_8bit_content_is_announced_with_body_8bitmime(sink, adapter):
+    result = adapter.send(email(**GREETING))
+    plain = adapter.send(email())
+
+    assert result.outcome is Outcome.ACCEPTED, result.error
+    assert plain.outcome is Outcome.ACCEPTED
+    eight_bit, seven_bit = sink.messages
+    assert "BODY=8BITMIME" in eight_bit.mail_options
+    assert b"Content-Transfer-Encoding: 8bit" in eight_bit.raw
+    assert (eight_bit.subject, eight_bit.text) == (GREETING["subject"], GREETING["text"])
+    assert seven_bit.mail_options == ()  # 7-bit content needs no announcement
+
+
+def test_a_server_without_8bitmime_gets_the_message_7bit_clean():
+    with SmtpSink(eight_bit_mime=False) as sink, SmtpAdapter(sink.provider_settings()) as adapter:
+        result = adapter.send(email(**GREETING))
+
+    assert result.outcome is Outcome.ACCEPTED, result.error  # the sink refuses 8-bit data
+    [message] = sink.messages
+    assert message.raw.isascii() and message.mail_options == ()
+    assert message.subject == GREETING["subject"]
+    assert message.text is not None and message.text.replace("\r\n", "\n") == GREETING["text"]  # base64 keeps CRLF
+    assert message.html is not None and "Schöne Grüße" in message.html
+
+
+def test_a_non_ascii_address_goes_with_smtputf8_when_offered():
+    with SmtpSink(smtputf8=True) as sink, SmtpAdapter(sink.provider_settings()) as adapter:
+        result = adapter.send(email("ännchen@example.com", **GREETING))
+
+    assert result.outcome is Outcome.ACCEPTED, result.error
+    [message] = sink.messages
+    assert message.rcpt_tos == ("ännchen@example.com",)
+    assert {"SMTPUTF8", "BODY=8BITMIME"} <= set(message.mail_options)
+    assert message.headers["To"] == "ännchen@example.com"
+    assert message.text == GREETING["text"]
+
+
+def test_a_non_ascii_address_is_rejected_clearly_when_smtputf8_is_not_offered(sink, adapter):
+    refused = adapter.send(email("ännchen@example.com"))
+    after = adapter.send(email())
+
+    assert refused.outcome is Outcome.REJECTED
+    assert "does not offer SMTPUTF8" in (refused.error or "")
+    assert after.outcome is Outcome.ACCEPTED
+    assert [m.rcpt_tos for m in sink.messages] == [("ann@example.com",)]
+
+
+def test_a_non_ascii_domain_is_sent_in_idna(sink, adapter):
+    result = adapter.send(email("ann@bücher.example", **GREETING))
+
+    assert result.outcome is Outcome.ACCEPTED, result.error
+    [message] = sink.messages
+    assert message.rcpt_tos == ("ann@xn--bcher-kva.example",)
+    assert "SMTPUTF8" not in message.mail_options
+
+
+def test_the_idempotency_header_stays_on_one_raw_line(sink, adapter):
+    key = f"{uuid.uuid4()}:email:{uuid.uuid4()}:1"
+    assert len(key) == 81
+
+    assert adapter.send(email(key=key)).outcome is Outcome.ACCEPTED
+
+    [message] = sink.messages
+    assert f"X-Idempotency-Key: {key}\r\n".encode() in message.raw
+    assert message.headers["X-Idempotency-Key"] == key
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
+def test_non_ascii_credentials_work_over_auth(mechanism):
+    user, password = "mäiler", "pässwört-" + uuid.uuid4().hex
+    with SmtpSink(credentials=(user, password), auth_mechanisms=[mechanism]) as sink:
+        settings = sink.provider_settings(username_env="MAIL_USER", password_env="MAIL_PASSWORD")
+        good = SmtpAdapter(settings, {"MAIL_USER": user, "MAIL_PASSWORD": password})
+        bad = SmtpAdapter(settings, {"MAIL_USER": user, "MAIL_PASSWORD": password + "ß"})
+        with good, bad:
+            accepted, refused = good.send(email()), bad.send(email())
+
+    assert accepted.outcome is Outcome.ACCEPTED, accepted.error
+    assert refused.outcome is Outcome.REJECTED and refused.response["smtp_code"] == 535
+    assert sink.count_by_recipient() == {"ann@example.com": 1}
+
+
+def test_auth_the_server_does_not_offer_is_a_configuration_error_not_unknown(sink):
+    settings = sink.provider_settings(username_env="MAIL_USER", password_env="MAIL_PASSWORD")
+    settings.update(username_env="MAIL_USER", password_env="MAIL_PASSWORD")
+    with SmtpAdapter(settings, {"MAIL_USER": "u", "MAIL_PASSWORD": "p"}) as adapter:
+        result = adapter.send(email())
+
+    assert result.outcome is Outcome.REJECTED
+    assert "AUTH extension not supported" in (result.error or "")
+    assert outbox_outcome(result.outcome, SmtpAdapter.deduplicates) == "failed"
+
+
+def test_starttls_the_server_does_not_offer_is_a_configuration_error(sink):
+    with SmtpAdapter({**sink.provider_settings(), "starttls": True}) as adapter:
+        result = adapter.send(email())
+
+    assert result.outcome is Outcome.REJECTED
+    assert "STARTTLS extension not supported" in (result.error or "")
+    assert sink.messages == []
+
+
+def test_tls_to_a_plain_server_is_not_sent(sink):
+    with SmtpAdapter({**sink.provider_settings(), "ssl": True}) as adapter:
+        result = adapter.send(email())
+
+    assert result.outcome is Outcome.NOT_SENT
+    assert "SSL" in (result.error or "")

@@ -150,3 +150,29 @@ def test_status_500_is_short_for_force_status():
     assert sink.force_status == 500
     sink.status_500 = False
     assert sink.force_status is None
+
+
+def test_http_sinks_keep_connections_alive_and_count_them():
+    with WebhookSink() as sink:
+        connection = http.client.HTTPConnection("127.0.0.1", sink.port, timeout=2)
+        for n in range(3):
+            connection.request("POST", "/d", body=b"{}", headers={"Idempotency-Key": f"k{n}"})
+            assert connection.getresponse().read()
+        connection.close()
+        assert post(sink.port, "/d", headers={"Idempotency-Key": "other"})[0] == 201
+
+        assert sink.connections == 2
+
+
+def test_refuse_ends_idle_kept_alive_connections_promptly():
+    sink = WebhookSink().start()
+    connection = http.client.HTTPConnection("127.0.0.1", sink.port, timeout=2)
+    connection.request("POST", "/d", body=b"{}", headers={"Idempotency-Key": "k"})
+    connection.getresponse().read()
+
+    started = time.monotonic()
+    sink.stop()
+
+    assert time.monotonic() - started < 1
+    assert connection.sock is not None and connection.sock.recv(1) == b""  # the server closed it
+    connection.close()
