@@ -73,7 +73,7 @@ def run(ctx: Any) -> dict[str, Any]:
         conn.execute("SELECT pg_stat_reset()")
         spy = py_spy()
         raw_path = ctx.log_dir / "py-spy.raw"
-        prefix = [spy, "record", "--format", "raw", "--rate", "200", "--output", str(raw_path), "--"] if spy else []
+        prefix = [spy, "record", "--format", "raw", "--gil", "--rate", "200", "--output", str(raw_path), "--"] if spy else []
         timing = run_daemons(conn, dsn, [run_id], daemons=1, concurrency=ctx.sizes.concurrency,
                              log_dir=ctx.log_dir, label="profile", prefix=prefix)
         verified = verify_items(conn, [run_id], n)
