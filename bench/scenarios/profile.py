@@ -7,7 +7,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from psycopg import sql
 
 from kernel_driver.seed import seed_campaign
 
+from bench.profile_frames import top_frames
 from bench.pg import SCHEMA, deploy, kernel_database, run_daemons, table_sizes, verify_items
 
 TOP = 12
@@ -37,29 +37,6 @@ def try_pg_stat_statements(conn: psycopg.Connection) -> str | None:
         return None
     except psycopg.Error as exc:
         return str(exc).strip().splitlines()[0]
-
-
-def top_frames(raw: str, top: int = TOP) -> dict[str, Any]:
-    """py-spy's raw (collapsed) output → the leaf frames with most samples, and inclusive counts."""
-    leaf: Counter[str] = Counter()
-    inclusive: Counter[str] = Counter()
-    total = 0
-    for line in raw.splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        frames = [f.split(" (")[0] + (" (" + f.split(" (")[1].split(":")[0] + ")" if " (" in f else "")
-                  for f in stack.split(";")[1:]]
-        if not frames:
-            continue
-        n = int(count)
-        total += n
-        leaf[frames[-1]] += n
-        for frame in set(frames):
-            inclusive[frame] += n
-    return {"samples": total,
-            "self": [{"frame": f, "share": c / total} for f, c in leaf.most_common(top)] if total else [],
-            "inclusive": [{"frame": f, "share": c / total} for f, c in inclusive.most_common(top)] if total else []}
 
 
 def run(ctx: Any) -> dict[str, Any]:
