@@ -65,7 +65,7 @@ $(NODE_STAMP): bench/peers/node/package.json bench/peers/node/package-lock.json
 	cd bench/peers/node && npm ci --no-audit --no-fund --silent
 	touch $@
 
-# The long run (about half an hour here): writes bench/results/latest.json, the generated section
+# The long run (an estimated 15–30 minutes here, mostly the 1,000,000-contact campaign): writes bench/results/latest.json, the generated section
 # of docs/benchmarks.md and docs/img/benchmarks.png.
 bench: bench-deps
 	$(BENCH_VENV)/bin/python -m bench run

@@ -219,7 +219,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax2 = ax.twinx()
         ax2.plot([r["n"] for r in runs], [r["peak_rss_mib"] for r in runs], "s--", color="tab:red",
                  label="peak RSS MiB")
+        ax2.axhline(150, color="tab:red", linewidth=0.8, linestyle=":", label="RSS target 150 MiB")
+        ax2.set_ylim(0, max(160, *(r["peak_rss_mib"] for r in runs)) * 1.1)
         ax2.set_ylabel("daemon peak RSS MiB")
+        ax.set_ylim(bottom=0)
+        ax2.legend(loc="lower right")
         ax.set_xlabel("contacts")
     ax.set_title("growth: messages/s (and daemon RSS)")
 

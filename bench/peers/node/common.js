@@ -22,8 +22,22 @@ async function waitFor(predicate, timeoutS) {
   }
 }
 
-function report(result) {
+async function count(dsn, query) {
+  const { Client } = require("pg");
+  const client = new Client({ connectionString: dsn });
+  await client.connect();
+  try {
+    return (await client.query(query)).rows[0].n;
+  } finally {
+    await client.end();
+  }
+}
+
+// The one JSON line the benchmark reads: the peer, its version, the run's shape and timings.
+function report(peer, a, fields) {
+  const version = require(`${peer}/package.json`).version;
+  const result = { peer, version, mode: a.mode || "default", enqueue: a.enqueue || "bulk", n: a.n, ...fields };
   process.stdout.write(JSON.stringify(result) + "\n");
 }
 
-module.exports = { args, seconds, waitFor, report };
+module.exports = { args, seconds, waitFor, count, report };

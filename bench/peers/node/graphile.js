@@ -3,7 +3,7 @@
 "use strict";
 const { run, runMigrations, makeWorkerUtils } = require("graphile-worker");
 const { Client } = require("pg");
-const { args, seconds, waitFor, report } = require("./common");
+const { args, seconds, waitFor, count, report } = require("./common");
 
 async function main() {
   const a = args(process.argv);
@@ -49,21 +49,8 @@ async function main() {
   const drainS = seconds(drainStart);
   await runner.stop();
 
-  const client = new Client({ connectionString: a.dsn });
-  await client.connect();
-  const left = await client.query("SELECT count(*)::int AS n FROM graphile_worker.jobs");
-  await client.end();
-  report({
-    peer: "graphile-worker",
-    version: require("graphile-worker/package.json").version,
-    mode,
-    enqueue: a.enqueue || "bulk",
-    n: a.n,
-    done,
-    jobs_left: left.rows[0].n,
-    enqueue_s: enqueueS,
-    drain_s: drainS,
-  });
+  const jobsLeft = await count(a.dsn, "SELECT count(*)::int AS n FROM graphile_worker.jobs");
+  report("graphile-worker", a, { done, jobs_left: jobsLeft, enqueue_s: enqueueS, drain_s: drainS });
 }
 
 main().catch((err) => { console.error(err); process.exit(1); });

@@ -2,8 +2,7 @@
 // --mode batched: batchSize 500; --mode default: the library defaults (one job per fetch).
 "use strict";
 const PgBoss = require("pg-boss");
-const { Client } = require("pg");
-const { args, seconds, waitFor, report } = require("./common");
+const { args, seconds, waitFor, count, report } = require("./common");
 
 async function main() {
   const a = args(process.argv);
@@ -36,21 +35,8 @@ async function main() {
   const drainS = seconds(drainStart);
   await boss.stop({ graceful: true, wait: true, timeout: 5000 });
 
-  const client = new Client({ connectionString: a.dsn });
-  await client.connect();
-  const completed = await client.query("SELECT count(*)::int AS n FROM pgboss.job WHERE name = 'noop' AND state = 'completed'");
-  await client.end();
-  report({
-    peer: "pg-boss",
-    version: require("pg-boss/package.json").version,
-    mode,
-    enqueue: a.enqueue || "bulk",
-    n: a.n,
-    done,
-    completed: completed.rows[0].n,
-    enqueue_s: enqueueS,
-    drain_s: drainS,
-  });
+  const completed = await count(a.dsn, "SELECT count(*)::int AS n FROM pgboss.job WHERE name = 'noop' AND state = 'completed'");
+  report("pg-boss", a, { done, completed, enqueue_s: enqueueS, drain_s: drainS });
 }
 
 main().catch((err) => { console.error(err); process.exit(1); });
