@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # Reinstall when the dependencies change; otherwise `make venv` costs nothing.
 STAMP := $(VENV)/.installed
 
-.PHONY: venv lint schema test test-slow demo test-kernel freeze
+.PHONY: venv lint schema test test-slow demo test-kernel freeze bench bench-smoke bench-deps
 
 venv: $(STAMP)
 
@@ -46,3 +46,30 @@ test-kernel: venv
 freeze: venv
 	$(BIN)/kernel-driver $(if $(KERNEL_TEST_DSN),--dsn "$(KERNEL_TEST_DSN)") freeze certify
 	$(BIN)/kernel-driver freeze update
+
+# The benchmark (issue 8, item 6; docs/benchmarks.md): never part of `make test`. Its peers
+# (procrastinate, graphile-worker, pg-boss), matplotlib and py-spy live only in .bench/venv and
+# bench/peers/node/node_modules. Postgres: KERNEL_BENCH_DSN, else KERNEL_TEST_DSN, else local.
+BENCH_VENV := .bench/venv
+BENCH_STAMP := $(BENCH_VENV)/.installed
+NODE_STAMP := bench/peers/node/node_modules/.installed
+
+bench-deps: $(BENCH_STAMP) $(NODE_STAMP)
+
+$(BENCH_STAMP): bench/requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet --disable-pip-version-check -r bench/requirements.txt -e .
+	touch $@
+
+$(NODE_STAMP): bench/peers/node/package.json bench/peers/node/package-lock.json
+	cd bench/peers/node && npm ci --no-audit --no-fund --silent
+	touch $@
+
+# The long run (an estimated 15–30 minutes here, mostly the 1,000,000-contact campaign): writes bench/results/latest.json, the generated section
+# of docs/benchmarks.md and docs/img/benchmarks.png.
+bench: bench-deps
+	$(BENCH_VENV)/bin/python -m bench run
+
+# What CI runs: small sizes, everything written to a temporary directory.
+bench-smoke: bench-deps
+	$(BENCH_VENV)/bin/python -m bench run --smoke

@@ -1,0 +1,24 @@
+"""The kernel end to end with the noop provider: 1 and 2 daemons on one campaign of N contacts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kernel_driver.seed import seed_campaign
+
+from bench.pg import SCHEMA, deploy, kernel_database, run_daemons, table_sizes, verify_items
+
+
+def one(ctx: Any, contacts: int, daemons: int, concurrency: int, label: str) -> dict[str, Any]:
+    with kernel_database(ctx.server_dsn, label) as (dsn, conn):
+        seeded = seed_campaign(conn, SCHEMA, contacts=contacts, provider="noop")
+        run_id = deploy(conn, seeded.campaign_id)
+        timing = run_daemons(conn, dsn, [run_id], daemons=daemons, concurrency=concurrency,
+                             log_dir=ctx.log_dir, label=label)
+        verified = verify_items(conn, [run_id], contacts)
+        return {"n": contacts, "daemons": daemons, "concurrency": concurrency, **timing, **verified,
+                "msgs_per_s": contacts / timing["wall_s"], "tables": table_sizes(conn)}
+
+
+def run(ctx: Any) -> dict[str, Any]:
+    return {f"daemons_{d}": one(ctx, ctx.sizes.n, d, ctx.sizes.concurrency, f"noop{d}") for d in (1, 2)}
