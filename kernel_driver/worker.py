@@ -12,7 +12,6 @@ threads make the calls; one listener thread (optional) turns NOTIFY into wake-up
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import logging
@@ -37,6 +36,7 @@ from kernel_driver.providers import (
     SendResult,
     installed_providers,
     load_adapter,
+    open_adapter,
     outbox_outcome,
 )
 from kernel_driver.queries import Kernel, Result, StepRequest, StepRow, listen, response_json
@@ -428,11 +428,7 @@ class Worker:
     def _adapter(self, provider: str, settings: dict[str, Any]) -> ProviderAdapter:
         key = f"{provider}:{json.dumps(settings, sort_keys=True)}"
         if key not in self._adapters:
-            adapter_class = load_adapter(provider)
-            if "concurrency" in inspect.signature(adapter_class).parameters:
-                self._adapters[key] = adapter_class(settings, concurrency=self.config.concurrency)
-            else:  # an adapter written for 1.0
-                self._adapters[key] = adapter_class(settings)
+            self._adapters[key] = open_adapter(provider, settings, concurrency=self.config.concurrency)
         return self._adapters[key]
 
     def _publish_queue_metrics(self, kernel: Kernel) -> None:
