@@ -258,26 +258,29 @@ class Certification:
 
     # daemons
 
-    def daemon_dsn(self, application_name: str) -> str:
-        """The DSN scoped to the certification tenant (a daemon then claims no other tenant's
-        job) and named after the worker (pg_stat_activity shows which session is whose)."""
+    def scoped_dsn(self, application_name: str) -> str:
+        """The DSN scoped to the certification tenant for a CLI command (a direct connection:
+        session settings are safe here, not behind a transaction pooler), named after the
+        command (pg_stat_activity shows which session is whose)."""
         options = conninfo_to_dict(self.dsn).get("options") or ""
         scoped = f"{options} -c execution_kernel.tenant_id={self.tenant_id}".strip()
         return make_conninfo(self.dsn, options=scoped, application_name=application_name)
 
-    def command_environment(self, application_name: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    def command_environment(self, application_name: str, extra: dict[str, str] | None = None,
+                            *, scoped: bool = True) -> dict[str, str]:
         # The DSN travels in the environment, not on the command line where `ps` shows it.
-        return {
-            **os.environ,
-            **(extra or {}),
-            "KERNEL_DSN": self.daemon_dsn(application_name),
-            "KERNEL_SCHEMA": self.schema,
-        }
+        dsn = self.scoped_dsn(application_name) if scoped else make_conninfo(
+            self.dsn, application_name=application_name)
+        return {**os.environ, **(extra or {}), "KERNEL_DSN": dsn, "KERNEL_SCHEMA": self.schema}
 
     def start_daemon(self, record: CheckRecord, name: str, *args: str, env: dict[str, str] | None = None) -> Daemon:
+        """A daemon that claims only the certification tenant's jobs (--tenant: the tenant
+        goes with every call, as behind a pooler)."""
         worker_id = f"certify-{self.tenant_id.hex[:8]}-{name}"
-        command = [sys.executable, "-m", "kernel_driver", "run", "--worker-id", worker_id, *DAEMON_ARGS, *args]
-        daemon = Daemon(worker_id, command, self.command_environment(worker_id, env), self.workdir / f"{worker_id}.log")
+        command = [sys.executable, "-m", "kernel_driver", "run", "--worker-id", worker_id,
+                   "--tenant", str(self.tenant_id), *DAEMON_ARGS, *args]
+        environment = self.command_environment(worker_id, env, scoped=False)
+        daemon = Daemon(worker_id, command, environment, self.workdir / f"{worker_id}.log")
         self._daemons.append(daemon)
         record.workers.append(worker_id)
         return daemon
