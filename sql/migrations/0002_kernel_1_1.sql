@@ -50,14 +50,16 @@ RETURN nullif(pg_catalog.current_setting('execution_kernel.tenant_id', TRUE), ''
 
 CREATE OR REPLACE FUNCTION kernel.current_workspace() RETURNS uuid
 LANGUAGE sql STABLE PARALLEL SAFE
-RETURN nullif(pg_catalog.current_setting('execution_kernel.workspace_id', TRUE), '')::pg_catalog.uuid;
+RETURN nullif(
+    pg_catalog.current_setting('execution_kernel.workspace_id', TRUE), ''
+)::pg_catalog.uuid;
 
 CREATE OR REPLACE FUNCTION kernel.in_scope(p_tenant_id uuid, p_workspace_id uuid) RETURNS boolean
 LANGUAGE sql STABLE PARALLEL SAFE
-RETURN p_tenant_id OPERATOR(pg_catalog.=) kernel.current_tenant()
+RETURN p_tenant_id OPERATOR (pg_catalog.=) kernel.current_tenant()
 AND (
     kernel.current_workspace() IS NULL
-    OR p_workspace_id OPERATOR(pg_catalog.=) kernel.current_workspace()
+    OR p_workspace_id OPERATOR (pg_catalog.=) kernel.current_workspace()
 );
 
 COMMENT ON FUNCTION kernel.in_scope(uuid, uuid) IS
@@ -299,7 +301,9 @@ $$;
 COMMENT ON FUNCTION kernel._setting_problem(text, jsonb) IS
 'What is wrong with one provider setting value of a kind (text, tcp_port, positive_number, non_negative_number, boolean, env_name, email_address, http_url), or NULL.';
 
-CREATE OR REPLACE FUNCTION kernel.provider_settings_problems(p_provider text, p_channel text, p_settings jsonb)
+CREATE OR REPLACE FUNCTION kernel.provider_settings_problems(
+    p_provider text, p_channel text, p_settings jsonb
+)
 RETURNS text[]
 LANGUAGE plpgsql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
@@ -406,14 +410,14 @@ DROP TRIGGER channel_outbox_guard ON kernel.channel_outbox;
 
 CREATE TRIGGER channel_outbox_guard_insert
 BEFORE INSERT ON kernel.channel_outbox
-FOR EACH ROW WHEN (NEW.status <> 'pending')
+FOR EACH ROW WHEN (new.status <> 'pending')
 EXECUTE FUNCTION kernel._channel_outbox_guard();
 
 CREATE TRIGGER channel_outbox_guard_update
 BEFORE UPDATE ON kernel.channel_outbox
 FOR EACH ROW WHEN (
-    OLD.status <> 'pending' OR NEW.status = 'skipped'
-    OR (NEW.status <> 'pending' AND NEW.completed_at IS NULL)
+    old.status <> 'pending' OR new.status = 'skipped'
+    OR (new.status <> 'pending' AND new.completed_at IS NULL)
 )
 EXECUTE FUNCTION kernel._channel_outbox_guard();
 
@@ -427,16 +431,16 @@ DROP TRIGGER job_queue_guard ON kernel.job_queue;
 
 CREATE TRIGGER job_queue_guard_insert
 BEFORE INSERT ON kernel.job_queue
-FOR EACH ROW WHEN (NEW.status <> 'queued')
+FOR EACH ROW WHEN (new.status <> 'queued')
 EXECUTE FUNCTION kernel._job_queue_guard();
 
 -- A lease renewal or a reservation (same status, holder and attempt) is no state change.
 CREATE TRIGGER job_queue_guard_update
 BEFORE UPDATE ON kernel.job_queue
 FOR EACH ROW WHEN (
-    NEW.status IS DISTINCT FROM OLD.status
-    OR NEW.locked_by IS DISTINCT FROM OLD.locked_by
-    OR NEW.attempts IS DISTINCT FROM OLD.attempts
+    new.status IS DISTINCT FROM old.status
+    OR new.locked_by IS DISTINCT FROM old.locked_by
+    OR new.attempts IS DISTINCT FROM old.attempts
 )
 EXECUTE FUNCTION kernel._job_queue_guard();
 
@@ -455,7 +459,9 @@ ALTER TABLE kernel.job_queue SET (fillfactor = 70);
 
 -- Claiming ----------------------------------------------------------------------
 
-CREATE FUNCTION kernel._claim_jobs(p_worker text, p_max_jobs integer, p_lease interval, p_tenant_id uuid)
+CREATE FUNCTION kernel._claim_jobs(
+    p_worker text, p_max_jobs integer, p_lease interval, p_tenant_id uuid
+)
 RETURNS SETOF kernel.job_queue
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -538,7 +544,8 @@ $$;
 -- Rate limits ------------------------------------------------------------------
 
 CREATE FUNCTION kernel._take_rate_tokens(
-    p_workspace_id uuid, p_provider text, p_wanted integer, OUT granted integer, OUT wait_seconds double precision
+    p_workspace_id uuid, p_provider text, p_wanted integer,
+    OUT granted integer, OUT wait_seconds double precision
 )
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -575,7 +582,9 @@ $$;
 COMMENT ON FUNCTION kernel._take_rate_tokens(uuid, text, integer) IS
 'Shared token bucket (provider_configs.max_per_second, burst of one second): how many of p_wanted sends may start now, and when none may, how long until one can.';
 
-CREATE OR REPLACE FUNCTION kernel.take_rate_tokens(p_workspace_id uuid, p_provider text, p_wanted integer)
+CREATE OR REPLACE FUNCTION kernel.take_rate_tokens(
+    p_workspace_id uuid, p_provider text, p_wanted integer
+)
 RETURNS integer
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -1006,7 +1015,9 @@ COMMENT ON FUNCTION kernel.release_jobs(text, uuid[], text) IS
 
 -- complete_job: the worker form is always fenced; completion without one is an operator's ---
 
-CREATE FUNCTION kernel._end_job(p_job kernel.job_queue, p_success boolean, p_error text) RETURNS text
+CREATE FUNCTION kernel._end_job(
+    p_job kernel.job_queue, p_success boolean, p_error text
+) RETURNS text
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -1044,7 +1055,9 @@ $$;
 COMMENT ON FUNCTION kernel._end_job(kernel.job_queue, boolean, text) IS
 'Ends a locked processing job: refused while an item is pending (KE006) and, for success, while a contact has no item (KE007); derives the run status and returns it.';
 
-CREATE OR REPLACE FUNCTION kernel.complete_job(p_job_id uuid, p_success boolean, p_error text, p_worker text)
+CREATE OR REPLACE FUNCTION kernel.complete_job(
+    p_job_id uuid, p_success boolean, p_error text, p_worker text
+)
 RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -1061,7 +1074,9 @@ $$;
 COMMENT ON FUNCTION kernel.complete_job(uuid, boolean, text, text) IS
 'Ends a job the worker holds (fenced; a NULL worker is refused, KE008): refused while any item is pending (KE006) and, for success, while a contact has no item (KE007). Derives the run status when it was the last job and returns the run''s status.';
 
-CREATE OR REPLACE FUNCTION kernel.complete_job(p_job_id uuid, p_success boolean, p_error text) RETURNS void
+CREATE OR REPLACE FUNCTION kernel.complete_job(
+    p_job_id uuid, p_success boolean, p_error text
+) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -1107,7 +1122,10 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA kernel FROM PUBLIC;
 GRANT USAGE ON SCHEMA kernel TO kernel_operator;
 
 GRANT EXECUTE ON FUNCTION
-kernel.worker_step(text, numeric, uuid[], uuid[], text[], text[], text[], text[], uuid[], uuid[], text[], uuid[], integer, integer, text[], uuid),
+kernel.worker_step(
+    text, numeric, uuid[], uuid[], text[], text[], text[], text[], uuid[], uuid[], text[], uuid[],
+    integer, integer, text[], uuid
+),
 kernel.release_jobs(text, uuid[], text)
 TO kernel_worker;
 
@@ -1136,8 +1154,10 @@ TO kernel_operator;
 GRANT SELECT ON kernel.workspaces TO kernel_app, kernel_reader;
 
 GRANT SELECT
-ON kernel.workspaces, kernel.campaigns, kernel.contacts, kernel.campaign_audience, kernel.provider_configs,
-kernel.campaign_runs, kernel.job_queue, kernel.channel_outbox, kernel.job_events, kernel.rate_buckets,
+ON kernel.workspaces, kernel.campaigns, kernel.contacts, kernel.campaign_audience,
+kernel.provider_configs,
+kernel.campaign_runs, kernel.job_queue, kernel.channel_outbox, kernel.job_events,
+kernel.rate_buckets,
 kernel.state_transitions, kernel.schema_migrations
 TO kernel_operator;
 
@@ -1153,18 +1173,26 @@ TO kernel_worker, kernel_app, kernel_reader, kernel_operator;
 ALTER POLICY schema_migrations_readable ON kernel.schema_migrations
 TO kernel_worker, kernel_app, kernel_reader, kernel_operator;
 
-CREATE POLICY workspaces_operator_reads ON kernel.workspaces FOR SELECT TO kernel_operator USING (TRUE);
-CREATE POLICY campaigns_operator_reads ON kernel.campaigns FOR SELECT TO kernel_operator USING (TRUE);
-CREATE POLICY contacts_operator_reads ON kernel.contacts FOR SELECT TO kernel_operator USING (TRUE);
+CREATE POLICY workspaces_operator_reads ON kernel.workspaces
+FOR SELECT TO kernel_operator USING (TRUE);
+CREATE POLICY campaigns_operator_reads ON kernel.campaigns
+FOR SELECT TO kernel_operator USING (TRUE);
+CREATE POLICY contacts_operator_reads ON kernel.contacts
+FOR SELECT TO kernel_operator USING (TRUE);
 CREATE POLICY campaign_audience_operator_reads ON kernel.campaign_audience FOR SELECT
 TO kernel_operator USING (TRUE);
 CREATE POLICY provider_configs_operator_reads ON kernel.provider_configs FOR SELECT
 TO kernel_operator USING (TRUE);
-CREATE POLICY campaign_runs_operator_reads ON kernel.campaign_runs FOR SELECT TO kernel_operator USING (TRUE);
-CREATE POLICY job_queue_operator_reads ON kernel.job_queue FOR SELECT TO kernel_operator USING (TRUE);
-CREATE POLICY channel_outbox_operator_reads ON kernel.channel_outbox FOR SELECT TO kernel_operator USING (TRUE);
-CREATE POLICY job_events_operator_reads ON kernel.job_events FOR SELECT TO kernel_operator USING (TRUE);
-CREATE POLICY rate_buckets_operator_reads ON kernel.rate_buckets FOR SELECT TO kernel_operator USING (TRUE);
+CREATE POLICY campaign_runs_operator_reads ON kernel.campaign_runs
+FOR SELECT TO kernel_operator USING (TRUE);
+CREATE POLICY job_queue_operator_reads ON kernel.job_queue
+FOR SELECT TO kernel_operator USING (TRUE);
+CREATE POLICY channel_outbox_operator_reads ON kernel.channel_outbox
+FOR SELECT TO kernel_operator USING (TRUE);
+CREATE POLICY job_events_operator_reads ON kernel.job_events
+FOR SELECT TO kernel_operator USING (TRUE);
+CREATE POLICY rate_buckets_operator_reads ON kernel.rate_buckets
+FOR SELECT TO kernel_operator USING (TRUE);
 
 INSERT INTO kernel.schema_migrations (version, name) VALUES (2, '0002_kernel_1_1')
 ON CONFLICT (version) DO NOTHING;

@@ -233,10 +233,10 @@ DEFINER_CALLS = {
     "complete_job(uuid,boolean,text,text)": ("worker", "SELECT complete_job('{job}', false, 'x', NULL)", "KE008"),
     "complete_job(uuid,boolean,text)": ("worker", "SELECT complete_job('{job}', false, 'x')", "KE013"),
     "take_rate_tokens(uuid,text,integer)": ("worker", "SELECT take_rate_tokens('{B_workspace}', 'none', 1)", None),
-    "worker_step(text,numeric,uuid[],uuid[],text[],text[],text[],text[],uuid[],uuid[],integer,integer,text[],uuid)": (
+    "worker_step(text,numeric,uuid[],uuid[],text[],text[],text[],text[],uuid[],uuid[],text[],uuid[],integer,integer,text[],uuid)": (
         "worker",
         "SELECT * FROM worker_step('intruder', 30, ARRAY['{job}']::uuid[], ARRAY['{item}']::uuid[],"
-        " ARRAY['sent'], ARRAY['p'], ARRAY[NULL], ARRAY[NULL], ARRAY['{job}']::uuid[], '{{}}', 0, 0, '{{}}', NULL)",
+        " ARRAY['sent'], ARRAY['p'], ARRAY[NULL], ARRAY[NULL], ARRAY['{job}']::uuid[], ARRAY['{job}']::uuid[], ARRAY['x'], '{{}}', 0, 0, '{{}}', NULL)",
         None,
     ),
     "release_jobs(text,uuid[],text)": ("worker", "SELECT release_jobs('intruder', ARRAY['{job}']::uuid[], 'x')", None),
@@ -401,7 +401,7 @@ def test_a_worker_cannot_complete_a_job_another_worker_holds(conn, login):
     intruder.execute("SET execution_kernel.worker_id = 'intruder'")
     with raises("KE005", "intruder"):
         intruder.execute("SELECT complete_job(%s, false, 'x')", [held["id"]])
-    for query in ("SELECT * FROM worker_step(NULL, 30, '{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}', 0, 0, '{}', NULL)",
+    for query in ("SELECT * FROM worker_step(NULL, 30, '{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}', 0, 0, '{}', NULL)",
                   "SELECT release_jobs(NULL, ARRAY[%s]::uuid[], 'x')"):
         with raises("KE008", "worker"):
             intruder.execute(query, [held["id"]] if "%s" in query else None)
