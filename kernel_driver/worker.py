@@ -61,6 +61,8 @@ QUEUE_OLDEST = Gauge(
 # Seconds before an item the provider did not take (or that a lost worker left undispatched)
 # goes out again, by how often it was dispatched before; the kernel fails it after 5.
 RETRY_BACKOFF_S = (0.0, 0.2, 0.5, 1.0, 2.0, 5.0)
+# How long a finished call may wait for its neighbours before the step that records it.
+GATHER_S = 0.002
 TERMINAL_RUN = frozenset({"completed", "partial", "failed", "cancelled"})
 
 
@@ -106,6 +108,12 @@ class HeldJob:
     in_flight: int = 0
     waiting: dict[UUID, tuple[Item, float]] = field(default_factory=dict)  # item -> (item, ready at)
     complete_asked: bool = False
+    counted: dict[str, Any] = field(default_factory=dict)  # outcome -> its ITEMS child
+
+    def count(self, outcome: str) -> None:
+        if outcome not in self.counted:
+            self.counted[outcome] = ITEMS.labels(self.channel, self.provider, outcome)
+        self.counted[outcome].inc()
 
     @property
     def finished(self) -> bool:
@@ -128,8 +136,9 @@ class Worker:
         self._last_step = 0.0
         self._next_claim = 0.0  # when to look for work again without a NOTIFY
         self._rate_until = 0.0  # a shared rate limit allows no send before this
-        self._job_size = 1000.0  # contacts per claimed job, a running average (start: one batch)
+        self._job_size = 1000.0  # contacts per job in the last claim (at first: one batch)
         self._stop_at: float | None = None
+        self._first_result_at: float | None = None  # when the oldest unrecorded result came back
         self._threads = [
             threading.Thread(target=self._call_providers, name=f"provider-{n}", daemon=True)
             for n in range(config.concurrency)
@@ -206,6 +215,8 @@ class Worker:
             if self._stop_at is not None and (self._in_flight == 0 or self._stop_expired()):
                 self._shut_down(kernel)
                 return True
+            if self._gather(now):
+                continue
             request = self._request(now)
             if request is None:
                 self._wake.wait(self._sleep(now))
@@ -216,6 +227,22 @@ class Worker:
             self._unrecorded = self._unrecorded[len(request.results):]
             if self._apply(kernel, request, rows):
                 return True
+
+    def _gather(self, now: float) -> bool:
+        """Wait a moment for more calls to finish when some are back and others are about to
+        be: one step then records them all (fast providers answer within microseconds of each
+        other). True when it waited (look again)."""
+        if not self._unrecorded or self._in_flight == 0 or self._stop_at is not None:
+            self._first_result_at = None
+            return False
+        if self._first_result_at is None:
+            self._first_result_at = now
+        left = self._first_result_at + GATHER_S - now
+        if left <= 0 or len(self._unrecorded) >= self._in_flight:
+            self._first_result_at = None
+            return False
+        self._wake.wait(left)
+        return True
 
     def _request(self, now: float) -> StepRequest | None:
         """The next step, or None when there is nothing worth a round trip yet."""
@@ -264,7 +291,7 @@ class Worker:
         now = time.monotonic()
         if request.claim:
             self._notified = False
-        claimed = 0
+        claimed = []
         ended: set[UUID] = set()
         retried: set[UUID] = set()
         for job_id in request.redispatch:
@@ -278,9 +305,8 @@ class Worker:
             elif kind == "held" and job is not None:
                 job.remaining = row.detail["remaining"]
             elif kind == "job":
-                claimed += 1
+                claimed.append(max(1, row.detail["remaining"]))
                 self._hold(row)
-                self._job_size = 0.7 * self._job_size + 0.3 * max(1, row.detail["remaining"])
             elif kind == "waiting" and job is not None:
                 retried.add(job.id)
                 count = row.detail["dispatch_count"]
@@ -309,8 +335,10 @@ class Worker:
                     # Another daemon's job may still end or expire: look again soon.
                     self._next_claim = now + min(self.config.poll_interval, 0.1)
                     continue
+        if claimed:
+            self._job_size = sum(claimed) / len(claimed)
         if request.claim:
-            if claimed < request.claim:
+            if len(claimed) < request.claim:
                 self._next_claim = now + self.config.poll_interval
             else:
                 self._notified = True  # more may be queued
@@ -405,23 +433,25 @@ class Worker:
                 continue  # lost meanwhile: fenced, nothing is recorded for it
             assert job.adapter is not None
             outcome = outbox_outcome(result.outcome, job.adapter.deduplicates)
-            ITEMS.labels(job.channel, job.provider, outcome).inc()
+            job.count(outcome)
             self._unrecorded.append(
                 Result(item.id, outcome, result.provider_message_id, response_json(result.response), result.error)
             )
 
     def _call_providers(self) -> None:
         """One provider thread: call, time, hand back, wake the main loop."""
+        timers: dict[str, Any] = {}
         while (task := self._tasks.get()) is not None:
             job, item = task
             assert job.adapter is not None
+            timer = timers.get(job.provider) or timers.setdefault(job.provider, CALL_SECONDS.labels(job.provider))
             started = time.perf_counter()
             result = job.adapter.send(OutboundItem(
                 id=str(item.id), idempotency_key=item.idempotency_key, channel=job.channel,
                 recipient=item.recipient, content=job.content, run_id=str(item.run_id),
                 contact_id=str(item.contact_id),
             ))
-            CALL_SECONDS.labels(job.provider).observe(time.perf_counter() - started)
+            timer.observe(time.perf_counter() - started)
             self._done.put((job, item, result))
             self._wake.set()
 

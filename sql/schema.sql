@@ -723,6 +723,51 @@ $function$;
 COMMENT ON FUNCTION kernel._finish_run_if_done(p_run_id uuid) IS 'Invariant 4: once every job of a run is terminal, derives the run status from the job and item outcomes.';
 ALTER FUNCTION kernel._finish_run_if_done(p_run_id uuid) OWNER TO kernel_owner;
 
+-- FUNCTION kernel._finish_runs_if_done(p_run_ids uuid[])
+
+CREATE OR REPLACE FUNCTION kernel._finish_runs_if_done(p_run_ids uuid[])
+ RETURNS void
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+    -- Lock first, then look, in a statement of its own: it then sees what a concurrent
+    -- completer of the same run committed while this one waited for the lock.
+    PERFORM 1 FROM kernel.campaign_runs WHERE id = ANY (p_run_ids) ORDER BY id FOR UPDATE;
+    WITH finished AS (
+        SELECT r.id,
+               count(*) FILTER (WHERE j.status = 'completed') AS jobs_completed,
+               count(*) FILTER (WHERE j.status = 'failed') AS jobs_failed
+        FROM kernel.campaign_runs AS r INNER JOIN kernel.job_queue AS j ON r.id = j.run_id
+        WHERE r.id = ANY (p_run_ids) AND r.status IN ('queued', 'running')
+        GROUP BY r.id
+        HAVING count(*) FILTER (WHERE j.status IN ('queued', 'processing')) = 0
+    ), decided AS (
+        SELECT f.id, f.jobs_completed, f.jobs_failed, i.sent, i.bad,
+               CASE WHEN f.jobs_failed = 0 AND i.bad = 0 THEN 'completed'
+                    WHEN f.jobs_completed = 0 OR (i.sent = 0 AND i.bad > 0) THEN 'failed'
+                    ELSE 'partial' END AS status
+        FROM finished AS f
+        CROSS JOIN LATERAL (
+            SELECT count(*) FILTER (WHERE o.status = 'sent') AS sent,
+                   count(*) FILTER (WHERE o.status IN ('failed', 'unknown')) AS bad
+            FROM kernel.channel_outbox AS o WHERE o.run_id = f.id
+        ) AS i
+    )
+    UPDATE kernel.campaign_runs AS r
+    SET status = d.status,
+        started_at = coalesce(r.started_at, now()),
+        completed_at = now(),
+        error_message = CASE WHEN d.status = 'completed' THEN NULL ELSE
+            format('%s of %s jobs failed; %s items failed or unknown, %s sent',
+                   d.jobs_failed, d.jobs_failed + d.jobs_completed, d.bad, d.sent) END
+    FROM decided AS d
+    WHERE r.id = d.id;
+END
+$function$;
+COMMENT ON FUNCTION kernel._finish_runs_if_done(p_run_ids uuid[]) IS 'Invariant 4 for several runs at once (as _finish_run_if_done): each run whose jobs are all terminal gets its status from the job and item outcomes.';
+ALTER FUNCTION kernel._finish_runs_if_done(p_run_ids uuid[]) OWNER TO kernel_owner;
+
 -- FUNCTION kernel._insert_items(p_job kernel.job_queue, p_run kernel.campaign_runs, p_count integer)
 
 CREATE OR REPLACE FUNCTION kernel._insert_items(p_job kernel.job_queue, p_run kernel.campaign_runs, p_count integer)
@@ -2002,6 +2047,7 @@ CREATE OR REPLACE FUNCTION kernel.worker_step(p_worker text, p_lease_seconds num
  LANGUAGE plpgsql
  SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'pg_temp'
+ SET enable_seqscan TO 'off'
 AS $function$
 #variable_conflict use_column
 DECLARE
@@ -2015,9 +2061,7 @@ DECLARE
     _cancelled uuid[];
     _dispatchable uuid[];
     _job record;
-    _pending bigint;
-    _items bigint;
-    _run_id uuid;
+    _ended_runs uuid[];
     _grant record;
     _cap_jobs uuid[] := '{}';
     _caps integer[] := '{}';
@@ -2114,31 +2158,34 @@ BEGIN
     UPDATE kernel.job_queue AS j SET lease_expires_at = now() + _lease
     WHERE j.id = ANY (_held) AND j.lease_expires_at < now() + _lease * 2 / 3;
 
-    -- 4. End the jobs the daemon has finished, checked here as complete_job checks them.
+    -- 4. End the jobs the daemon has finished, checked here as complete_job checks them:
+    --    no pending item, and an item for every contact unless the run was cancelled.
     IF cardinality(p_complete) > 0 THEN
-        FOR _job IN
-            SELECT j.id, cardinality(j.contact_ids) AS contacts, r.status AS run_status
-            FROM kernel.job_queue AS j INNER JOIN kernel.campaign_runs AS r ON j.run_id = r.id
-            WHERE j.id = ANY (p_complete) AND j.id = ANY (_held)
-            ORDER BY j.id
-        LOOP
-            IF _job.run_status = 'cancelled' THEN
-                UPDATE kernel.channel_outbox AS o
-                SET status = 'skipped', skipped = TRUE, skip_reason = 'run_cancelled', completed_at = clock_timestamp()
-                WHERE o.job_id = _job.id AND o.status = 'pending' AND o.dispatched_at IS NULL;
-            END IF;
-            SELECT count(*) FILTER (WHERE o.status = 'pending'), count(*) INTO _pending, _items
-            FROM kernel.channel_outbox AS o WHERE o.job_id = _job.id;
-            CONTINUE WHEN _pending > 0 OR (_job.run_status <> 'cancelled' AND _items < _job.contacts);
+        UPDATE kernel.channel_outbox AS o
+        SET status = 'skipped', skipped = TRUE, skip_reason = 'run_cancelled', completed_at = clock_timestamp()
+        FROM kernel.job_queue AS j INNER JOIN kernel.campaign_runs AS r ON j.run_id = r.id
+        WHERE o.job_id = j.id AND j.id = ANY (p_complete) AND j.id = ANY (_held)
+          AND r.status = 'cancelled' AND o.status = 'pending' AND o.dispatched_at IS NULL;
+        WITH finished AS (
+            SELECT j.id, r.status AS run_status
+            FROM kernel.job_queue AS j
+            INNER JOIN kernel.campaign_runs AS r ON j.run_id = r.id
+            CROSS JOIN LATERAL (
+                SELECT count(*) FILTER (WHERE o.status = 'pending') AS pending, count(*) AS items
+                FROM kernel.channel_outbox AS o WHERE o.job_id = j.id
+            ) AS c
+            WHERE j.id = ANY (p_complete) AND j.id = ANY (_held) AND c.pending = 0
+              AND (r.status = 'cancelled' OR c.items >= cardinality(j.contact_ids))
+        ), ended AS (
             UPDATE kernel.job_queue AS j
-            SET status = CASE WHEN _job.run_status = 'cancelled' THEN 'cancelled' ELSE 'completed' END,
+            SET status = CASE WHEN f.run_status = 'cancelled' THEN 'cancelled' ELSE 'completed' END,
                 completed_at = now(), last_error = NULL, locked_by = NULL, lease_expires_at = NULL
-            WHERE j.id = _job.id;
-            _ended := _ended || _job.id;
-        END LOOP;
-        FOR _run_id IN SELECT DISTINCT j.run_id FROM kernel.job_queue AS j WHERE j.id = ANY (_ended) ORDER BY 1 LOOP
-            PERFORM kernel._finish_run_if_done(_run_id);
-        END LOOP;
+            FROM finished AS f WHERE j.id = f.id
+            RETURNING j.id, j.run_id
+        )
+        SELECT coalesce(array_agg(e.id), '{}'), coalesce(array_agg(DISTINCT e.run_id), '{}')
+        INTO _ended, _ended_runs FROM ended AS e;
+        PERFORM kernel._finish_runs_if_done(_ended_runs);
     END IF;
 
     -- 4b. End the jobs the daemon cannot execute (their provider is unusable): what was never
