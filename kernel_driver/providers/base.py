@@ -138,6 +138,11 @@ class ProviderAdapter(ABC):
         self.settings: dict[str, Any] = with_defaults(settings, self.settings_schema)
         self.concurrency = concurrency
         self._environ = environ
+        self.prepare()
+
+    def prepare(self) -> None:
+        """Set up what every send shares (secrets, a connection pool sized to `concurrency`),
+        once `settings` hold their defaults. Raise ProviderConfigError when it cannot be."""
 
     def secret(self, setting_key: str) -> str | None:
         """The secret in the environment variable that setting `setting_key` names (None if unset)."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import logging
-import os
 import re
 import smtplib
 import ssl
@@ -24,7 +23,6 @@ from email.utils import formataddr, format_datetime, parseaddr
 from typing import Any
 
 from kernel_driver.providers.base import (
-    DEFAULT_CONCURRENCY,
     OutboundItem,
     Outcome,
     ProviderAdapter,
@@ -100,14 +98,7 @@ class SmtpAdapter(ProviderAdapter):
             )
         return problems
 
-    def __init__(
-        self,
-        settings: Mapping[str, Any],
-        environ: Mapping[str, str] = os.environ,
-        *,
-        concurrency: int = DEFAULT_CONCURRENCY,
-    ) -> None:
-        super().__init__(settings, environ, concurrency=concurrency)
+    def prepare(self) -> None:
         self._username = self.secret("username_env")
         self._password = self.secret("password_env")
         display_name, address = parseaddr(self.settings["from"])

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import base64
-import os
-from collections.abc import Mapping
-from typing import Any
 from urllib.parse import quote, urlencode
 from xml.sax.saxutils import escape
 
 from kernel_driver.providers._http import HttpClient, HttpReply, post_and_classify
-from kernel_driver.providers.base import DEFAULT_CONCURRENCY, OutboundItem, Outcome, ProviderAdapter, SendResult
+from kernel_driver.providers.base import OutboundItem, Outcome, ProviderAdapter, SendResult
 from kernel_driver.providers.settings import Setting, env_name, http_url, positive_number, text
 
 
@@ -31,14 +28,7 @@ class TwilioAdapter(ProviderAdapter):
         "timeout_s": Setting(positive_number, default=10),
     }
 
-    def __init__(
-        self,
-        settings: Mapping[str, Any],
-        environ: Mapping[str, str] = os.environ,
-        *,
-        concurrency: int = DEFAULT_CONCURRENCY,
-    ) -> None:
-        super().__init__(settings, environ, concurrency=concurrency)
+    def prepare(self) -> None:
         sid = self.settings["account_sid"]
         credentials = f"{sid}:{self.secret('auth_token_env')}".encode()
         self._authorization = "Basic " + base64.b64encode(credentials).decode()

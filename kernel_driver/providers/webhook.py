@@ -5,12 +5,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
-from collections.abc import Mapping
-from typing import Any
 
 from kernel_driver.providers._http import HttpClient, HttpReply, post_and_classify
-from kernel_driver.providers.base import DEFAULT_CONCURRENCY, OutboundItem, ProviderAdapter, SendResult
+from kernel_driver.providers.base import OutboundItem, ProviderAdapter, SendResult
 from kernel_driver.providers.settings import Setting, env_name, http_url, positive_number
 
 SIGNATURE_HEADER = "X-Kernel-Signature-256"
@@ -37,14 +34,7 @@ class WebhookAdapter(ProviderAdapter):
         "timeout_s": Setting(positive_number, default=10),
     }
 
-    def __init__(
-        self,
-        settings: Mapping[str, Any],
-        environ: Mapping[str, str] = os.environ,
-        *,
-        concurrency: int = DEFAULT_CONCURRENCY,
-    ) -> None:
-        super().__init__(settings, environ, concurrency=concurrency)
+    def prepare(self) -> None:
         self._signing_secret = self.secret("secret_env")
         self._http = HttpClient(self.settings["timeout_s"], self.concurrency)
 
