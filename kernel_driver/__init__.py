@@ -1,3 +1,3 @@
 """Postgres-native campaign execution kernel: the Python driver."""
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
