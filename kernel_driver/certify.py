@@ -418,9 +418,11 @@ def reinsert_outbox_rows(cert: Certification, run_id: str) -> int:
 
 def check_idempotency(cert: Certification, record: CheckRecord) -> None:
     """Two daemons race for one campaign's jobs; a third runs after it finished."""
-    with SmtpSink() as sink:
+    # Each racer sends one message at a time, and the sink answers none until two have arrived:
+    # both daemons must have claimed a job, however fast one of them is to wake up.
+    with SmtpSink(rendezvous=2) as sink:
         campaign = cert.campaign(record, "email", "smtp", sink.provider_settings(), Q1_CONTACTS)
-        racers = [cert.start_daemon(record, f"q1-{n}") for n in (1, 2)]
+        racers = [cert.start_daemon(record, f"q1-{n}", "--concurrency", "1") for n in (1, 2)]
         cert.wait_listening(racers)
         run_id = cert.deploy(record, campaign, batch_size=1)  # one job per contact, for both to take
         status = cert.wait_for_runs([run_id])[run_id]

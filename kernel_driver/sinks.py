@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hmac
 import json
 import re
@@ -46,6 +47,7 @@ from kernel_driver.providers.webhook import SIGNATURE_HEADER, sign
 
 HOST = "127.0.0.1"
 HANG_LIMIT_S = 120.0  # a hung answer ends at stop(), or after this long if stop() never comes
+RENDEZVOUS_LIMIT_S = 10.0  # a held message waits this long for the others, then passes alone
 
 # Where a fault applies: False (nowhere), True (every recipient) or the recipients it hits.
 FaultScope = bool | Collection[str]
@@ -168,6 +170,9 @@ class SmtpSink(_Sink[SmtpMessage]):
     Faults, each a FaultScope: `reject_rcpt` (550 at RCPT), `temp_fail` (451 at RCPT),
     `hang_after_data` (receive the message, then never answer: the client times out).
     `credentials=(user, password)` requires AUTH before MAIL (without TLS: it is a local sink).
+    `rendezvous=n` holds the answer to each message until n messages have arrived (then lets
+    every message pass): clients that each send one message at a time must all be sending at
+    once, which certify's Q1 uses to make two daemons race for certain.
     `idle_timeout_s` closes idle sessions, as real servers do. `tls="starttls"` or `"ssl"`
     with `certificate=(cert_file, key_file)` speaks TLS; provider_settings() then trusts that
     certificate (self-signed, for 127.0.0.1) through the adapter's `ca_file`.
@@ -184,6 +189,7 @@ class SmtpSink(_Sink[SmtpMessage]):
         eight_bit_mime: bool = True,
         smtputf8: bool = False,
         auth_mechanisms: Collection[str] = ("LOGIN", "PLAIN"),
+        rendezvous: int = 0,
     ) -> None:
         super().__init__()
         if bool(tls) != bool(certificate):
@@ -198,6 +204,8 @@ class SmtpSink(_Sink[SmtpMessage]):
         self._eight_bit_mime = eight_bit_mime
         self._smtputf8 = smtputf8
         self._auth_mechanisms = {m.upper() for m in auth_mechanisms}
+        self._rendezvous = rendezvous
+        self._all_arrived = asyncio.Event()
         self._controller: _EphemeralPortController | None = None
 
     def start(self) -> SmtpSink:
@@ -305,6 +313,11 @@ class SmtpSink(_Sink[SmtpMessage]):
         if not self._eight_bit_mime and not raw.isascii():
             return "554 5.6.1 8-bit message data on a 7-bit server (no 8BITMIME)"
         self._recorder.add(_parse_message(envelope, session, raw))
+        if not self._all_arrived.is_set():
+            if len(self._recorder.items()) >= self._rendezvous:
+                self._all_arrived.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_arrived.wait(), RENDEZVOUS_LIMIT_S)
         if _hits(self.hang_after_data, envelope.rcpt_tos):
             await asyncio.sleep(HANG_LIMIT_S)
             return "451 4.3.0 Gave up (sink fault hang_after_data)"

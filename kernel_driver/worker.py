@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from queue import Empty, SimpleQueue
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 import psycopg
@@ -83,8 +83,7 @@ class WorkerConfig:
     listen: bool = True
 
 
-@dataclass(frozen=True)
-class Item:
+class Item(NamedTuple):
     id: UUID
     job_id: UUID
     run_id: UUID
