@@ -6,8 +6,9 @@ Every user mistake ends with one line ``error: …`` on stderr and a stable exit
 
 from __future__ import annotations
 
-import uuid
+import importlib
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from enum import IntEnum
@@ -78,8 +79,29 @@ def hoist_group_options(args: list[str]) -> list[str]:
     return front + rest
 
 
+# Commands defined in their own modules, imported only when one is called (click's "lazily
+# loading subcommands"): `run` starts without the certification harness, the demo, the sinks
+# or aiosmtpd (tests/unit/test_cli_imports.py).
+LAZY_COMMANDS = {
+    "certify": "kernel_driver.certify",
+    "demo": "kernel_driver.demo",
+    "freeze": "kernel_driver.freeze",
+    "runs": "kernel_driver.runs",
+}
+
+
 class KernelGroup(click.Group):
     """Turns the driver's exceptions into ``error:`` lines for every subcommand."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in LAZY_COMMANDS:
+            command = getattr(importlib.import_module(LAZY_COMMANDS[cmd_name]), cmd_name)
+            assert isinstance(command, click.Command)
+            return command
+        return super().get_command(ctx, cmd_name)
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         return super().parse_args(ctx, hoist_group_options(args))
@@ -240,15 +262,3 @@ def run(settings: Settings, worker_id: str | None, concurrency: int, tenant_id: 
     ))
     with stop_on_signals(worker.request_stop):
         worker.run()
-
-
-# Commands defined in their own modules; those import this one lazily, so they are added last.
-from kernel_driver.certify import certify  # noqa: E402
-from kernel_driver.runs import runs  # noqa: E402
-from kernel_driver.freeze import freeze  # noqa: E402
-from kernel_driver.demo import demo  # noqa: E402
-
-main.add_command(certify)
-main.add_command(runs)
-main.add_command(freeze)
-main.add_command(demo)

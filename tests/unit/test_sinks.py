@@ -43,6 +43,29 @@ def test_smtp_sink_records_and_counts_by_recipient():
         assert sink.messages[0].text == "body\n"
 
 
+def test_smtp_rendezvous_answers_no_message_until_enough_have_arrived():
+    message = b"Subject: hi\r\n\r\nbody\r\n"
+    answered: list[float] = []
+
+    def send(recipient: str) -> None:
+        with smtplib.SMTP("127.0.0.1", sink.port, timeout=5) as client:
+            client.sendmail("from@example.com", [recipient], message)
+            answered.append(time.monotonic())
+
+    with SmtpSink(rendezvous=2) as sink:
+        first = threading.Thread(target=send, args=["a@example.com"])
+        first.start()
+        assert sink.wait_for(1, timeout=2)
+        first.join(0.5)
+        assert first.is_alive() and answered == []  # held: the second has not arrived
+        arrived = time.monotonic()
+        send("b@example.com")
+        first.join(2)
+        assert len(answered) == 2 and min(answered) >= arrived
+        send("c@example.com")  # after the rendezvous, messages pass at once
+        assert len(answered) == 3
+
+
 def test_smtp_fault_scopes_hit_only_their_recipients():
     with SmtpSink() as sink, smtplib.SMTP("127.0.0.1", sink.port, timeout=2) as client:
         sink.reject_rcpt = {"gone@example.com"}
