@@ -941,14 +941,18 @@ ALTER FUNCTION kernel._owner_immutable() OWNER TO kernel_owner;
 
 CREATE OR REPLACE FUNCTION kernel._provider_snapshot(p_campaign kernel.campaigns)
  RETURNS jsonb
- LANGUAGE sql
+ LANGUAGE plpgsql
  STABLE
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
-    SELECT jsonb_build_object('provider', p.provider, 'provider_settings', p.settings)
-    FROM kernel.provider_configs AS p
-    WHERE p.workspace_id = p_campaign.workspace_id AND p.channel = p_campaign.channel
-      AND (p.tenant_id IS NULL OR p.tenant_id = p_campaign.tenant_id)
+BEGIN
+    RETURN (
+        SELECT jsonb_build_object('provider', p.provider, 'provider_settings', p.settings)
+        FROM kernel.provider_configs AS p
+        WHERE p.workspace_id = p_campaign.workspace_id AND p.channel = p_campaign.channel
+          AND (p.tenant_id IS NULL OR p.tenant_id = p_campaign.tenant_id)
+    );
+END
 $function$;
 COMMENT ON FUNCTION kernel._provider_snapshot(p_campaign kernel.campaigns) IS 'The provider part of run_config: the workspace''s provider and settings for the campaign''s channel.';
 ALTER FUNCTION kernel._provider_snapshot(p_campaign kernel.campaigns) OWNER TO kernel_owner;
@@ -1017,12 +1021,13 @@ ALTER FUNCTION kernel._require_scope() OWNER TO kernel_owner;
 
 CREATE OR REPLACE FUNCTION kernel._setting_problem(p_kind text, p_value jsonb)
  RETURNS text
- LANGUAGE sql
+ LANGUAGE plpgsql
  IMMUTABLE PARALLEL SAFE
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
+BEGIN
     -- kernel_driver/providers/settings.py, kind by kind; NULL when the value is fine.
-    SELECT CASE p_kind
+    RETURN CASE p_kind
         WHEN 'text' THEN CASE WHEN jsonb_typeof(p_value) = 'string'
                                    AND btrim(p_value #>> '{}', E' \t\n\r\f\v') <> '' THEN NULL
                               ELSE 'must be a non-empty string' END
@@ -1048,7 +1053,8 @@ AS $function$
         WHEN 'http_url' THEN CASE WHEN jsonb_typeof(p_value) = 'string'
                                        AND (p_value #>> '{}') ~* '^https?://([^/?#@]*@)?[^/?#:@]+' THEN NULL
                                   ELSE 'must be an http:// or https:// URL' END
-    END
+    END;
+END
 $function$;
 COMMENT ON FUNCTION kernel._setting_problem(p_kind text, p_value jsonb) IS 'What is wrong with one provider setting value of a kind (text, tcp_port, positive_number, non_negative_number, boolean, env_name, email_address, http_url), or NULL.';
 ALTER FUNCTION kernel._setting_problem(p_kind text, p_value jsonb) OWNER TO kernel_owner;
@@ -1373,11 +1379,13 @@ GRANT EXECUTE ON FUNCTION kernel.current_workspace() TO kernel_worker;
 
 CREATE OR REPLACE FUNCTION kernel.deploy_campaign(p_campaign_id uuid)
  RETURNS uuid
- LANGUAGE sql
+ LANGUAGE plpgsql
  SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
-    SELECT kernel.deploy_campaign(p_campaign_id, 1000)
+BEGIN
+    RETURN kernel.deploy_campaign(p_campaign_id, 1000);
+END
 $function$;
 COMMENT ON FUNCTION kernel.deploy_campaign(p_campaign_id uuid) IS 'Seed signature: deploy_campaign with batch jobs of 1,000 contacts.';
 ALTER FUNCTION kernel.deploy_campaign(p_campaign_id uuid) OWNER TO kernel_owner;

@@ -265,11 +265,12 @@ EXECUTE FUNCTION kernel._campaign_audience_scope_guard();
 -- Provider settings: the same rules as the shipped adapters ------------------
 
 CREATE FUNCTION kernel._setting_problem(p_kind text, p_value jsonb) RETURNS text
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
+BEGIN
     -- kernel_driver/providers/settings.py, kind by kind; NULL when the value is fine.
-    SELECT CASE p_kind
+    RETURN CASE p_kind
         WHEN 'text' THEN CASE WHEN jsonb_typeof(p_value) = 'string'
                                    AND btrim(p_value #>> '{}', E' \t\n\r\f\v') <> '' THEN NULL
                               ELSE 'must be a non-empty string' END
@@ -295,7 +296,8 @@ AS $$
         WHEN 'http_url' THEN CASE WHEN jsonb_typeof(p_value) = 'string'
                                        AND (p_value #>> '{}') ~* '^https?://([^/?#@]*@)?[^/?#:@]+' THEN NULL
                                   ELSE 'must be an http:// or https:// URL' END
-    END
+    END;
+END
 $$;
 
 COMMENT ON FUNCTION kernel._setting_problem(text, jsonb) IS
@@ -1151,6 +1153,34 @@ $$;
 
 COMMENT ON FUNCTION kernel.complete_job(uuid, boolean, text) IS
 'Seed signature: fenced on the setting execution_kernel.worker_id when the session sets it; otherwise an operator''s completion of a processing job, which needs kernel_operator (KE013).';
+
+-- Deploying at queue speed --------------------------------------------------------
+-- A LANGUAGE sql function that cannot be inlined (it has a SET clause or is SECURITY
+-- DEFINER) is planned again on every call, while PL/pgSQL keeps its plans: of a 0.7 ms
+-- one-contact deploy, _provider_snapshot alone took 0.1 ms (auto_explain, docs/benchmarks.md).
+
+CREATE OR REPLACE FUNCTION kernel._provider_snapshot(p_campaign kernel.campaigns) RETURNS jsonb
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN (
+        SELECT jsonb_build_object('provider', p.provider, 'provider_settings', p.settings)
+        FROM kernel.provider_configs AS p
+        WHERE p.workspace_id = p_campaign.workspace_id AND p.channel = p_campaign.channel
+          AND (p.tenant_id IS NULL OR p.tenant_id = p_campaign.tenant_id)
+    );
+END
+$$;
+
+CREATE OR REPLACE FUNCTION kernel.deploy_campaign(p_campaign_id uuid) RETURNS uuid
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN kernel.deploy_campaign(p_campaign_id, 1000);
+END
+$$;
 
 -- The version ---------------------------------------------------------------------
 
