@@ -73,7 +73,9 @@ ALTER TABLE kernel.campaign_runs ADD CONSTRAINT campaign_runs_root_run_id_fkey F
 ALTER TABLE kernel.campaign_runs ADD CONSTRAINT campaign_runs_status_check CHECK ((status = ANY (ARRAY['queued'::text, 'running'::text, 'completed'::text, 'partial'::text, 'failed'::text, 'cancelled'::text])));
 CREATE INDEX campaign_runs_lineage_idx ON kernel.campaign_runs USING btree (root_run_id, generation);
 CREATE UNIQUE INDEX campaign_runs_one_active_per_campaign ON kernel.campaign_runs USING btree (campaign_id) WHERE (status = ANY (ARRAY['queued'::text, 'running'::text]));
-CREATE TRIGGER campaign_runs_guard BEFORE INSERT OR UPDATE ON kernel.campaign_runs FOR EACH ROW EXECUTE FUNCTION kernel._campaign_runs_guard();
+CREATE TRIGGER campaign_runs_created AFTER INSERT ON kernel.campaign_runs REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION kernel._campaign_runs_moves();
+CREATE TRIGGER campaign_runs_guard_insert BEFORE INSERT ON kernel.campaign_runs FOR EACH ROW WHEN ((new.status <> 'queued'::text)) EXECUTE FUNCTION kernel._campaign_runs_guard();
+CREATE TRIGGER campaign_runs_moves AFTER UPDATE ON kernel.campaign_runs REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION kernel._campaign_runs_moves();
 ALTER TABLE kernel.campaign_runs ENABLE ROW LEVEL SECURITY;
 CREATE POLICY campaign_runs_operator_reads ON kernel.campaign_runs AS PERMISSIVE FOR SELECT TO kernel_operator USING (true);
 CREATE POLICY campaign_runs_tenant_isolation ON kernel.campaign_runs AS PERMISSIVE FOR SELECT TO kernel_app, kernel_reader USING (kernel.in_scope(tenant_id, workspace_id));
@@ -244,7 +246,7 @@ CREATE INDEX job_queue_by_run_status_idx ON kernel.job_queue USING btree (run_id
 CREATE INDEX job_queue_claim_order_idx ON kernel.job_queue USING btree (priority DESC, run_after, id) WHERE (status = 'queued'::text);
 CREATE INDEX job_queue_processing_idx ON kernel.job_queue USING btree (id) WHERE (status = 'processing'::text);
 CREATE TRIGGER job_queue_guard_insert BEFORE INSERT ON kernel.job_queue FOR EACH ROW WHEN ((new.status <> 'queued'::text)) EXECUTE FUNCTION kernel._job_queue_guard();
-CREATE TRIGGER job_queue_guard_update BEFORE UPDATE ON kernel.job_queue FOR EACH ROW WHEN (((new.status IS DISTINCT FROM old.status) OR (new.locked_by IS DISTINCT FROM old.locked_by) OR (new.attempts IS DISTINCT FROM old.attempts))) EXECUTE FUNCTION kernel._job_queue_guard();
+CREATE TRIGGER job_queue_moves AFTER UPDATE ON kernel.job_queue REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION kernel._job_queue_moves();
 ALTER TABLE kernel.job_queue ENABLE ROW LEVEL SECURITY;
 CREATE POLICY job_queue_operator_reads ON kernel.job_queue AS PERMISSIVE FOR SELECT TO kernel_operator USING (true);
 CREATE POLICY job_queue_tenant_isolation ON kernel.job_queue AS PERMISSIVE FOR SELECT TO kernel_app, kernel_reader USING (kernel.in_scope(tenant_id, workspace_id));
@@ -470,6 +472,44 @@ END
 $function$;
 COMMENT ON FUNCTION kernel._campaign_runs_guard() IS 'Trigger: refuses illegal run transitions and records each change in job_events.';
 ALTER FUNCTION kernel._campaign_runs_guard() OWNER TO kernel_owner;
+
+-- FUNCTION kernel._campaign_runs_moves()
+
+CREATE OR REPLACE FUNCTION kernel._campaign_runs_moves()
+ RETURNS trigger
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    _bad record;
+BEGIN
+    IF TG_OP = 'INSERT' THEN  -- a run starts queued (the row trigger refuses anything else)
+        INSERT INTO kernel.job_events (tenant_id, workspace_id, run_id, entity, from_status, to_status, detail)
+        SELECT n.tenant_id, n.workspace_id, n.id, 'run', NULL, n.status, n.error_message
+        FROM new_rows AS n ORDER BY n.id;
+        RETURN NULL;
+    END IF;
+    SELECT n.id, o.status AS from_status, n.status AS to_status INTO _bad
+    FROM new_rows AS n
+    INNER JOIN old_rows AS o ON n.id = o.id
+    LEFT JOIN kernel.state_transitions AS t
+        ON t.entity = 'run' AND o.status = t.from_status AND n.status = t.to_status
+    WHERE n.status IS DISTINCT FROM o.status AND t.entity IS NULL
+    ORDER BY n.id
+    LIMIT 1;
+    IF FOUND THEN
+        PERFORM kernel._assert_transition('run', _bad.id, _bad.from_status, _bad.to_status);  -- raises KE004
+    END IF;
+    INSERT INTO kernel.job_events (tenant_id, workspace_id, run_id, entity, from_status, to_status, detail)
+    SELECT n.tenant_id, n.workspace_id, n.id, 'run', o.status, n.status, n.error_message
+    FROM new_rows AS n INNER JOIN old_rows AS o ON n.id = o.id
+    WHERE n.status IS DISTINCT FROM o.status
+    ORDER BY n.id;
+    RETURN NULL;
+END
+$function$;
+COMMENT ON FUNCTION kernel._campaign_runs_moves() IS 'Statement triggers: refuse illegal run transitions (KE004) and record each new run and each move in job_events.';
+ALTER FUNCTION kernel._campaign_runs_moves() OWNER TO kernel_owner;
 
 -- FUNCTION kernel._channel_outbox_guard()
 
@@ -852,6 +892,52 @@ END
 $function$;
 COMMENT ON FUNCTION kernel._job_queue_guard() IS 'Trigger: refuses illegal job transitions and records each change (and each re-claim) in job_events.';
 ALTER FUNCTION kernel._job_queue_guard() OWNER TO kernel_owner;
+
+-- FUNCTION kernel._job_queue_moves()
+
+CREATE OR REPLACE FUNCTION kernel._job_queue_moves()
+ RETURNS trigger
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    _bad record;
+BEGIN
+    -- A move is a new status, holder or (while processing) attempt; a lease renewal or a
+    -- reservation is none. The first refused move (in id order) names the job.
+    SELECT n.id, o.status AS from_status, n.status AS to_status, o.locked_by, o.lease_expires_at,
+           t.entity IS NULL AS illegal
+    INTO _bad
+    FROM new_rows AS n
+    INNER JOIN old_rows AS o ON n.id = o.id
+    LEFT JOIN kernel.state_transitions AS t
+        ON t.entity = 'job' AND o.status = t.from_status AND n.status = t.to_status
+    WHERE NOT (n.status = o.status AND n.locked_by IS NOT DISTINCT FROM o.locked_by
+               AND (n.status <> 'processing' OR n.attempts = o.attempts))
+      AND (t.entity IS NULL OR (o.status = 'processing' AND n.status = 'processing' AND o.lease_expires_at > now()))
+    ORDER BY n.id
+    LIMIT 1;
+    IF FOUND AND _bad.illegal THEN
+        PERFORM kernel._assert_transition('job', _bad.id, _bad.from_status, _bad.to_status);  -- raises KE004
+    ELSIF FOUND THEN
+        RAISE EXCEPTION 'job % is leased to % until %; it can be re-claimed only after the lease expires',
+            _bad.id, _bad.locked_by, _bad.lease_expires_at USING ERRCODE = 'KE004';
+    END IF;
+    INSERT INTO kernel.job_events (
+        tenant_id, workspace_id, run_id, job_id, entity, from_status, to_status, worker, detail
+    )
+    SELECT n.tenant_id, n.workspace_id, n.run_id, n.id, 'job', o.status, n.status,
+           coalesce(n.locked_by, o.locked_by),
+           CASE WHEN n.status = 'processing' THEN 'attempt ' || n.attempts ELSE n.last_error END
+    FROM new_rows AS n INNER JOIN old_rows AS o ON n.id = o.id
+    WHERE NOT (n.status = o.status AND n.locked_by IS NOT DISTINCT FROM o.locked_by
+               AND (n.status <> 'processing' OR n.attempts = o.attempts))
+    ORDER BY n.id;
+    RETURN NULL;
+END
+$function$;
+COMMENT ON FUNCTION kernel._job_queue_moves() IS 'Statement trigger: refuses illegal job transitions and re-claims of a live lease (KE004), and records every move of the statement in job_events.';
+ALTER FUNCTION kernel._job_queue_moves() OWNER TO kernel_owner;
 
 -- FUNCTION kernel._lease_interval()
 

@@ -436,15 +436,113 @@ BEFORE INSERT ON kernel.job_queue
 FOR EACH ROW WHEN (new.status <> 'queued')
 EXECUTE FUNCTION kernel._job_queue_guard();
 
--- A lease renewal or a reservation (same status, holder and attempt) is no state change.
-CREATE TRIGGER job_queue_guard_update
-BEFORE UPDATE ON kernel.job_queue
-FOR EACH ROW WHEN (
-    new.status IS DISTINCT FROM old.status
-    OR new.locked_by IS DISTINCT FROM old.locked_by
-    OR new.attempts IS DISTINCT FROM old.attempts
-)
-EXECUTE FUNCTION kernel._job_queue_guard();
+-- Jobs and runs: the moves of a whole statement checked and recorded at once, from its
+-- transition tables. 1.0 did it in a row trigger: for one one-contact job, four PL/pgSQL
+-- trigger calls, four _assert_transition calls and four one-row INSERTs into job_events,
+-- a quarter of the job's database time (pg_stat_statements, docs/benchmarks.md).
+
+CREATE FUNCTION kernel._job_queue_moves() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    _bad record;
+BEGIN
+    -- A move is a new status, holder or (while processing) attempt; a lease renewal or a
+    -- reservation is none. The first refused move (in id order) names the job.
+    SELECT n.id, o.status AS from_status, n.status AS to_status, o.locked_by, o.lease_expires_at,
+           t.entity IS NULL AS illegal
+    INTO _bad
+    FROM new_rows AS n
+    INNER JOIN old_rows AS o ON n.id = o.id
+    LEFT JOIN kernel.state_transitions AS t
+        ON t.entity = 'job' AND o.status = t.from_status AND n.status = t.to_status
+    WHERE NOT (n.status = o.status AND n.locked_by IS NOT DISTINCT FROM o.locked_by
+               AND (n.status <> 'processing' OR n.attempts = o.attempts))
+      AND (t.entity IS NULL OR (o.status = 'processing' AND n.status = 'processing' AND o.lease_expires_at > now()))
+    ORDER BY n.id
+    LIMIT 1;
+    IF FOUND AND _bad.illegal THEN
+        PERFORM kernel._assert_transition('job', _bad.id, _bad.from_status, _bad.to_status);  -- raises KE004
+    ELSIF FOUND THEN
+        RAISE EXCEPTION 'job % is leased to % until %; it can be re-claimed only after the lease expires',
+            _bad.id, _bad.locked_by, _bad.lease_expires_at USING ERRCODE = 'KE004';
+    END IF;
+    INSERT INTO kernel.job_events (
+        tenant_id, workspace_id, run_id, job_id, entity, from_status, to_status, worker, detail
+    )
+    SELECT n.tenant_id, n.workspace_id, n.run_id, n.id, 'job', o.status, n.status,
+           coalesce(n.locked_by, o.locked_by),
+           CASE WHEN n.status = 'processing' THEN 'attempt ' || n.attempts ELSE n.last_error END
+    FROM new_rows AS n INNER JOIN old_rows AS o ON n.id = o.id
+    WHERE NOT (n.status = o.status AND n.locked_by IS NOT DISTINCT FROM o.locked_by
+               AND (n.status <> 'processing' OR n.attempts = o.attempts))
+    ORDER BY n.id;
+    RETURN NULL;
+END
+$$;
+
+COMMENT ON FUNCTION kernel._job_queue_moves() IS
+'Statement trigger: refuses illegal job transitions and re-claims of a live lease (KE004), and records every move of the statement in job_events.';
+
+CREATE TRIGGER job_queue_moves
+AFTER UPDATE ON kernel.job_queue
+REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+FOR EACH STATEMENT EXECUTE FUNCTION kernel._job_queue_moves();
+
+CREATE FUNCTION kernel._campaign_runs_moves() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    _bad record;
+BEGIN
+    IF TG_OP = 'INSERT' THEN  -- a run starts queued (the row trigger refuses anything else)
+        INSERT INTO kernel.job_events (tenant_id, workspace_id, run_id, entity, from_status, to_status, detail)
+        SELECT n.tenant_id, n.workspace_id, n.id, 'run', NULL, n.status, n.error_message
+        FROM new_rows AS n ORDER BY n.id;
+        RETURN NULL;
+    END IF;
+    SELECT n.id, o.status AS from_status, n.status AS to_status INTO _bad
+    FROM new_rows AS n
+    INNER JOIN old_rows AS o ON n.id = o.id
+    LEFT JOIN kernel.state_transitions AS t
+        ON t.entity = 'run' AND o.status = t.from_status AND n.status = t.to_status
+    WHERE n.status IS DISTINCT FROM o.status AND t.entity IS NULL
+    ORDER BY n.id
+    LIMIT 1;
+    IF FOUND THEN
+        PERFORM kernel._assert_transition('run', _bad.id, _bad.from_status, _bad.to_status);  -- raises KE004
+    END IF;
+    INSERT INTO kernel.job_events (tenant_id, workspace_id, run_id, entity, from_status, to_status, detail)
+    SELECT n.tenant_id, n.workspace_id, n.id, 'run', o.status, n.status, n.error_message
+    FROM new_rows AS n INNER JOIN old_rows AS o ON n.id = o.id
+    WHERE n.status IS DISTINCT FROM o.status
+    ORDER BY n.id;
+    RETURN NULL;
+END
+$$;
+
+COMMENT ON FUNCTION kernel._campaign_runs_moves() IS
+'Statement triggers: refuse illegal run transitions (KE004) and record each new run and each move in job_events.';
+
+DROP TRIGGER campaign_runs_guard ON kernel.campaign_runs;
+
+-- _campaign_runs_guard (1.0) now only refuses a run inserted in another status than queued.
+CREATE TRIGGER campaign_runs_guard_insert
+BEFORE INSERT ON kernel.campaign_runs
+FOR EACH ROW WHEN (new.status <> 'queued')
+EXECUTE FUNCTION kernel._campaign_runs_guard();
+
+CREATE TRIGGER campaign_runs_created
+AFTER INSERT ON kernel.campaign_runs
+REFERENCING NEW TABLE AS new_rows
+FOR EACH STATEMENT EXECUTE FUNCTION kernel._campaign_runs_moves();
+
+CREATE TRIGGER campaign_runs_moves
+AFTER UPDATE ON kernel.campaign_runs
+REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+FOR EACH STATEMENT EXECUTE FUNCTION kernel._campaign_runs_moves();
 
 -- Indexes the hot path does not touch, and room on each page, so that recording an outcome
 -- (status, provider id, timestamps) and renewing a lease are HOT updates.

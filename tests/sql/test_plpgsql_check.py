@@ -20,11 +20,13 @@ def test_every_plpgsql_function_passes_plpgsql_check(conn, kernel_schema):
         """SELECT p.oid::regprocedure::text AS function, c.lineno, c.level, c.message
            FROM pg_proc AS p
            LEFT JOIN LATERAL (
-               SELECT t.tgrelid, t.tgnewtable FROM pg_trigger AS t
-               WHERE t.tgfoid = p.oid AND NOT t.tgisinternal LIMIT 1
+               -- a trigger with both transition tables when there is one: its body sees them all
+               SELECT t.tgrelid, t.tgoldtable, t.tgnewtable FROM pg_trigger AS t
+               WHERE t.tgfoid = p.oid AND NOT t.tgisinternal
+               ORDER BY t.tgoldtable IS NULL, t.tgnewtable IS NULL LIMIT 1
            ) AS t ON TRUE
            CROSS JOIN LATERAL plpgsql_check_function_tb(
-               p.oid::regprocedure, coalesce(t.tgrelid, 0), newtable => t.tgnewtable
+               p.oid::regprocedure, coalesce(t.tgrelid, 0), oldtable => t.tgoldtable, newtable => t.tgnewtable
            ) AS c
            WHERE p.pronamespace = %s::regnamespace
              AND p.prolang = (SELECT oid FROM pg_language WHERE lanname = 'plpgsql')""",

@@ -163,6 +163,49 @@ def test_taking_over_a_live_lease_is_refused(conn, run_and_job):
         set_job(conn, job_id, "processing", "w2")
 
 
+def test_one_illegal_move_refuses_the_whole_statement_and_records_nothing(conn):
+    seed = seed_campaign(conn, 4)
+    run_id = deploy(conn, seed.campaign_id, batch_size=1)
+    jobs = sorted(job["id"] for job in jobs_of(conn, run_id))
+    with triggers_off(conn):
+        set_job(conn, jobs[-1], "completed")  # the last in id order cannot go to processing
+    events = scalar(conn, "SELECT count(*) FROM job_events")
+    with raises("KE004", jobs[-1]):
+        conn.execute(
+            "UPDATE job_queue SET status = 'processing', locked_by = 'w1', attempts = attempts + 1,"
+            " lease_expires_at = now() + interval '1 hour' WHERE run_id = %s",
+            [run_id],
+        )
+    assert [r["status"] for r in rows(conn, "SELECT status FROM job_queue ORDER BY id")] == [
+        "queued", "queued", "queued", "completed"]
+    assert scalar(conn, "SELECT count(*) FROM job_events") == events
+
+
+def test_a_statement_records_one_event_per_move_and_none_for_a_renewal(conn):
+    seed = seed_campaign(conn, 3)
+    run_id = deploy(conn, seed.campaign_id, batch_size=1)
+    conn.execute(
+        "UPDATE job_queue SET status = 'processing', locked_by = 'w1', attempts = 1,"
+        " lease_expires_at = now() + interval '1 hour' WHERE run_id = %s",
+        [run_id],
+    )
+    conn.execute("UPDATE job_queue SET lease_expires_at = now() + interval '2 hours' WHERE run_id = %s", [run_id])
+    conn.execute("UPDATE campaign_runs SET status = 'running' WHERE id = %s", [run_id])
+    conn.execute("UPDATE campaign_runs SET error_message = 'just a note' WHERE id = %s", [run_id])
+    events = rows(
+        conn,
+        "SELECT entity, job_id, from_status, to_status, worker FROM job_events WHERE run_id = %s ORDER BY id",
+        [run_id],
+    )
+    jobs = sorted(job["id"] for job in jobs_of(conn, run_id))
+    assert events == [
+        {"entity": "run", "job_id": None, "from_status": None, "to_status": "queued", "worker": None},
+        *({"entity": "job", "job_id": job, "from_status": "queued", "to_status": "processing", "worker": "w1"}
+          for job in jobs),
+        {"entity": "run", "job_id": None, "from_status": "queued", "to_status": "running", "worker": None},
+    ]
+
+
 def test_job_must_be_inserted_queued(conn, run_and_job):
     _run_id, job_id = run_and_job
     with raises("KE004"):
