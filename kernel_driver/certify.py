@@ -39,14 +39,15 @@ from psycopg.rows import dict_row
 
 from kernel_driver import __version__, freeze, migrate
 from kernel_driver.config import Settings
-from kernel_driver.db import NothingToRetry, wrap_errors
+from kernel_driver.db import NothingToRetry, database, wrap_errors
+from kernel_driver.errors import BadUsage, DatabaseError, ExitCode
+from kernel_driver.frozen import CHECK_IDS
 from kernel_driver.providers import ProviderConfigError, load_adapter
 from kernel_driver.queries import Kernel
 from kernel_driver.seed import SeededCampaign, default_content, seed_campaign
 from kernel_driver.sinks import SmtpSink, VoiceSink, WebhookSink
 
 EVIDENCE_FORMAT = "kernel-driver/certification-evidence/1"
-CHECK_FAILED_EXIT = 1
 CAMPAIGN_NAME_PREFIX = "kernel-certify"  # campaigns.name of every seeded campaign: finds old tenants
 
 SLA_SECONDS = 120.0
@@ -808,7 +809,7 @@ CHECKS = (
     Check("UX1", "run, jobs and outbox visible (run_details, runs show)", check_run_details),
     Check("UX2", "retry creates a linked run for the failed contacts", check_retry),
 )
-CHECK_IDS = tuple(check.id for check in CHECKS)
+assert tuple(check.id for check in CHECKS) == CHECK_IDS, "kernel_driver/frozen.py lists the checks"
 
 
 def run_check(cert: Certification, check: Check) -> CheckRecord:
@@ -973,22 +974,21 @@ def certify(settings: Settings, out: Path, only: str | None, smtp_settings: str 
     (scoped to that tenant) against local provider sinks, or the real providers given.
     Exit 0 when every selected check passed, 1 when one failed.
     """
-    from kernel_driver.cli import CliError, ExitCode, database  # cli imports this module
 
     try:
         checks = select_checks(only)
         real_email = real_provider("smtp", "--smtp-settings", smtp_settings, "--email-to", email_to)
         real_voice = real_provider("twilio", "--voice-settings", voice_settings, "--voice-to", voice_to)
     except (ValueError, ProviderConfigError) as exc:
-        raise CliError(str(exc), ExitCode.USAGE) from exc
+        raise BadUsage(str(exc)) from exc
     if not out.parent.is_dir():
-        raise CliError(f"cannot write {out}: directory {out.parent} does not exist", ExitCode.USAGE)
+        raise BadUsage(f"cannot write {out}: directory {out.parent} does not exist")
 
     with database(settings) as conn:
         kernel_version = migrate.kernel_version(conn, settings.schema)
         if kernel_version is None:
-            raise CliError(
-                f"no kernel in schema {settings.schema}: run kernel-driver migrate first", ExitCode.DATABASE_ERROR
+            raise DatabaseError(
+                f"no kernel in schema {settings.schema}: run kernel-driver migrate first"
             )
         evidence = certify_database(conn, settings, checks, kernel_version, report_line, real_email, real_voice)
 
@@ -999,4 +999,4 @@ def certify(settings: Settings, out: Path, only: str | None, smtp_settings: str 
     passed, selected = len(summary["passed"]), len(summary["selected"])
     click.echo(f"{summary['result']}: {passed} of {selected} checks passed; evidence in {out}")
     if summary["failed"]:
-        sys.exit(CHECK_FAILED_EXIT)
+        click.get_current_context().exit(ExitCode.FAILED)

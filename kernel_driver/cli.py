@@ -9,48 +9,33 @@ from __future__ import annotations
 import importlib
 import time
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from enum import IntEnum
+from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import click
 import psycopg
 
 from kernel_driver import migrate as migrator
 from kernel_driver.config import DEFAULT_SCHEMA, Settings
-from kernel_driver.db import DatabaseUnreachable, KernelError, connect
-
-
-class ExitCode(IntEnum):
-    OK = 0
-    USAGE = 2
-    MIGRATION_REFUSED = 3
-    DATABASE_UNREACHABLE = 4
-    KERNEL_REFUSED = 5
-    DATABASE_ERROR = 6
-
-
-class CliError(click.ClickException):
-    """Printed as one ``error: …`` line; ends the command with ``exit_code``."""
-
-    def __init__(self, message: str, exit_code: ExitCode) -> None:
-        super().__init__(message)
-        # click declares exit_code per class; ours differs per error.
-        self.exit_code = exit_code  # type: ignore[misc]
-
-    def show(self, file: IO[Any] | None = None) -> None:
-        click.echo(f"error: {self.format_message()}", err=True, file=file)
+from kernel_driver.db import DatabaseUnreachable, KernelError, database, require_dsn
+from kernel_driver.errors import (
+    BadUsage,
+    CommandError,
+    DatabaseError,
+    DatabaseUnreachableError,
+    KernelRefusedError,
+    MigrationRefusedError,
+)
 
 
 # Which exception means which exit code; the first match wins (subclasses before bases).
-EXIT_CODES: list[tuple[type[BaseException], ExitCode]] = [
-    (migrator.MigrationRefused, ExitCode.MIGRATION_REFUSED),
-    (DatabaseUnreachable, ExitCode.DATABASE_UNREACHABLE),
-    (KernelError, ExitCode.KERNEL_REFUSED),
-    (migrator.MigrationFailed, ExitCode.DATABASE_ERROR),
-    (psycopg.Error, ExitCode.DATABASE_ERROR),
+EXIT_CODES: list[tuple[type[BaseException], type[CommandError]]] = [
+    (migrator.MigrationRefused, MigrationRefusedError),
+    (DatabaseUnreachable, DatabaseUnreachableError),
+    (KernelError, KernelRefusedError),
+    (migrator.MigrationFailed, DatabaseError),
+    (psycopg.Error, DatabaseError),
 ]
 
 
@@ -112,9 +97,9 @@ class KernelGroup(click.Group):
         except click.ClickException:
             raise
         except Exception as exc:
-            for exc_type, code in EXIT_CODES:
+            for exc_type, error in EXIT_CODES:
                 if isinstance(exc, exc_type):
-                    raise CliError(" ".join(str(exc).split()), code) from exc
+                    raise error(" ".join(str(exc).split())) from exc
             raise
 
 
@@ -143,22 +128,7 @@ def main(ctx: click.Context, dsn: str | None, schema: str) -> None:
     try:
         ctx.obj = Settings(dsn=dsn, schema=schema)
     except ValueError as exc:
-        raise CliError(str(exc), ExitCode.USAGE) from exc
-
-
-def require_dsn(settings: Settings) -> str:
-    if not settings.dsn:
-        raise CliError(
-            "no database given: pass --dsn postgresql://… or set KERNEL_DSN", ExitCode.USAGE
-        )
-    return settings.dsn
-
-
-@contextmanager
-def database(settings: Settings) -> Iterator[psycopg.Connection]:
-    """An autocommit connection for the command; closed when it ends."""
-    with connect(require_dsn(settings), autocommit=True) as conn:
-        yield conn
+        raise BadUsage(str(exc)) from exc
 
 
 @main.command()
@@ -252,8 +222,8 @@ def run(settings: Settings, worker_id: str | None, concurrency: int, tenant_id: 
     logs.configure(log_level, log_format)
     with database(settings) as conn:
         if migrator.kernel_version(conn, settings.schema) is None:
-            raise CliError(f"no kernel in schema {settings.schema}: run kernel-driver migrate first "
-                           "(or pass the --schema it was installed into)", ExitCode.DATABASE_ERROR)
+            raise DatabaseError(f"no kernel in schema {settings.schema}: run kernel-driver migrate first "
+                                "(or pass the --schema it was installed into)")
     worker = Worker(WorkerConfig(
         dsn=require_dsn(settings), schema=settings.schema, worker_id=worker_id or settings.worker_id,
         concurrency=concurrency, poll_interval=poll_interval, lease_seconds=lease_seconds,

@@ -13,6 +13,9 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
+from kernel_driver.config import Settings
+from kernel_driver.errors import BadUsage
+
 
 class DatabaseUnreachable(Exception):
     """The DSN is malformed, or no server accepts it (down, wrong host, auth refused)."""
@@ -27,6 +30,19 @@ def connect(dsn: str, *, autocommit: bool = False) -> psycopg.Connection:
         # libpq spreads its message over several lines; the CLI prints one.
         reason = re.sub(r"\s+", " ", str(exc)).strip()
         raise DatabaseUnreachable(f"cannot connect to the database: {reason}") from exc
+
+
+def require_dsn(settings: Settings) -> str:
+    if not settings.dsn:
+        raise BadUsage("no database given: pass --dsn postgresql://… or set KERNEL_DSN")
+    return settings.dsn
+
+
+@contextmanager
+def database(settings: Settings) -> Iterator[psycopg.Connection]:
+    """An autocommit connection for a command; closed when it ends."""
+    with connect(require_dsn(settings), autocommit=True) as conn:
+        yield conn
 
 
 def dsn_for_database(dsn: str, dbname: str) -> str:

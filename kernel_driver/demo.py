@@ -31,6 +31,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from kernel_driver import migrate
 from kernel_driver.config import Settings
 from kernel_driver.db import connect, wrap_errors
+from kernel_driver.errors import ChecksFailed
 from kernel_driver.queries import Kernel
 from kernel_driver.runs import table
 from kernel_driver.seed import SeededCampaign, seed_campaign
@@ -45,7 +46,6 @@ NO_ADDRESS_EVERY = 40  # … and 25 without an address (5 are both): 940 reachab
 DAEMON_ARGS = ("--until-idle", "--poll-interval", "0.2", "--concurrency", "4", "--log-level", "WARNING")
 STATUSES = ("sent", "skipped", "failed", "unknown", "pending")
 DAEMON_TIMEOUT_S = 300
-DEMO_FAILED_EXIT = 1
 
 
 class DemoFailed(Exception):
@@ -198,12 +198,11 @@ def demo(settings: Settings, data_dir: Path) -> None:
     Uses KERNEL_DSN when set, else an embedded PostgreSQL kept in DATA_DIR/pgdata. Every run
     seeds a new tenant. Exit 0 when both runs completed and every certification check passed.
     """
-    from kernel_driver.cli import CliError  # cli imports this module
 
     try:
         run_demo(settings, data_dir)
     except DemoFailed as exc:
-        raise CliError(str(exc), DEMO_FAILED_EXIT) from exc  # type: ignore[arg-type]
+        raise ChecksFailed(str(exc)) from exc
 
 
 def run_demo(settings: Settings, data_dir: Path) -> None:
@@ -233,14 +232,3 @@ def run_demo(settings: Settings, data_dir: Path) -> None:
     click.echo(text)
     if problems:
         raise DemoFailed("the demo did not fully work: " + "; ".join(problems))
-
-
-def main() -> None:
-    """`python -m kernel_driver.demo`: the same as `kernel-driver demo`."""
-    from kernel_driver.cli import main as cli
-
-    cli(["demo", *sys.argv[1:]])
-
-
-if __name__ == "__main__":
-    main()

@@ -24,23 +24,16 @@ from typing import Any
 import click
 
 from kernel_driver.config import Settings
+from kernel_driver.errors import BadUsage, ChecksFailed
+from kernel_driver.frozen import CHECK_IDS, FROZEN_PATHS
 
 CHECKOUT = Path(__file__).resolve().parent.parent  # the checkout this driver runs from
 MANIFEST = Path("freeze/manifest.json")
 EVIDENCE_DIR = Path("evidence")
 MIGRATIONS_DIR = Path("sql/migrations")
-GATE_FAILED_EXIT = 1  # as `certify` when a check fails
 
 # Besides every migration. queries.py is the outbox contract (the only code that calls the
 # kernel's SQL functions) and worker.py the job processor: the seed's two frozen edge functions.
-FROZEN_PATHS = (
-    "kernel_driver/queries.py",
-    "kernel_driver/worker.py",
-    "kernel_driver/providers/base.py",
-    "kernel_driver/certify.py",
-    "docs/EXECUTION_CONTRACT.md",
-    "docs/EXECUTION_KERNEL_FREEZE.md",
-)
 
 # kernel.kernel_version() as a migration defines it; the last definition is the kernel's version.
 KERNEL_VERSION_FUNCTION = re.compile(
@@ -179,8 +172,6 @@ class Evidence:
 
     def problems(self, version: str, files: Mapping[str, str | None]) -> list[str]:
         """Why this evidence does not certify ``version`` made of ``files``; empty when it does."""
-        from kernel_driver.certify import CHECK_IDS  # certify imports this module
-
         found = []
         if self.kernel_version != version:
             found.append(f"{self.path} certifies kernel {self.kernel_version}, not {version}")
@@ -318,15 +309,14 @@ def freeze() -> None:
 def check_command(root: Path) -> None:
     """Fail unless every frozen file matches freeze/manifest.json and evidence/<version>.json
     certifies them with every check PASS. Needs no database. Exit 0 frozen, 1 broken."""
-    from kernel_driver.cli import CliError, ExitCode  # cli imports this module
 
     try:
         result = check(root)
     except FreezeError as exc:
-        raise CliError(str(exc), ExitCode.USAGE) from exc
+        raise BadUsage(str(exc)) from exc
     if not result.ok:
         click.echo(result.report(), err=True)
-        raise CliError(result.summary(), GATE_FAILED_EXIT)  # type: ignore[arg-type]
+        raise ChecksFailed(result.summary())
     click.echo(
         f"kernel {result.version} is frozen: {len(frozen_files(root))} files match {MANIFEST}, "
         f"certified by {evidence_path(result.version)}"
@@ -340,14 +330,13 @@ def check_command(root: Path) -> None:
 def update_command(root: Path, evidence: Path | None) -> None:
     """Rewrite freeze/manifest.json for the current files, only when the evidence certifies them
     (every check PASS) and the version was bumped. Exit 0 written or up to date, 1 refused."""
-    from kernel_driver.cli import CliError, ExitCode  # cli imports this module
 
     try:
         manifest, changed = update(root, evidence)
     except FreezeError as exc:
-        raise CliError(str(exc), ExitCode.USAGE) from exc
+        raise BadUsage(str(exc)) from exc
     except FreezeRefused as exc:
-        raise CliError(str(exc), GATE_FAILED_EXIT) from exc  # type: ignore[arg-type]
+        raise ChecksFailed(str(exc)) from exc
     verb = "froze" if changed else "already frozen:"
     click.echo(f"{verb} kernel {manifest.kernel_version} ({len(manifest.files)} files) in {MANIFEST}")
 
@@ -356,12 +345,11 @@ def update_command(root: Path, evidence: Path | None) -> None:
 @root_option
 def version_command(root: Path) -> None:
     """Print the kernel version the checkout's migrations define."""
-    from kernel_driver.cli import CliError, ExitCode  # cli imports this module
 
     try:
         click.echo(kernel_version(root))
     except FreezeError as exc:
-        raise CliError(str(exc), ExitCode.USAGE) from exc
+        raise BadUsage(str(exc)) from exc
 
 
 @freeze.command("certify")
@@ -373,15 +361,14 @@ def certify_command(settings: Settings) -> None:
     PostgreSQL; it is dropped afterwards. Exit 0 when every check passed, 1 when one failed.
     """
     from kernel_driver import db, migrate
-    from kernel_driver.cli import CliError, ExitCode  # cli imports this module
 
     try:
         out = CHECKOUT / evidence_path(kernel_version(CHECKOUT))
     except FreezeError as exc:
-        raise CliError(str(exc), ExitCode.USAGE) from exc
+        raise BadUsage(str(exc)) from exc
     out.parent.mkdir(exist_ok=True)
     with db.postgres_server(settings.dsn) as server, migrate.scratch_kernel(server, CHECKOUT / "sql") as scratch:
         # The DSN travels in the environment, where `ps` does not show it.
         scratch_env = {**os.environ, "KERNEL_DSN": scratch.dsn, "KERNEL_SCHEMA": scratch.schema}
         command = [sys.executable, "-m", "kernel_driver", "certify", "--out", str(out)]
-        sys.exit(subprocess.run(command, env=scratch_env, check=False).returncode)
+        click.get_current_context().exit(subprocess.run(command, env=scratch_env, check=False).returncode)

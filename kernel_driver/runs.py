@@ -17,7 +17,8 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from kernel_driver.config import Settings
-from kernel_driver.db import wrap_errors
+from kernel_driver.db import database, wrap_errors
+from kernel_driver.errors import BadUsage
 from kernel_driver.queries import Kernel
 
 CELL_WIDTH = 60  # longer cells (errors) are cut, so a row stays one line
@@ -82,12 +83,11 @@ def render_run(details: dict[str, Any]) -> str:
 
 
 def parse_run_id(text: str) -> uuid.UUID:
-    from kernel_driver.cli import CliError, ExitCode  # cli imports this module
 
     try:
         return uuid.UUID(text)
     except ValueError:
-        raise CliError(f"run id {text!r} is not a uuid", ExitCode.USAGE) from None
+        raise BadUsage(f"run id {text!r} is not a uuid") from None
 
 
 @click.group()
@@ -103,7 +103,6 @@ def runs() -> None:
 @click.pass_obj
 def show(settings: Settings, run_id: str, as_json: bool, item_limit: int) -> None:
     """Show a run: status, lineage, jobs, item counts and its first items."""
-    from kernel_driver.cli import database
 
     run_uuid = parse_run_id(run_id)
     with database(settings) as conn:
@@ -116,7 +115,6 @@ def show(settings: Settings, run_id: str, as_json: bool, item_limit: int) -> Non
 @click.pass_obj
 def list_runs(settings: Settings, limit: int) -> None:
     """The latest runs, newest first."""
-    from kernel_driver.cli import database
 
     query = sql.SQL(
         "SELECT r.id, r.status, r.channel, r.generation, r.created_at, c.name"

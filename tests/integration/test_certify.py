@@ -11,6 +11,7 @@ import jsonschema
 import pytest
 
 from kernel_driver import certify
+from kernel_driver.errors import ExitCode
 from kernel_driver.sinks import SmtpSink, VoiceSink
 
 from .daemon import start_daemon
@@ -115,7 +116,7 @@ def test_e1_fails_when_the_smtp_server_refuses_connections(certify_cli):
     settings = {"host": "127.0.0.1", "port": closed_port(), "from": "certify@example.com", "timeout_s": 2}
     result, evidence = certify_cli("--only", "E1", "--smtp-settings", json.dumps(settings), "--email-to", "qa@example.com")
 
-    assert result.exit_code == certify.CHECK_FAILED_EXIT, result.output
+    assert result.exit_code == ExitCode.FAILED, result.output
     assert result.output.startswith("FAIL E1 ")
     validate(evidence)
     [check] = evidence["checks"]
@@ -131,7 +132,7 @@ def test_e1_fails_when_the_server_refuses_the_mailbox(certify_cli):
         result, evidence = certify_cli(
             "--only", "E1", "--smtp-settings", json.dumps(sink.provider_settings()), "--email-to", "nobody@example.com"
         )
-    assert result.exit_code == certify.CHECK_FAILED_EXIT
+    assert result.exit_code == ExitCode.FAILED
     [check] = evidence["checks"]
     assert "550" in check["reason"]
     assert check["run_ids"] and check["item_ids"] and not check["provider_message_ids"]
@@ -149,7 +150,7 @@ def test_a_check_fails_when_a_daemon_certify_did_not_start_takes_its_job(certify
     finally:
         stranger.terminate()
         stranger.wait(10)
-    assert result.exit_code == certify.CHECK_FAILED_EXIT
+    assert result.exit_code == ExitCode.FAILED
     [check] = evidence["checks"]
     assert "claimed by staging-daemon, which certify did not start" in check["reason"]
 

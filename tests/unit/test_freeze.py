@@ -14,6 +14,7 @@ import pytest
 from click.testing import Result
 
 from kernel_driver import certify, freeze
+from kernel_driver.errors import ExitCode
 
 Cli = Callable[..., Result]
 
@@ -93,7 +94,7 @@ def test_changed_frozen_file_fails_saying_what_and_how(cli: Cli, tree: Path) -> 
 
     result = cli("freeze", "check", "--root", str(tree))
 
-    assert result.exit_code == freeze.GATE_FAILED_EXIT
+    assert result.exit_code == ExitCode.FAILED
     report = result.stderr
     assert f"changed kernel_driver/worker.py\n          manifest {before}\n          now      {sha(worker)}" in report
     assert "kernel_version() is still 1.0.0: changed frozen files need a new version" in report
@@ -112,7 +113,7 @@ def test_new_migration_is_a_frozen_change(cli: Cli, tree: Path) -> None:
 
     result = cli("freeze", "check", "--root", str(tree))
 
-    assert result.exit_code == freeze.GATE_FAILED_EXIT
+    assert result.exit_code == ExitCode.FAILED
     assert "added   sql/migrations/0002_next.sql\n          manifest None" in result.stderr
     assert "the migrations define kernel_version() 1.1.0, freeze/manifest.json freezes 1.0.0" in result.stderr
 
@@ -124,7 +125,7 @@ def test_update_refuses_a_change_without_a_version_bump(cli: Cli, tree: Path) ->
 
     result = cli("freeze", "update", "--root", str(tree))
 
-    assert result.exit_code == freeze.GATE_FAILED_EXIT
+    assert result.exit_code == ExitCode.FAILED
     assert result.stderr == (
         "error: frozen files changed but kernel_version() is 1.0.0 and freeze/manifest.json already "
         "freezes 1.0.0: bump the version in a new migration\n"
@@ -135,7 +136,7 @@ def test_bumped_and_certified_change_is_frozen(cli: Cli, tree: Path) -> None:
     frozen(cli, tree)
     (tree / "kernel_driver" / "queries.py").write_text("# calls claim_queued_jobs_v2\n")
     bump(tree, "1.1.0")
-    assert cli("freeze", "check", "--root", str(tree)).exit_code == freeze.GATE_FAILED_EXIT
+    assert cli("freeze", "check", "--root", str(tree)).exit_code == ExitCode.FAILED
 
     frozen(cli, tree, "1.1.0")
 
@@ -153,7 +154,7 @@ def test_update_refuses_evidence_that_did_not_pass(cli: Cli, tree: Path, evidenc
 
     result = cli("freeze", "update", "--root", str(tree))
 
-    assert result.exit_code == freeze.GATE_FAILED_EXIT
+    assert result.exit_code == ExitCode.FAILED
     assert reason in result.stderr
     assert not (tree / "freeze" / "manifest.json").exists()
 
@@ -166,7 +167,7 @@ def test_update_refuses_evidence_of_other_files(cli: Cli, tree: Path) -> None:
 
     result = cli("freeze", "update", "--root", str(tree))
 
-    assert result.exit_code == freeze.GATE_FAILED_EXIT
+    assert result.exit_code == ExitCode.FAILED
     assert f"was certified with kernel_driver/worker.py at sha256 {certified}, not {sha(worker)}" in result.stderr
 
 
@@ -192,14 +193,14 @@ def test_gate_fails_without_passing_evidence(cli: Cli, tree: Path, spoil: Callab
 
     result = cli("freeze", "check", "--root", str(tree))
 
-    assert result.exit_code == freeze.GATE_FAILED_EXIT
+    assert result.exit_code == ExitCode.FAILED
     assert reason in result.stderr
 
 
 def test_no_manifest_yet(cli: Cli, tree: Path) -> None:
     result = cli("freeze", "check", "--root", str(tree))
 
-    assert result.exit_code == freeze.GATE_FAILED_EXIT
+    assert result.exit_code == ExitCode.FAILED
     assert "there is no freeze/manifest.json yet: run make freeze" in result.stderr
 
 
