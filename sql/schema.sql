@@ -138,9 +138,8 @@ CREATE TABLE kernel.channel_outbox (
     completed_at timestamp with time zone
 );
 ALTER TABLE kernel.channel_outbox ADD CONSTRAINT channel_outbox_idempotency_key UNIQUE (idempotency_key);
-ALTER TABLE kernel.channel_outbox ADD CONSTRAINT channel_outbox_job_id_fkey FOREIGN KEY (job_id) REFERENCES kernel.job_queue(id);
+ALTER TABLE kernel.channel_outbox ADD CONSTRAINT channel_outbox_job_of_run_fkey FOREIGN KEY (job_id, run_id) REFERENCES kernel.job_queue(id, run_id);
 ALTER TABLE kernel.channel_outbox ADD CONSTRAINT channel_outbox_pkey PRIMARY KEY (id);
-ALTER TABLE kernel.channel_outbox ADD CONSTRAINT channel_outbox_run_id_fkey FOREIGN KEY (run_id) REFERENCES kernel.campaign_runs(id);
 ALTER TABLE kernel.channel_outbox ADD CONSTRAINT channel_outbox_sent_has_provider_id CHECK (((status <> 'sent'::text) OR (provider_message_id IS NOT NULL)));
 ALTER TABLE kernel.channel_outbox ADD CONSTRAINT channel_outbox_sent_was_dispatched CHECK (((status <> ALL (ARRAY['sent'::text, 'unknown'::text])) OR (dispatched_at IS NOT NULL)));
 ALTER TABLE kernel.channel_outbox ADD CONSTRAINT channel_outbox_skipped_status_check CHECK (((skipped = (status = 'skipped'::text)) AND (skipped = (skip_reason IS NOT NULL))));
@@ -236,6 +235,7 @@ CREATE TABLE kernel.job_queue (
     completed_at timestamp with time zone
 );
 ALTER TABLE kernel.job_queue ADD CONSTRAINT job_queue_attempts_in_range CHECK (((attempts >= 0) AND (max_attempts >= 1)));
+ALTER TABLE kernel.job_queue ADD CONSTRAINT job_queue_id_run_id_key UNIQUE (id, run_id);
 ALTER TABLE kernel.job_queue ADD CONSTRAINT job_queue_job_type_check CHECK ((job_type = 'send_batch'::text));
 ALTER TABLE kernel.job_queue ADD CONSTRAINT job_queue_lease_held_while_processing CHECK (((status = 'processing'::text) = ((locked_by IS NOT NULL) AND (lease_expires_at IS NOT NULL))));
 ALTER TABLE kernel.job_queue ADD CONSTRAINT job_queue_pkey PRIMARY KEY (id);
@@ -2248,9 +2248,15 @@ BEGIN
         END IF;
     END IF;
 
-    -- 3. Renew the leases that are a third gone: one statement for every job held.
-    UPDATE kernel.job_queue AS j SET lease_expires_at = now() + _lease
-    WHERE j.id = ANY (_held) AND j.lease_expires_at < now() + _lease * 2 / 3;
+    -- 3. Renew the leases that are a third gone: one statement for every job held, and none
+    --    when no lease is due (job_queue's statement trigger would run for nothing).
+    IF EXISTS (
+        SELECT 1 FROM kernel.job_queue AS j
+        WHERE j.id = ANY (_held) AND j.lease_expires_at < now() + _lease * 2 / 3
+    ) THEN
+        UPDATE kernel.job_queue AS j SET lease_expires_at = now() + _lease
+        WHERE j.id = ANY (_held) AND j.lease_expires_at < now() + _lease * 2 / 3;
+    END IF;
 
     -- 4. End the jobs the daemon has finished, checked here as complete_job checks them:
     --    no pending item, and an item for every contact unless the run was cancelled.

@@ -552,6 +552,15 @@ CREATE INDEX channel_outbox_by_job_idx ON kernel.channel_outbox (job_id);
 CREATE INDEX channel_outbox_by_run_idx ON kernel.channel_outbox (run_id);
 ALTER TABLE kernel.channel_outbox SET (fillfactor = 60);
 
+-- One key check per new item instead of two: its job, and that the job is of its run (the
+-- run's existence follows from the job's own key). 1.0 checked job_id and run_id apart.
+ALTER TABLE kernel.job_queue ADD CONSTRAINT job_queue_id_run_id_key UNIQUE (id, run_id);
+ALTER TABLE kernel.channel_outbox
+ADD CONSTRAINT channel_outbox_job_of_run_fkey FOREIGN KEY (job_id, run_id)
+REFERENCES kernel.job_queue (id, run_id);
+ALTER TABLE kernel.channel_outbox DROP CONSTRAINT channel_outbox_job_id_fkey;
+ALTER TABLE kernel.channel_outbox DROP CONSTRAINT channel_outbox_run_id_fkey;
+
 DROP INDEX kernel.job_queue_expired_lease_idx;
 -- Serves the claim's expired-lease pass: the few processing jobs, whatever their lease.
 CREATE INDEX job_queue_processing_idx ON kernel.job_queue (id) WHERE status = 'processing';
@@ -878,9 +887,15 @@ BEGIN
         END IF;
     END IF;
 
-    -- 3. Renew the leases that are a third gone: one statement for every job held.
-    UPDATE kernel.job_queue AS j SET lease_expires_at = now() + _lease
-    WHERE j.id = ANY (_held) AND j.lease_expires_at < now() + _lease * 2 / 3;
+    -- 3. Renew the leases that are a third gone: one statement for every job held, and none
+    --    when no lease is due (job_queue's statement trigger would run for nothing).
+    IF EXISTS (
+        SELECT 1 FROM kernel.job_queue AS j
+        WHERE j.id = ANY (_held) AND j.lease_expires_at < now() + _lease * 2 / 3
+    ) THEN
+        UPDATE kernel.job_queue AS j SET lease_expires_at = now() + _lease
+        WHERE j.id = ANY (_held) AND j.lease_expires_at < now() + _lease * 2 / 3;
+    END IF;
 
     -- 4. End the jobs the daemon has finished, checked here as complete_job checks them:
     --    no pending item, and an item for every contact unless the run was cancelled.

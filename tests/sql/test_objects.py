@@ -140,6 +140,14 @@ def test_idempotency_key_refuses_a_second_row_with_the_same_key(conn, outbox_par
     assert info.value.diag.constraint_name == "channel_outbox_idempotency_key"
 
 
+def test_an_item_belongs_to_a_job_of_its_own_run(conn, outbox_parent):
+    other = seed_campaign(conn, 1)
+    other_run = deploy(conn, other.campaign_id)
+    with raises("23503") as info:
+        insert_item(conn, outbox_parent, run_id=other_run)
+    assert info.value.diag.constraint_name == "channel_outbox_job_of_run_fkey"
+
+
 def test_status_check_refuses_an_unknown_status(conn, outbox_parent):
     item = insert_item(conn, outbox_parent)
     with triggers_off(conn), raises("23514") as info:  # the trigger would refuse it first
