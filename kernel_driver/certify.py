@@ -44,8 +44,8 @@ from kernel_driver.errors import BadUsage, DatabaseError, ExitCode
 from kernel_driver.frozen import CHECK_IDS
 from kernel_driver.providers import ProviderConfigError, load_adapter
 from kernel_driver.queries import Kernel
-from kernel_driver.seed import SeededCampaign, default_content, seed_campaign
-from kernel_driver.sinks import SmtpSink, VoiceSink, WebhookSink
+from kernel_driver.testing.seed import SeededCampaign, default_content, seed_campaign
+from kernel_driver.testing.sinks import SmtpSink, VoiceSink, WebhookSink
 
 EVIDENCE_FORMAT = "kernel-driver/certification-evidence/1"
 CAMPAIGN_NAME_PREFIX = "kernel-certify"  # campaigns.name of every seeded campaign: finds old tenants

@@ -75,6 +75,18 @@ LAZY_COMMANDS = {
 }
 
 
+def needs_testing_extra(name: str, missing: ModuleNotFoundError) -> click.Command:
+    """Stands in for a command whose libraries come with the testing extra (certify, demo)."""
+    message = (f"kernel-driver {name} needs {missing.name}, which comes with the testing extra:"
+               " pip install 'kernel-driver[testing]'")
+
+    def refuse(**_: Any) -> None:
+        raise BadUsage(message)
+
+    return click.Command(name, callback=refuse, help=message, short_help="(needs kernel-driver[testing])",
+                         context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+
+
 class KernelGroup(click.Group):
     """Turns the driver's exceptions into ``error:`` lines for every subcommand."""
 
@@ -83,7 +95,10 @@ class KernelGroup(click.Group):
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name in LAZY_COMMANDS:
-            command = getattr(importlib.import_module(LAZY_COMMANDS[cmd_name]), cmd_name)
+            try:
+                command = getattr(importlib.import_module(LAZY_COMMANDS[cmd_name]), cmd_name)
+            except ModuleNotFoundError as exc:
+                return needs_testing_extra(cmd_name, exc)
             assert isinstance(command, click.Command)
             return command
         return super().get_command(ctx, cmd_name)

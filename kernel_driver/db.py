@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import re
-import tempfile
-import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import psycopg
 from psycopg import sql
@@ -174,24 +171,9 @@ def postgres_server(dsn: str | None) -> Iterator[str]:
     if dsn:
         yield dsn
     else:
+        from kernel_driver.testing.postgres import (
+            embedded_postgres,  # needs the testing extra
+        )
+
         with embedded_postgres() as embedded_dsn:
             yield embedded_dsn
-
-
-@contextmanager
-def embedded_postgres() -> Iterator[str]:
-    """Start a throwaway PostgreSQL server (pgserver) and yield its DSN; stop and delete it after.
-
-    pgserver ships its own binaries and, unlike the system ``initdb``, also works when run as
-    root (it runs the server as a separate system user).
-    """
-    # pgserver's platformdirs warns whenever XDG_RUNTIME_DIR is unset (as in CI); it copes.
-    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
-    from pgserver.postgres_server import get_server  # heavy: only scratch setups need it
-
-    pgdata = Path(tempfile.mkdtemp(prefix="kernel-pg-"))
-    server = get_server(pgdata, cleanup_mode="delete")
-    try:
-        yield server.get_uri()
-    finally:
-        server.cleanup()

@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 import time
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,8 +33,9 @@ from kernel_driver.db import connect, wrap_errors
 from kernel_driver.errors import ChecksFailed
 from kernel_driver.queries import Kernel
 from kernel_driver.runs import table
-from kernel_driver.seed import SeededCampaign, seed_campaign
-from kernel_driver.sinks import SmtpSink, VoiceSink
+from kernel_driver.testing.postgres import embedded_postgres
+from kernel_driver.testing.seed import SeededCampaign, seed_campaign
+from kernel_driver.testing.sinks import SmtpSink, VoiceSink
 
 EMAIL_CONTACTS = 1000
 VOICE_CONTACTS = 50
@@ -59,17 +59,9 @@ def demo_database(dsn: str | None, data_dir: Path) -> Iterator[tuple[str, str]]:
     if dsn:
         yield dsn, "KERNEL_DSN"
         return
-    # pgserver's platformdirs warns whenever XDG_RUNTIME_DIR is unset (as in CI); it copes.
-    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
-    from pgserver.postgres_server import get_server  # heavy: only the embedded case needs it
-
     pgdata = (data_dir / "pgdata").resolve()
-    pgdata.mkdir(parents=True, exist_ok=True)
-    server = get_server(pgdata, cleanup_mode="stop")
-    try:
-        yield server.get_uri(), f"embedded PostgreSQL, data in {pgdata}"
-    finally:
-        server.cleanup()
+    with embedded_postgres(pgdata) as embedded_dsn:
+        yield embedded_dsn, f"embedded PostgreSQL, data in {pgdata}"
 
 
 @dataclass(frozen=True)

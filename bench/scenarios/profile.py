@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from kernel_driver.seed import seed_campaign
+from kernel_driver.testing.seed import seed_campaign
 
 from bench.profile_frames import top_frames
 from bench.pg import SCHEMA, deploy, kernel_database, run_daemons, table_sizes, verify_items

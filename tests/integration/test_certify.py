@@ -12,7 +12,7 @@ import pytest
 
 from kernel_driver import certify
 from kernel_driver.errors import ExitCode
-from kernel_driver.sinks import SmtpSink, VoiceSink
+from kernel_driver.testing.sinks import SmtpSink, VoiceSink
 
 from .daemon import start_daemon
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from kernel_driver.seed import seed_campaign
-from kernel_driver.sinks import SmtpSink
+from kernel_driver.testing.seed import seed_campaign
+from kernel_driver.testing.sinks import SmtpSink
 
 from .daemon import item_counts, run_until_idle
 

@@ -8,7 +8,7 @@ import sys
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from kernel_driver.seed import seed_campaign
+from kernel_driver.testing.seed import seed_campaign
 
 from .daemon import item_counts, run_status, run_until_idle
 

@@ -8,8 +8,8 @@ import urllib.request
 
 import pytest
 
-from kernel_driver.seed import seed_campaign
-from kernel_driver.sinks import SmtpSink, WebhookSink
+from kernel_driver.testing.seed import seed_campaign
+from kernel_driver.testing.sinks import SmtpSink, WebhookSink
 
 from .daemon import item_counts, job_workers, run_status, start_daemon, wait_until
 

@@ -8,8 +8,8 @@ import uuid
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from kernel_driver.seed import seed_campaign
-from kernel_driver.sinks import SmtpSink
+from kernel_driver.testing.seed import seed_campaign
+from kernel_driver.testing.sinks import SmtpSink
 
 from .daemon import run_until_idle
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import time
 
-from kernel_driver.seed import seed_campaign
+from kernel_driver.testing.seed import seed_campaign
 
 from .daemon import item_counts, job_workers, run_status, start_daemon
 

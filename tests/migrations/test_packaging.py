@@ -17,19 +17,36 @@ from kernel_driver import migrate
 REPO = Path(__file__).resolve().parents[2]
 
 
+PIP = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+
+
 @pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A directory holding the project installed from its wheel, and nothing else."""
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     wheels = tmp_path_factory.mktemp("wheels")
-    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "-w", str(wheels), str(REPO)], check=True)
-    (wheel,) = wheels.glob("kernel_driver-*.whl")
-    names = zipfile.ZipFile(wheel).namelist()
+    subprocess.run([*PIP, "wheel", "--no-deps", "-w", str(wheels), str(REPO)], check=True)
+    (built,) = wheels.glob("kernel_driver-*.whl")
+    names = zipfile.ZipFile(built).namelist()
     for path in sorted((REPO / "sql" / "migrations").glob("*.sql")):
         assert f"kernel_driver/sql/migrations/{path.name}" in names
+    return built
+
+
+@pytest.fixture(scope="module")
+def site(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory holding the project installed from its wheel, and nothing else."""
     target = tmp_path_factory.mktemp("site")
-    subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True)
+    subprocess.run([*PIP, "install", "--no-deps", "--target", str(target), str(wheel)], check=True)
     return target
+
+
+@pytest.fixture(scope="module")
+def plain_venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh virtualenv with the wheel and its dependencies, without the testing extra."""
+    venv = tmp_path_factory.mktemp("plain") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "--disable-pip-version-check", "-q",
+                    "install", str(wheel)], check=True, timeout=600)
+    return venv / "bin"
 
 
 def run_installed(site: Path, code: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -76,3 +93,28 @@ def test_checkout_falls_back_to_its_sql_directory() -> None:
         pytest.skip("kernel_driver is installed from a wheel here, not from the checkout")
     assert migrate.sql_root() == REPO / "sql"
     assert migrate.load_migrations() == migrate.load_migrations(REPO / "sql")
+
+
+def kernel_driver_in(bin_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(bin_dir / "kernel-driver"), *args], capture_output=True, text=True, timeout=120,
+                          cwd=bin_dir)
+
+
+def test_a_plain_install_runs_the_kernel_without_the_testing_libraries(
+    plain_venv: Path, empty_db_dsn: str, kernel_schema: str
+) -> None:
+    for library in ("aiosmtpd", "pgserver"):
+        probe = subprocess.run([str(plain_venv / "python"), "-c", f"import {library}"], capture_output=True)
+        assert probe.returncode != 0, f"{library} came with a plain install"
+    where = ("--dsn", empty_db_dsn, "--schema", kernel_schema)
+    for args in (("migrate",), ("migrate", "--status"), ("run", "--until-idle", "--poll-interval", "0.05"),
+                 ("runs", "list"), ("freeze", "--help")):
+        result = kernel_driver_in(plain_venv, *where, *args)
+        assert result.returncode == 0, (args, result.stderr)
+    listing = kernel_driver_in(plain_venv, "--help")
+    assert listing.returncode == 0 and "certify  (needs kernel-driver[testing])" in listing.stdout
+    for command in ("certify", "demo"):
+        refused = kernel_driver_in(plain_venv, *where, command)
+        assert refused.returncode == 2, refused.stderr
+        assert refused.stderr.startswith(f"error: kernel-driver {command} needs aiosmtpd")
+        assert "pip install 'kernel-driver[testing]'" in refused.stderr

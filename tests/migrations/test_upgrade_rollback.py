@@ -26,8 +26,8 @@ from integration.daemon import item_counts, run_until_idle
 from psycopg.types.json import Json
 
 from kernel_driver import freeze, schema_dump
-from kernel_driver.seed import SeededCampaign, seed_campaign
-from kernel_driver.sinks import SmtpSink
+from kernel_driver.testing.seed import SeededCampaign, seed_campaign
+from kernel_driver.testing.sinks import SmtpSink
 
 from .conftest import Bench
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 from integration.daemon import item_counts, run_status, start_daemon, wait_until
-from kernel_driver.seed import seed_campaign
+from kernel_driver.testing.seed import seed_campaign
 
 from .conftest import StartPgBouncer
 

@@ -26,7 +26,7 @@ import kernel_driver.logs, kernel_driver.worker
 print(json.dumps(sorted(sys.modules)))
 """
 
-NOT_FOR_THE_DAEMON = ("kernel_driver.certify", "kernel_driver.demo", "kernel_driver.sinks", "kernel_driver.seed",
+NOT_FOR_THE_DAEMON = ("kernel_driver.certify", "kernel_driver.demo", "kernel_driver.testing.sinks", "kernel_driver.testing.seed",
                       "aiosmtpd")
 
 

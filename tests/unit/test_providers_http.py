@@ -17,7 +17,7 @@ import pytest
 from kernel_driver.providers import OutboundItem, Outcome, ProviderAdapter, SendResult, open_adapter
 from kernel_driver.providers.twilio import TwilioAdapter
 from kernel_driver.providers.webhook import WebhookAdapter
-from kernel_driver.sinks import VoiceSink, WebhookSink
+from kernel_driver.testing.sinks import VoiceSink, WebhookSink
 
 TOKEN_ENV = "VOICE_TOKEN"
 BIG = 16 * 1024 * 1024  # more than the socket buffers hold: a reset arrives while it is written

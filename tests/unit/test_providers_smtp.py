@@ -12,7 +12,7 @@ import pytest
 
 from kernel_driver.providers import OutboundItem, Outcome, ProviderConfigError, outbox_outcome
 from kernel_driver.providers.smtp import SmtpAdapter
-from kernel_driver.sinks import SmtpSink, refused_port
+from kernel_driver.testing.sinks import SmtpSink, refused_port
 
 CONTENT = {"subject": "Spring sale", "text": "Hello.\n.A line starting with a dot.", "html": "<p>Hello.</p>"}
 

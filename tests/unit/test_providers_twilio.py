@@ -8,7 +8,7 @@ import pytest
 
 from kernel_driver.providers import OutboundItem, Outcome, ProviderConfigError
 from kernel_driver.providers.twilio import TwilioAdapter
-from kernel_driver.sinks import VoiceSink, refused_port
+from kernel_driver.testing.sinks import VoiceSink, refused_port
 
 TOKEN_ENV = "VOICE_TOKEN"
 

@@ -8,7 +8,7 @@ import pytest
 
 from kernel_driver.providers import OutboundItem, Outcome, ProviderConfigError, outbox_outcome
 from kernel_driver.providers.webhook import WebhookAdapter
-from kernel_driver.sinks import WebhookSink, refused_port
+from kernel_driver.testing.sinks import WebhookSink, refused_port
 
 SECRET_ENV = "HOOK_SECRET"
 

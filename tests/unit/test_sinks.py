@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from kernel_driver.sinks import SmtpSink, VoiceSink, WebhookSink, refused_port
+from kernel_driver.testing.sinks import SmtpSink, VoiceSink, WebhookSink, refused_port
 
 
 def post(

@@ -1,0 +1,41 @@
+"""An embedded PostgreSQL (pgserver), for when no server is given: scratch databases, the demo."""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from kernel_driver.errors import BadUsage
+
+
+@contextmanager
+def embedded_postgres(pgdata: Path | None = None) -> Iterator[str]:
+    """Start a PostgreSQL server (pgserver) and yield its DSN. Without ``pgdata`` it is a
+    throwaway one, deleted after; with it, the data stays there and the server is stopped.
+
+    pgserver ships its own binaries and, unlike the system ``initdb``, also works when run as
+    root (it runs the server as a separate system user).
+    """
+    # pgserver's platformdirs warns whenever XDG_RUNTIME_DIR is unset (as in CI); it copes.
+    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+    try:
+        from pgserver.postgres_server import (
+            get_server,  # heavy: only the embedded case needs it
+        )
+    except ModuleNotFoundError as exc:
+        raise BadUsage(
+            "an embedded PostgreSQL needs the testing extra: pip install 'kernel-driver[testing]'"
+            " (or give a server with --dsn / KERNEL_DSN)"
+        ) from exc
+    if pgdata is None:
+        server = get_server(Path(tempfile.mkdtemp(prefix="kernel-pg-")), cleanup_mode="delete")
+    else:
+        pgdata.mkdir(parents=True, exist_ok=True)
+        server = get_server(pgdata, cleanup_mode="stop")
+    try:
+        yield server.get_uri()
+    finally:
+        server.cleanup()
