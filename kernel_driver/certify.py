@@ -43,7 +43,7 @@ from kernel_driver.db import NothingToRetry, database, wrap_errors
 from kernel_driver.errors import BadUsage, DatabaseError, ExitCode
 from kernel_driver.frozen import CHECK_IDS
 from kernel_driver.providers import ProviderConfigError, load_adapter
-from kernel_driver.queries import Kernel
+from kernel_driver.queries import TERMINAL_RUN_STATUSES, Kernel
 from kernel_driver.testing.seed import SeededCampaign, default_content, seed_campaign
 from kernel_driver.testing.sinks import SmtpSink, VoiceSink, WebhookSink
 
@@ -58,7 +58,6 @@ DAEMON_ARGS = ("--poll-interval", "0.2", "--lease-seconds", str(LEASE_SECONDS), 
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
-TERMINAL_RUN_STATUSES = frozenset({"completed", "partial", "failed", "cancelled"})
 
 T = TypeVar("T")
 

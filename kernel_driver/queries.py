@@ -23,6 +23,11 @@ from kernel_driver.db import wrap_errors
 NOTIFY_CHANNEL = "kernel_jobs"
 
 
+# The run statuses with no move out of them in kernel.state_transitions (a parity test keeps
+# them equal).
+TERMINAL_RUN_STATUSES = frozenset({"completed", "partial", "failed", "cancelled"})
+
+
 @dataclass(frozen=True)
 class QueueDepth:
     status: str

@@ -39,7 +39,15 @@ from kernel_driver.providers import (
     open_adapter,
     outbox_outcome,
 )
-from kernel_driver.queries import Kernel, Result, StepRequest, StepRow, listen, response_json
+from kernel_driver.queries import (
+    TERMINAL_RUN_STATUSES,
+    Kernel,
+    Result,
+    StepRequest,
+    StepRow,
+    listen,
+    response_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +71,6 @@ QUEUE_OLDEST = Gauge(
 RETRY_BACKOFF_S = (0.0, 0.2, 0.5, 1.0, 2.0, 5.0)
 # How long a finished call may wait for its neighbours before the step that records it.
 GATHER_S = 0.002
-TERMINAL_RUN = frozenset({"completed", "partial", "failed", "cancelled"})
 
 
 @dataclass(frozen=True)
@@ -416,7 +423,7 @@ class Worker:
         del self._jobs[job.id]
         run_status = detail["run_status"]
         log.info("job %s job=%s", detail["job_status"], job.id, extra=_fields(job))
-        if run_status in TERMINAL_RUN:
+        if run_status in TERMINAL_RUN_STATUSES:
             log.info("run %s run=%s", run_status, job.run_id, extra={**_fields(job), "run_status": run_status})
 
     def _collect(self) -> None:

@@ -8,6 +8,7 @@ import itertools
 
 import psycopg
 import pytest
+from kernel_driver.queries import TERMINAL_RUN_STATUSES
 from helpers import (
     deploy,
     deploy_and_claim,
@@ -91,6 +92,16 @@ def try_moves(conn, entity_id, pairs, setter, table):
 
 def entity_id_in(exc, entity_id):
     return str(entity_id) in (exc.diag.message_primary or "")
+
+
+def test_the_driver_s_terminal_run_statuses_are_the_kernel_s(conn):
+    terminal = rows(
+        conn,
+        "SELECT DISTINCT to_status AS status FROM state_transitions WHERE entity = 'run'"
+        " AND to_status NOT IN (SELECT from_status FROM state_transitions WHERE entity = 'run')",
+    )
+    assert {r["status"] for r in terminal} == TERMINAL_RUN_STATUSES
+    assert set(RUN_STATUSES) - TERMINAL_RUN_STATUSES == {"queued", "running"}
 
 
 def test_every_illegal_run_transition_is_refused(conn, run_and_job):

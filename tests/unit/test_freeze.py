@@ -6,6 +6,7 @@ frozen_file_digests and CHECK_IDS); running the real harness is certify's own te
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 from click.testing import Result
 
+import kernel_driver
 from kernel_driver import certify, freeze
 from kernel_driver.errors import ExitCode
 
@@ -237,6 +239,12 @@ def test_version_is_the_last_definition_in_the_migrations(tmp_path: Path) -> Non
 def test_the_checkout_version_is_what_the_migrations_define() -> None:
     assert freeze.kernel_version() == freeze.migrations_version(freeze.CHECKOUT / "sql" / "migrations")
     assert freeze.version_key(freeze.kernel_version()) >= (1, 0, 0)
+
+
+def test_the_driver_s_version_is_the_kernel_it_ships() -> None:
+    # One number: kernel_driver.__version__ (pyproject.toml reads it) = the last kernel_version().
+    assert kernel_driver.__version__ == freeze.kernel_version()
+    assert importlib.metadata.version("kernel-driver") == kernel_driver.__version__
 
 
 def test_certify_records_the_gates_file_list(tree: Path) -> None:
