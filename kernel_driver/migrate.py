@@ -95,16 +95,21 @@ def schema_roles(schema: str) -> list[str]:
 
 
 def rename_schema(text: str, to: str, source: str = DEFAULT_SCHEMA) -> str:
-    """Rewrite the schema name and its roles: ``kernel.x`` → ``to.x``, ``kernel_app`` → ``to_app``.
-
-    Word boundaries leave longer identifiers alone (``kernel_version``,
+    """Rewrite the schema name where it is an identifier, and its roles: ``kernel.x`` → ``to.x``,
+    ``SCHEMA kernel`` → ``SCHEMA to``, ``kernel_app`` → ``to_app``. Prose stays as written
+    ("the kernel", "kernel-driver migrate"), and so do longer identifiers (``kernel_version``,
     ``execution_kernel.tenant_id``).
     """
     if to == source:
         return text
+    name = re.escape(source)
     suffixes = "|".join(ROLE_SUFFIXES)
-    pattern = re.compile(rf"\b{re.escape(source)}({suffixes})?\b")
-    return pattern.sub(lambda m: to + (m.group(1) or ""), text)
+    pattern = re.compile(
+        rf"\b{name}(?P<role>{suffixes})\b"  # a role
+        rf"|\b{name}(?=\.[A-Za-z_\"])"  # a qualified name
+        rf"|(?<=SCHEMA )\b{name}\b",  # the schema itself (one space: how the migrations write it)
+    )
+    return pattern.sub(lambda m: to + (m.group("role") or ""), text)
 
 
 def sql_root(sql_dir: str | Path | None = None) -> Traversable:

@@ -270,3 +270,31 @@ def test_install_with_psql_is_adopted_without_reapplying(
     finally:
         cluster.drop_database(database)
         db.drop_roles(cluster.admin, [r for r in roles if r not in existed])
+
+
+def test_another_schema_name_rewrites_identifiers_and_leaves_prose_alone() -> None:
+    text = (
+        "CREATE SCHEMA kernel AUTHORIZATION kernel_owner;\n"
+        "GRANT USAGE ON SCHEMA kernel TO kernel_worker, kernel_operator;\n"
+        "SELECT kernel.deploy_campaign(x), kernel.\"odd\", kernel_version(), execution_kernel.tenant_id;\n"
+        "COMMENT ON TABLE kernel.schema_migrations IS 'Ledger of applied kernel migrations; filled in by"
+        " kernel-driver migrate. The kernel.';\n"
+    )
+    assert migrate.rename_schema(text, "acme") == (
+        "CREATE SCHEMA acme AUTHORIZATION acme_owner;\n"
+        "GRANT USAGE ON SCHEMA acme TO acme_worker, acme_operator;\n"
+        "SELECT acme.deploy_campaign(x), acme.\"odd\", kernel_version(), execution_kernel.tenant_id;\n"
+        "COMMENT ON TABLE acme.schema_migrations IS 'Ledger of applied kernel migrations; filled in by"
+        " kernel-driver migrate. The kernel.';\n"
+    )
+
+
+def test_an_installed_kernel_under_another_name_keeps_its_prose(conn, kernel_schema: str) -> None:
+    # every test database is installed under a kt_… schema name
+    comment = conn.execute("SELECT obj_description(%s::regclass, 'pg_class')",
+                           [f"{kernel_schema}.schema_migrations"]).fetchone()[0]
+    assert "kernel-driver migrate" in comment and "applied kernel migrations" in comment
+    hint = conn.execute(
+        "SELECT prosrc FROM pg_proc WHERE proname = 'deploy_campaign' AND pronargs = 2"
+        " AND pronamespace = %s::regnamespace", [kernel_schema]).fetchone()[0]
+    assert f"SELECT * FROM {kernel_schema}.check_campaign_launch_prerequisites" in hint
