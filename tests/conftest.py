@@ -5,7 +5,8 @@ embedded PostgreSQL 16 started by pgserver in a temporary directory (the system 
 to run as root; pgserver does not). Once per session the kernel is migrated into a template
 database under a random schema ``kt_<8 hex>`` (proving ``--schema``, and keeping this run's
 cluster-global roles ``kt_…_owner/_worker/_app/_reader`` apart from every other run); each test
-gets its own clone. At the end the session drops every database it created, then those roles.
+gets its own clone (pytest-postgresql's DatabaseJanitor makes and drops it). At the end the session
+drops the template, then those roles.
 
 ``KERNEL_TEST_SQL_DIR`` runs the suite against another ``sql/`` directory (default: the checkout's).
 """
@@ -15,12 +16,15 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 from click.testing import CliRunner, Result
+from psycopg.conninfo import conninfo_to_dict
+from pytest_postgresql.janitor import DatabaseJanitor
 
 from kernel_driver import db, migrate
 from kernel_driver.cli import main
@@ -32,30 +36,32 @@ for _name in list(os.environ):
 
 
 class Cluster:
-    """The test server: creates databases, and drops each at the latest when the session ends."""
+    """The test server. Databases come and go through pytest-postgresql's DatabaseJanitor (it
+    creates one, from a template when asked, and drops it after ending its sessions)."""
 
     def __init__(self, server_dsn: str) -> None:
         self.server_dsn = server_dsn
-        self.admin = db.connect(server_dsn, autocommit=True)
-        self.databases: list[str] = []
+        params = conninfo_to_dict(server_dsn)
+        self.janitor_args = {
+            "user": params.get("user") or "postgres",
+            "host": params.get("host") or "127.0.0.1",
+            "port": params.get("port") or 5432,
+            "password": params.get("password"),
+            "maintenance_dbname": params.get("dbname") or "postgres",
+        }
 
     def dsn(self, database: str) -> str:
         return db.dsn_for_database(self.server_dsn, database)
 
-    def create_database(self, template: str = "template0") -> str:
-        name = f"kt_{secrets.token_hex(4)}"
-        db.create_database(self.admin, name, template)
-        self.databases.append(name)
-        return name
-
-    def drop_database(self, name: str) -> None:
-        db.drop_database(self.admin, name)
-        self.databases.remove(name)
-
-    def close(self) -> None:
-        for name in list(self.databases):
-            self.drop_database(name)
-        self.admin.close()
+    @contextmanager
+    def database(self, template: str | None = None) -> Iterator[str]:
+        """A new database (a clone of ``template`` when given) for the duration; its DSN."""
+        janitor = DatabaseJanitor(dbname=f"kt_{secrets.token_hex(4)}", template_dbname=template, **self.janitor_args)
+        janitor.init()
+        try:
+            yield self.dsn(janitor.dbname)
+        finally:
+            janitor.drop()
 
 
 @pytest.fixture(scope="session")
@@ -80,10 +86,8 @@ def kernel_template(server_dsn: str, sql_dir: Path) -> Iterator[migrate.ScratchK
 
 
 @pytest.fixture(scope="session")
-def cluster(server_dsn: str, kernel_template: migrate.ScratchKernel) -> Iterator[Cluster]:
-    cluster = Cluster(server_dsn)
-    yield cluster
-    cluster.close()
+def cluster(server_dsn: str, kernel_template: migrate.ScratchKernel) -> Cluster:
+    return Cluster(server_dsn)
 
 
 @pytest.fixture(scope="session")
@@ -94,18 +98,16 @@ def kernel_schema(kernel_template: migrate.ScratchKernel) -> str:
 @pytest.fixture
 def db_dsn(cluster: Cluster, kernel_template: migrate.ScratchKernel) -> Iterator[str]:
     """A fresh database with the kernel installed, cloned from the session's template."""
-    name = cluster.create_database(template=kernel_template.database)
-    yield cluster.dsn(name)
-    cluster.drop_database(name)
+    with cluster.database(template=kernel_template.database) as dsn:
+        yield dsn
 
 
 @pytest.fixture
 def empty_db_dsn(cluster: Cluster) -> Iterator[str]:
     """A fresh database without the kernel (migrate it with ``kernel_schema``: those roles exist
     already and are dropped at the end of the session)."""
-    name = cluster.create_database()
-    yield cluster.dsn(name)
-    cluster.drop_database(name)
+    with cluster.database() as dsn:
+        yield dsn
 
 
 @pytest.fixture

@@ -234,42 +234,38 @@ def test_install_with_psql_is_adopted_without_reapplying(
     """The DBA path: the files as they are, in order, each in one transaction, into the literal
     schema kernel. The driver then records their sha256 and applies nothing again."""
     roles = migrate.schema_roles("kernel")
-    existed = (
-        cluster.admin.execute(
+    with db.connect(cluster.server_dsn, autocommit=True) as admin:
+        existed = admin.execute(
             "SELECT array_agg(rolname) FROM pg_roles WHERE rolname = ANY(%s)", [roles]
-        ).fetchone()[0]
-        or []
-    )
-    database = cluster.create_database()
-    dsn = cluster.dsn(database)
-    try:
-        for path in sorted((sql_dir / "migrations").glob("*.sql")):
-            subprocess.run(
-                ["psql", "-X", "-q", "-1", "-v", "ON_ERROR_STOP=1", "-f", str(path), "-d", dsn],
-                check=True,
-                capture_output=True,
-            )
-        files = migrate.load_migrations(sql_dir)
-        with db.connect(dsn) as conn:
-            installed = migrate.read_ledger(conn, "kernel")
-        assert [(r.name, r.sha256) for r in installed.values()] == [(m.name, None) for m in files]
-        adopting = [f"sha256 of {m.name} (applied without the driver)" for m in files]
+        ).fetchone()[0] or []
+        try:
+            with cluster.database() as dsn:
+                for path in sorted((sql_dir / "migrations").glob("*.sql")):
+                    subprocess.run(
+                        ["psql", "-X", "-q", "-1", "-v", "ON_ERROR_STOP=1", "-f", str(path), "-d", dsn],
+                        check=True,
+                        capture_output=True,
+                    )
+                files = migrate.load_migrations(sql_dir)
+                with db.connect(dsn) as conn:
+                    installed = migrate.read_ledger(conn, "kernel")
+                assert [(r.name, r.sha256) for r in installed.values()] == [(m.name, None) for m in files]
+                adopting = [f"sha256 of {m.name} (applied without the driver)" for m in files]
 
-        dry = cli("--dsn", dsn, "migrate", "--sql-dir", str(sql_dir), "--dry-run")
-        assert dry.stdout.splitlines() == [f"would record {line}" for line in adopting]
-        result = cli("--dsn", dsn, "migrate", "--sql-dir", str(sql_dir))
+                dry = cli("--dsn", dsn, "migrate", "--sql-dir", str(sql_dir), "--dry-run")
+                assert dry.stdout.splitlines() == [f"would record {line}" for line in adopting]
+                result = cli("--dsn", dsn, "migrate", "--sql-dir", str(sql_dir))
 
-        assert result.exit_code == 0, result.stderr
-        assert result.stdout.splitlines()[:-1] == [f"recorded {line}" for line in adopting]
-        with db.connect(dsn) as conn:
-            adopted = migrate.read_ledger(conn, "kernel")
-        assert {v: r.sha256 for v, r in adopted.items()} == {m.version: m.sha256 for m in files}
-        assert {v: r.applied_at for v, r in adopted.items()} == {
-            v: r.applied_at for v, r in installed.items()
-        }
-    finally:
-        cluster.drop_database(database)
-        db.drop_roles(cluster.admin, [r for r in roles if r not in existed])
+                assert result.exit_code == 0, result.stderr
+                assert result.stdout.splitlines()[:-1] == [f"recorded {line}" for line in adopting]
+                with db.connect(dsn) as conn:
+                    adopted = migrate.read_ledger(conn, "kernel")
+                assert {v: r.sha256 for v, r in adopted.items()} == {m.version: m.sha256 for m in files}
+                assert {v: r.applied_at for v, r in adopted.items()} == {
+                    v: r.applied_at for v, r in installed.items()
+                }
+        finally:  # after the database is gone
+            db.drop_roles(admin, [r for r in roles if r not in existed])
 
 
 def test_another_schema_name_rewrites_identifiers_and_leaves_prose_alone() -> None:

@@ -5,7 +5,7 @@ costs 0.1-0.3 s (more on a busy server), which for ~200 tests is most of this di
 time. Here ``db_dsn`` is instead the module's own clone, emptied of every row a test wrote once
 that test's connections (from ``connect``/``conn``, which close first) are gone. Everything else
 a test changes lives in its sessions (SET SESSION AUTHORIZATION, settings, LISTEN) and dies
-with them. The clones are dropped after each module (and by the cluster fixture at the latest).
+with them. The clones are dropped after each module.
 """
 
 from __future__ import annotations
@@ -28,9 +28,8 @@ DATA_TABLES = (
 @pytest.fixture(scope="module")
 def module_database(cluster: Any, kernel_template: Any) -> Iterator[str]:
     """A clone of the migrated template for one test module."""
-    name = cluster.create_database(template=kernel_template.database)
-    yield cluster.dsn(name)
-    cluster.drop_database(name)
+    with cluster.database(template=kernel_template.database) as dsn:
+        yield dsn
 
 
 @pytest.fixture
