@@ -241,6 +241,12 @@ def test_the_checkout_version_is_what_the_migrations_define() -> None:
     assert freeze.version_key(freeze.kernel_version()) >= (1, 0, 0)
 
 
+def test_every_module_of_the_certification_harness_is_frozen() -> None:
+    package = freeze.CHECKOUT / "kernel_driver" / "certify"
+    modules = sorted(f"kernel_driver/certify/{path.name}" for path in package.glob("*.py"))
+    assert modules == sorted(name for name in freeze.FROZEN_PATHS if name.startswith("kernel_driver/certify/"))
+
+
 def test_the_driver_s_version_is_the_kernel_it_ships() -> None:
     # One number: kernel_driver.__version__ (pyproject.toml reads it) = the last kernel_version().
     assert kernel_driver.__version__ == freeze.kernel_version()
