@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # Reinstall when the dependencies change; otherwise `make venv` costs nothing.
 STAMP := $(VENV)/.installed
 
-.PHONY: venv lint schema test test-slow demo test-kernel freeze bench bench-smoke bench-deps
+.PHONY: venv lint schema migration test test-slow demo test-kernel freeze bench bench-smoke bench-deps
 
 venv: $(STAMP)
 
@@ -23,6 +23,11 @@ lint: venv
 schema: venv
 	$(BIN)/python -m kernel_driver.schema_dump --output sql/schema.sql \
 		$(if $(KERNEL_TEST_DSN),--server "$(KERNEL_TEST_DSN)")
+
+# Start the next migration with its version bump and ledger row in place (sql/README.md).
+migration: venv
+	@test -n "$(NAME)" -a -n "$(VERSION)" || { echo "usage: make migration NAME=slug VERSION=X.Y.Z" >&2; exit 2; }
+	$(BIN)/python -m kernel_driver.scaffold "$(NAME)" "$(VERSION)"
 
 test: venv lint
 	$(BIN)/pytest -m "not slow"

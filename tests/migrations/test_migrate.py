@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from click.testing import Result
 
-from kernel_driver import db, migrate, schema_dump
+from kernel_driver import db, freeze, migrate, scaffold, schema_dump
 
 from .conftest import Bench
 
@@ -294,3 +294,21 @@ def test_an_installed_kernel_under_another_name_keeps_its_prose(conn, kernel_sch
         "SELECT prosrc FROM pg_proc WHERE proname = 'deploy_campaign' AND pronargs = 2"
         " AND pronamespace = %s::regnamespace", [kernel_schema]).fetchone()[0]
     assert f"SELECT * FROM {kernel_schema}.check_campaign_launch_prerequisites" in hint
+
+
+def test_a_scaffolded_migration_applies_and_bumps_the_version(bench: Bench) -> None:
+    current = freeze.migrations_version(bench.sql / "migrations")
+    major, minor, _ = freeze.version_key(current)
+    following = f"{major}.{minor + 1}.0"
+    path = scaffold.scaffold(bench.sql, "next_change", following)
+    assert path.name == f"{len(bench.files()):04d}_next_change.sql"
+
+    result = bench.migrate()
+
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.splitlines()[-1].endswith(f"kernel_version {following}")
+    assert freeze.migrations_version(bench.sql / "migrations") == following
+    with pytest.raises(SystemExit, match="does not go up"):
+        scaffold.scaffold(bench.sql, "again", following)
+    with pytest.raises(SystemExit, match="not a migration slug"):
+        scaffold.scaffold(bench.sql, "Bad-Name", f"{major}.{minor + 2}.0")
