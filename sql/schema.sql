@@ -489,22 +489,26 @@ BEGIN
         FROM new_rows AS n ORDER BY n.id;
         RETURN NULL;
     END IF;
-    SELECT n.id, o.status AS from_status, n.status AS to_status INTO _bad
-    FROM new_rows AS n
-    INNER JOIN old_rows AS o ON n.id = o.id
+    -- Every move recorded, the first illegal one (in id order) found, in one statement.
+    WITH moves AS (
+        SELECT n.*, o.status AS from_status
+        FROM new_rows AS n INNER JOIN old_rows AS o ON n.id = o.id
+        WHERE n.status IS DISTINCT FROM o.status
+    ), recorded AS (
+        INSERT INTO kernel.job_events (tenant_id, workspace_id, run_id, entity, from_status, to_status, detail)
+        SELECT m.tenant_id, m.workspace_id, m.id, 'run', m.from_status, m.status, m.error_message
+        FROM moves AS m ORDER BY m.id
+    )
+    SELECT m.id, m.from_status, m.status AS to_status INTO _bad
+    FROM moves AS m
     LEFT JOIN kernel.state_transitions AS t
-        ON t.entity = 'run' AND o.status = t.from_status AND n.status = t.to_status
-    WHERE n.status IS DISTINCT FROM o.status AND t.entity IS NULL
-    ORDER BY n.id
+        ON t.entity = 'run' AND m.from_status = t.from_status AND m.status = t.to_status
+    WHERE t.entity IS NULL
+    ORDER BY m.id
     LIMIT 1;
     IF FOUND THEN
         PERFORM kernel._assert_transition('run', _bad.id, _bad.from_status, _bad.to_status);  -- raises KE004
     END IF;
-    INSERT INTO kernel.job_events (tenant_id, workspace_id, run_id, entity, from_status, to_status, detail)
-    SELECT n.tenant_id, n.workspace_id, n.id, 'run', o.status, n.status, n.error_message
-    FROM new_rows AS n INNER JOIN old_rows AS o ON n.id = o.id
-    WHERE n.status IS DISTINCT FROM o.status
-    ORDER BY n.id;
     RETURN NULL;
 END
 $function$;
@@ -904,18 +908,32 @@ DECLARE
     _bad record;
 BEGIN
     -- A move is a new status, holder or (while processing) attempt; a lease renewal or a
-    -- reservation is none. The first refused move (in id order) names the job.
-    SELECT n.id, o.status AS from_status, n.status AS to_status, o.locked_by, o.lease_expires_at,
-           t.entity IS NULL AS illegal
+    -- reservation is none. One statement records every move and finds the first refused one
+    -- (in id order); raising then undoes the whole UPDATE, its events included.
+    WITH moves AS (
+        SELECT n.*, o.status AS from_status, o.locked_by AS old_locked_by,
+               o.lease_expires_at AS old_lease_expires_at
+        FROM new_rows AS n INNER JOIN old_rows AS o ON n.id = o.id
+        WHERE NOT (n.status = o.status AND n.locked_by IS NOT DISTINCT FROM o.locked_by
+                   AND (n.status <> 'processing' OR n.attempts = o.attempts))
+    ), recorded AS (
+        INSERT INTO kernel.job_events (
+            tenant_id, workspace_id, run_id, job_id, entity, from_status, to_status, worker, detail
+        )
+        SELECT m.tenant_id, m.workspace_id, m.run_id, m.id, 'job', m.from_status, m.status,
+               coalesce(m.locked_by, m.old_locked_by),
+               CASE WHEN m.status = 'processing' THEN 'attempt ' || m.attempts ELSE m.last_error END
+        FROM moves AS m ORDER BY m.id
+    )
+    SELECT m.id, m.from_status, m.status AS to_status, m.old_locked_by AS locked_by,
+           m.old_lease_expires_at AS lease_expires_at, t.entity IS NULL AS illegal
     INTO _bad
-    FROM new_rows AS n
-    INNER JOIN old_rows AS o ON n.id = o.id
+    FROM moves AS m
     LEFT JOIN kernel.state_transitions AS t
-        ON t.entity = 'job' AND o.status = t.from_status AND n.status = t.to_status
-    WHERE NOT (n.status = o.status AND n.locked_by IS NOT DISTINCT FROM o.locked_by
-               AND (n.status <> 'processing' OR n.attempts = o.attempts))
-      AND (t.entity IS NULL OR (o.status = 'processing' AND n.status = 'processing' AND o.lease_expires_at > now()))
-    ORDER BY n.id
+        ON t.entity = 'job' AND m.from_status = t.from_status AND m.status = t.to_status
+    WHERE t.entity IS NULL
+       OR (m.from_status = 'processing' AND m.status = 'processing' AND m.old_lease_expires_at > now())
+    ORDER BY m.id
     LIMIT 1;
     IF FOUND AND _bad.illegal THEN
         PERFORM kernel._assert_transition('job', _bad.id, _bad.from_status, _bad.to_status);  -- raises KE004
@@ -923,16 +941,6 @@ BEGIN
         RAISE EXCEPTION 'job % is leased to % until %; it can be re-claimed only after the lease expires',
             _bad.id, _bad.locked_by, _bad.lease_expires_at USING ERRCODE = 'KE004';
     END IF;
-    INSERT INTO kernel.job_events (
-        tenant_id, workspace_id, run_id, job_id, entity, from_status, to_status, worker, detail
-    )
-    SELECT n.tenant_id, n.workspace_id, n.run_id, n.id, 'job', o.status, n.status,
-           coalesce(n.locked_by, o.locked_by),
-           CASE WHEN n.status = 'processing' THEN 'attempt ' || n.attempts ELSE n.last_error END
-    FROM new_rows AS n INNER JOIN old_rows AS o ON n.id = o.id
-    WHERE NOT (n.status = o.status AND n.locked_by IS NOT DISTINCT FROM o.locked_by
-               AND (n.status <> 'processing' OR n.attempts = o.attempts))
-    ORDER BY n.id;
     RETURN NULL;
 END
 $function$;
