@@ -9,6 +9,9 @@ gets its own clone (pytest-postgresql's DatabaseJanitor makes and drops it). At 
 drops the template, then those roles.
 
 ``KERNEL_TEST_SQL_DIR`` runs the suite against another ``sql/`` directory (default: the checkout's).
+
+Imports: a test module imports shared helpers absolutely, ``from tests.<directory>.<module> import …``
+(tests/ and every directory in it are packages, so pytest puts the checkout on ``sys.path``).
 """
 
 from __future__ import annotations

@@ -7,9 +7,9 @@ import random
 import signal
 import time
 
-from integration.daemon import in_flight_ids, item_counts, run_status, run_until_idle, start_daemon, wait_until
 from kernel_driver.testing.seed import seed_campaign
 from kernel_driver.testing.sinks import SmtpSink, VoiceSink
+from tests.integration.daemon import in_flight_ids, item_counts, run_status, run_until_idle, start_daemon, wait_until
 
 KILLS = 10
 

@@ -13,8 +13,7 @@ import pytest
 from kernel_driver import certify
 from kernel_driver.errors import ExitCode
 from kernel_driver.testing.sinks import SmtpSink, VoiceSink
-
-from .daemon import start_daemon
+from tests.integration.daemon import start_daemon
 
 SCHEMA = json.loads((Path(__file__).resolve().parents[2] / "docs" / "evidence.schema.json").read_text())
 

@@ -6,8 +6,7 @@ import json
 
 from kernel_driver.testing.seed import seed_campaign
 from kernel_driver.testing.sinks import SmtpSink
-
-from .daemon import item_counts, run_until_idle
+from tests.integration.daemon import item_counts, run_until_idle
 
 
 def test_email_campaign_reaches_each_reachable_contact_once(conn, db_dsn, kernel_schema):

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from kernel_driver.testing.seed import seed_campaign
 from kernel_driver.testing.sinks import SmtpSink, VoiceSink, WebhookSink, refused_port
-
-from .daemon import item_counts, run_until_idle, start_daemon, wait_until
+from tests.integration.daemon import item_counts, run_until_idle, start_daemon, wait_until
 
 
 def deploy(conn, schema, **kwargs):

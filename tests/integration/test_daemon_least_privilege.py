@@ -9,8 +9,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from kernel_driver.testing.seed import seed_campaign
-
-from .daemon import item_counts, run_status, run_until_idle
+from tests.integration.daemon import item_counts, run_status, run_until_idle
 
 
 def test_daemon_runs_as_a_login_with_only_the_worker_role(conn, db_dsn, kernel_schema):

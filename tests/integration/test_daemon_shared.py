@@ -10,8 +10,7 @@ import pytest
 
 from kernel_driver.testing.seed import seed_campaign
 from kernel_driver.testing.sinks import SmtpSink, WebhookSink
-
-from .daemon import item_counts, job_workers, run_status, start_daemon, wait_until
+from tests.integration.daemon import item_counts, job_workers, run_status, start_daemon, wait_until
 
 
 @pytest.mark.parametrize("daemons", [2, 4])

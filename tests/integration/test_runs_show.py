@@ -10,8 +10,7 @@ from psycopg.conninfo import make_conninfo
 
 from kernel_driver.testing.seed import seed_campaign
 from kernel_driver.testing.sinks import SmtpSink
-
-from .daemon import run_until_idle
+from tests.integration.daemon import run_until_idle
 
 
 @pytest.fixture

@@ -9,8 +9,7 @@ import os
 import time
 
 from kernel_driver.testing.seed import seed_campaign
-
-from .daemon import item_counts, job_workers, run_status, start_daemon
+from tests.integration.daemon import item_counts, job_workers, run_status, start_daemon
 
 CONTACTS = int(os.environ.get("KERNEL_TEST_SCALE_CONTACTS", "50000"))
 

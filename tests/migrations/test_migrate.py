@@ -14,8 +14,7 @@ import pytest
 from click.testing import Result
 
 from kernel_driver import db, freeze, migrate, scaffold, schema_dump
-
-from .conftest import Bench
+from tests.migrations.conftest import Bench
 
 PROBE = "CREATE TABLE kernel.probe (id integer PRIMARY KEY);\n"
 

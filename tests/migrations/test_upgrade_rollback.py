@@ -22,14 +22,13 @@ from typing import Any
 
 import psycopg
 import pytest
-from integration.daemon import item_counts, run_until_idle
 from psycopg.types.json import Json
 
 from kernel_driver import freeze, schema_dump
 from kernel_driver.testing.seed import SeededCampaign, seed_campaign
 from kernel_driver.testing.sinks import SmtpSink
-
-from .conftest import Bench
+from tests.integration.daemon import item_counts, run_until_idle
+from tests.migrations.conftest import Bench
 
 TERMINAL_ITEMS = ("sent", "failed", "unknown", "skipped")
 TERMINAL_JOBS = ("completed", "failed", "cancelled")

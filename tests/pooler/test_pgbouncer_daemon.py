@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import time
 
-from integration.daemon import item_counts, run_status, start_daemon, wait_until
 from kernel_driver.testing.seed import seed_campaign
-
-from .conftest import StartPgBouncer
+from tests.integration.daemon import item_counts, run_status, start_daemon, wait_until
+from tests.pooler.conftest import StartPgBouncer
 
 
 def test_two_daemons_through_the_pooler_finish_a_campaign_once(conn, kernel_schema, start_pgbouncer: StartPgBouncer):

@@ -18,7 +18,7 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from .conftest import StartPgBouncer, connect
+from tests.pooler.conftest import StartPgBouncer, connect
 
 Scope = tuple[uuid.UUID, uuid.UUID | None] | None  # (tenant, workspace or None), or unscoped
 

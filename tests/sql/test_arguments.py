@@ -6,7 +6,8 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from helpers import (
+
+from tests.sql.helpers import (
     deploy_and_claim,
     refused,
     reserve,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from helpers import (
+from tests.sql.helpers import (
     claim,
     claim_one,
     complete,

@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import pytest
-from helpers import (
+
+from tests.sql.helpers import (
     claim,
     complete,
     deploy,

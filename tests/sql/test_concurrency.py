@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 
 import pytest
-from helpers import (
+
+from tests.sql.helpers import (
     claim,
     complete,
     deploy,

@@ -7,7 +7,8 @@ import uuid
 
 import psycopg
 import pytest
-from helpers import (
+
+from tests.sql.helpers import (
     CONTENT,
     SETTINGS,
     add_contacts,

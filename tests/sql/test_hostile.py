@@ -16,7 +16,10 @@ from collections.abc import Callable, Iterator
 
 import psycopg
 import pytest
-from helpers import (
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+
+from tests.sql.helpers import (
     claim_one,
     deploy,
     raises,
@@ -26,8 +29,6 @@ from helpers import (
     scalar,
     seed_campaign,
 )
-from psycopg import sql
-from psycopg.conninfo import make_conninfo
 
 TENANT_TABLES = [
     "workspaces", "campaigns", "contacts", "campaign_audience", "provider_configs", "campaign_runs",

@@ -6,7 +6,8 @@ import re
 import uuid
 
 import pytest
-from helpers import deploy, jobs_of, raises, scalar, seed_campaign, triggers_off
+
+from tests.sql.helpers import deploy, jobs_of, raises, scalar, seed_campaign, triggers_off
 
 FROZEN_COLUMNS = {
     "campaign_runs": [

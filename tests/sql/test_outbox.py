@@ -5,7 +5,8 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from helpers import (
+
+from tests.sql.helpers import (
     claim_one,
     deploy,
     deploy_and_claim,

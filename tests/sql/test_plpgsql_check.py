@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import rows
+from tests.sql.helpers import rows
 
 
 def test_every_plpgsql_function_passes_plpgsql_check(conn, kernel_schema):

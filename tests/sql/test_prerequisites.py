@@ -7,7 +7,8 @@ import json
 import uuid
 
 import pytest
-from helpers import (
+
+from tests.sql.helpers import (
     LAUNCH_CHECKS,
     SETTINGS,
     deploy,

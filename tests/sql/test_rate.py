@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 
-from helpers import in_threads, scalar, seed_campaign
+from tests.sql.helpers import in_threads, scalar, seed_campaign
 
 
 def take(conn, workspace, wanted, provider="smtp"):

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from helpers import (
+
+from tests.sql.helpers import (
     claim,
     claim_one,
     complete,

@@ -6,7 +6,8 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from helpers import (
+
+from tests.sql.helpers import (
     as_role,
     claim,
     deploy,

@@ -8,8 +8,9 @@ import itertools
 
 import psycopg
 import pytest
+
 from kernel_driver.queries import TERMINAL_RUN_STATUSES
-from helpers import (
+from tests.sql.helpers import (
     deploy,
     deploy_and_claim,
     dispatch,

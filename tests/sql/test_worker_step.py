@@ -7,7 +7,19 @@ import uuid
 from collections import defaultdict
 from typing import Any
 
-from helpers import deploy, expire_lease, item_row, items_of, job_row, jobs_of, refused, rows, run_row, scalar, seed_campaign
+from tests.sql.helpers import (
+    deploy,
+    expire_lease,
+    item_row,
+    items_of,
+    job_row,
+    jobs_of,
+    refused,
+    rows,
+    run_row,
+    scalar,
+    seed_campaign,
+)
 
 
 def step(conn, worker: str = "w1", *, held=(), results=(), complete=(), fail=None, redispatch=(),
