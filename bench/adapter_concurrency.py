@@ -36,12 +36,14 @@ def serve(port_out: multiprocessing.connection.Connection, latency_s: float) -> 
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
                 length = next(
-                    (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")),
+                    (int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                     if line.lower().startswith(b"content-length:")),
                     0,
                 )
                 await reader.readexactly(length)
                 await asyncio.sleep(latency_s)
-                writer.write(b'HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"id": "x"}')
+                writer.write(b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n"
+                             b'{"id": "x"}')
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             writer.close()
@@ -113,14 +115,17 @@ def asyncio_httpx(url: str, concurrency: int, n: int) -> int:
             async def one() -> bool:
                 async with semaphore:
                     response = await client.post(url, content=b"{}", headers={"Content-Type": "application/json"})
-                    return response.status_code == 201
+                    created: bool = response.status_code == 201
+                    return created
 
             return sum(await asyncio.gather(*(one() for _ in range(n))))
 
     return asyncio.run(main())
 
 
-def measure(name: str, run: Callable[[str, int, int], int], url: str, concurrency: int, n: int, latency_s: float) -> None:
+def measure(
+    name: str, run: Callable[[str, int, int], int], url: str, concurrency: int, n: int, latency_s: float
+) -> None:
     run(url, concurrency, min(n, concurrency * 2))  # warm up: connections, imports
     cpu, started = cpu_s(), time.perf_counter()
     ok = run(url, concurrency, n)

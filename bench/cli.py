@@ -15,7 +15,7 @@ import tempfile
 import time
 import traceback
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import click
 from bench import report
 from bench.config import Sizes, server_dsn, sizes
 from bench.pg import ROOT, server_version
+from bench.targets import evaluate
 
 SCENARIOS = ("floor", "noop", "peers", "latency", "small", "growth", "pickup", "profile")
 
@@ -71,7 +72,7 @@ def run(smoke: bool, only: str, output_dir: Path | None, note: str) -> None:
     started = time.time()
     results: dict[str, Any] = {
         "meta": {"kind": "smoke" if smoke else "full", "note": note, "commit": _commit(),
-                 "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                 "started": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
                  "server_version": server_version(dsn), "cpus": os.cpu_count(), "python": platform.python_version(),
                  "sizes": ctx.sizes.__dict__, "scenarios": chosen},
         "scenarios": {},
@@ -89,7 +90,7 @@ def run(smoke: bool, only: str, output_dir: Path | None, note: str) -> None:
             traceback.print_exc()
         click.echo(f"bench: {name} done in {time.time() - t:.1f} s", err=True)
     results["meta"]["duration_s"] = time.time() - started
-    results["targets"] = report.evaluate(results)
+    results["targets"] = evaluate(results)
     report.write_json(results, json_path)
     report.update_doc(results, ROOT / "docs" / "benchmarks.md", doc_path)
     try:

@@ -43,4 +43,5 @@ def running_receiver(median_ms: float, p99_ms: float, seed: int) -> Iterator[str
 
 def receiver_stats(url: str) -> dict[str, Any]:
     with urllib.request.urlopen(url, timeout=10) as reply:
-        return json.loads(reply.read())
+        stats: dict[str, Any] = json.loads(reply.read())
+        return stats

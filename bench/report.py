@@ -89,13 +89,14 @@ def render(results: dict[str, Any]) -> str:
         digits = 2 if t["unit"] == "×" else 0
         value = fmt(t["value"], digits) + (t["unit"] if t["value"] is not None else "")
         out.append(_row([t["target"], f"{t['op']} {t['threshold']:,g}", value, verdict]))
-    out += ["", "#### No-op jobs, one run, one Postgres", ""] + throughput_table(results)
+    out += ["", "#### No-op jobs, one run, one Postgres", "", *throughput_table(results)]
 
     latency = s.get("latency") or {}
     if latency.get("runs"):
         out += ["", f"#### Latency-bound provider (webhook, receiver median {latency['median_ms']} ms, "
                 f"p99 {latency['p99_ms']} ms, expected mean {fmt(latency['mean_ms_expected'], 1)} ms)", "",
-                _row(["concurrency", "N", "messages/s", "concurrency ÷ mean latency", "ratio"]), "|---:|---:|---:|---:|---:|"]
+                _row(["concurrency", "N", "messages/s", "concurrency ÷ mean latency", "ratio"]),
+                "|---:|---:|---:|---:|---:|"]
         for r in latency["runs"]:
             out.append(_row([fmt(r["concurrency"]), fmt(r["n"]), fmt(r["msgs_per_s"]), fmt(r["ideal_per_s"]),
                              fmt(r["ratio"], 2)]))
@@ -159,7 +160,7 @@ def render(results: dict[str, Any]) -> str:
 
     errors = [f"- `{name}`: {item['error']}" for name, item in s.items() if isinstance(item, dict) and "error" in item]
     if errors:
-        out += ["", "#### Scenarios that failed", ""] + errors
+        out += ["", "#### Scenarios that failed", "", *errors]
     return "\n".join(out) + "\n"
 
 

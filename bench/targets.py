@@ -31,7 +31,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def _latency(results: dict[str, Any], concurrency: int) -> float | None:
     for run in _get(results, "latency", "runs") or []:
         if run.get("concurrency") == concurrency:
-            return run.get("ratio")
+            ratio: float | None = run.get("ratio")
+            return ratio
     return None
 
 

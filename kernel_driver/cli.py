@@ -28,7 +28,6 @@ from kernel_driver.errors import (
     MigrationRefusedError,
 )
 
-
 # Which exception means which exit code; the first match wins (subclasses before bases).
 EXIT_CODES: list[tuple[type[BaseException], type[CommandError]]] = [
     (migrator.MigrationRefused, MigrationRefusedError),

@@ -141,7 +141,8 @@ def certify_into(evidence: Path, dsn: str, schema: str) -> dict[str, Any]:
     done = subprocess.run(command, env=env, check=False)
     if not evidence.exists():
         raise DemoFailed(f"kernel-driver certify exited {done.returncode} without writing {evidence}")
-    return json.loads(evidence.read_text())
+    written: dict[str, Any] = json.loads(evidence.read_text())
+    return written
 
 
 def seconds_between(start: str | None, end: str | None) -> float | None:

@@ -33,7 +33,10 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     """Left-aligned columns, two spaces apart, indented by two."""
     cells = [list(headers)] + [[cell(value) for value in row] for row in rows]
     widths = [max(len(line[column]) for line in cells) for column in range(len(headers))]
-    return ["  " + "  ".join(text.ljust(width) for text, width in zip(line, widths)).rstrip() for line in cells]
+    return [
+        "  " + "  ".join(text.ljust(width) for text, width in zip(line, widths, strict=True)).rstrip()
+        for line in cells
+    ]
 
 
 def counts_text(counts: dict[str, int]) -> str:

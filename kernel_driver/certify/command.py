@@ -26,7 +26,9 @@ def select_checks(only: str | None) -> list[Check]:
     wanted = {name.strip().upper() for name in only.split(",") if name.strip()}
     unknown = sorted(wanted - set(CHECK_IDS))
     if unknown or not wanted:
-        raise ValueError(f"unknown check {', '.join(unknown) or '(none given)'} in --only; known: {', '.join(CHECK_IDS)}")
+        raise ValueError(
+            f"unknown check {', '.join(unknown) or '(none given)'} in --only; known: {', '.join(CHECK_IDS)}"
+        )
     return [check for check in CHECKS if check.id in wanted]
 
 
@@ -63,7 +65,8 @@ def report_line(record: CheckRecord) -> None:
 @click.option("--only", metavar="IDS", help=f"Comma-separated checks to run [default: all of {','.join(CHECK_IDS)}].")
 @click.option("--smtp-settings", metavar="JSON", help="E1 through this SMTP server (smtp adapter settings).")
 @click.option("--email-to", metavar="ADDRESS", help="E1's recipient when --smtp-settings is given.")
-@click.option("--voice-settings", metavar="JSON", help="V1 through this Twilio-compatible API (twilio adapter settings).")
+@click.option("--voice-settings", metavar="JSON",
+              help="V1 through this Twilio-compatible API (twilio adapter settings).")
 @click.option("--voice-to", metavar="NUMBER", help="V1's callee (E.164) when --voice-settings is given.")
 @click.pass_obj
 def certify(settings: Settings, out: Path, only: str | None, smtp_settings: str | None, email_to: str | None,

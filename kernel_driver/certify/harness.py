@@ -197,7 +197,9 @@ class Certification:
         record.workers.append(worker_id)
         return daemon
 
-    def run_daemon_until_idle(self, record: CheckRecord, name: str, *args: str, env: dict[str, str] | None = None) -> Daemon:
+    def run_daemon_until_idle(
+        self, record: CheckRecord, name: str, *args: str, env: dict[str, str] | None = None
+    ) -> Daemon:
         daemon = self.start_daemon(record, name, "--until-idle", *args, env=env)
         daemon.finish()
         return daemon
@@ -227,19 +229,23 @@ class Certification:
             [sys.executable, "-m", "kernel_driver", *args], env=self.command_environment("certify-cli"),
             capture_output=True, text=True, timeout=WAIT_SECONDS,
         )
-        expect(done.returncode == 0, f"`kernel-driver {' '.join(args)}` exited {done.returncode}: {done.stderr.strip()}")
+        expect(done.returncode == 0,
+               f"`kernel-driver {' '.join(args)}` exited {done.returncode}: {done.stderr.strip()}")
         return done.stdout
 
     # waiting
 
-    def wait_until(self, what: str, probe: Callable[[], T], timeout: float = WAIT_SECONDS, interval: float = 0.02) -> T:
+    def wait_until(
+        self, what: str, probe: Callable[[], T | None], timeout: float = WAIT_SECONDS, interval: float = 0.02
+    ) -> T:
         deadline = time.monotonic() + timeout
         while True:
             result = probe()
             if result:
                 return result
             for daemon in self._daemons:
-                expect(not daemon.failed(), f"daemon {daemon.worker_id} exited {daemon.process.returncode}{daemon.tail()}")
+                expect(not daemon.failed(),
+                       f"daemon {daemon.worker_id} exited {daemon.process.returncode}{daemon.tail()}")
             if time.monotonic() > deadline:
                 raise CheckFailed(f"gave up after {timeout:g} s waiting for {what}")
             time.sleep(interval)
@@ -248,7 +254,9 @@ class Certification:
         """Until every run has ended; their statuses."""
 
         def statuses() -> dict[str, str] | None:
-            rows = self.rows("SELECT id::text, status FROM {schema}.campaign_runs WHERE id = ANY(%s::uuid[])", list(run_ids))
+            rows = self.rows(
+                "SELECT id::text, status FROM {schema}.campaign_runs WHERE id = ANY(%s::uuid[])", list(run_ids)
+            )
             found = {row["id"]: row["status"] for row in rows}
             return found if set(found.values()) <= TERMINAL_RUN_STATUSES else None
 
@@ -317,7 +325,9 @@ def deliver_one(
     if to is not None:
         column = sql.Identifier("email" if channel == "email" else "phone")
         cert.conn.execute(
-            sql.SQL("UPDATE {}.contacts SET {} = %s WHERE workspace_id = %s").format(sql.Identifier(cert.schema), column),
+            sql.SQL("UPDATE {}.contacts SET {} = %s WHERE workspace_id = %s").format(
+                sql.Identifier(cert.schema), column
+            ),
             [to, campaign.workspace_id],
         )
     run_id = cert.deploy(record, campaign, batch_size=1)

@@ -73,7 +73,7 @@ def crash_and_recover(cert: Certification, record: CheckRecord, scenario: CrashS
 
     items = {item["id"]: item for item in cert.items(run_id)}
     reclaimed = cert.claims_by_worker([run_id]).get(successor.worker_id, 0)
-    outcome = {
+    outcome: dict[str, Any] = {
         "provider": scenario.provider,
         "run_id": run_id,
         "run_status": status,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.policy import SMTP as SMTP_POLICY
-from email.utils import formataddr, format_datetime, parseaddr
+from email.utils import format_datetime, formataddr, parseaddr
 from typing import Any
 
 from kernel_driver.providers.base import (
@@ -275,7 +275,7 @@ class SmtpAdapter(ProviderAdapter):
         if isinstance(code, int):
             reply = getattr(exc, "smtp_error", b"")
             response = {"smtp_phase": "session", "smtp_code": code, "smtp_reply": _text(reply)}
-        if not isinstance(exc, SMTP_ERRORS + (UnicodeError,)):
+        if not isinstance(exc, (*SMTP_ERRORS, UnicodeError)):
             log.warning("smtp: unexpected %s opening a session", describe_error(exc))
         # a 5xx greeting or AUTH answer, a missing extension (STARTTLS, AUTH) or credentials that
         # cannot be encoded will not change by retrying: a configuration error

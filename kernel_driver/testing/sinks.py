@@ -21,6 +21,7 @@ import asyncio
 import base64
 import contextlib
 import hmac
+import io
 import json
 import re
 import socket
@@ -390,11 +391,9 @@ class _SinkHTTPServer(ThreadingHTTPServer):
         with self._open_lock:
             connections = list(self._open)
         for connection in connections:
-            try:
-                # SHUT_RD alone lets a request that arrives later still be read (Linux)
+            # SHUT_RD alone lets a request that arrives later still be read (Linux)
+            with contextlib.suppress(OSError):
                 connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
 
 class _HttpSink(_Sink[T]):
@@ -488,7 +487,7 @@ class _HttpSink(_Sink[T]):
     def _take(self, fault: str) -> bool:
         """Use up one of the `<fault>_first_n` count; False when it is 0."""
         with self._lock:
-            left = getattr(self, fault)
+            left: int = getattr(self, fault)
             setattr(self, fault, max(0, left - 1))
             return left > 0
 
@@ -533,6 +532,8 @@ class _SinkRequestHandler(BaseHTTPRequestHandler):
 
     def handle_one_request(self) -> None:
         if self.requests_served:
+            # StreamRequestHandler reads through makefile("rb") with the default buffering: a BufferedReader
+            assert isinstance(self.rfile, io.BufferedReader)
             try:
                 arrived = self.rfile.peek(1)  # wait for the client to reuse the connection
             except OSError:  # the idle timeout
