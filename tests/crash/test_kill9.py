@@ -41,8 +41,7 @@ def test_sigkill_ten_times_never_sends_twice(conn, db_dsn, kernel_schema):
             wait_until(lambda: sent_count(conn, run_id) > before or daemon.poll() is not None, timeout=60)
             time.sleep(rng.uniform(0, 0.3))
             assert daemon.poll() is None, "the campaign finished before ten kills: make it larger"
-            daemon.send_signal(signal.SIGKILL)
-            daemon.wait()
+            daemon.kill()
             kills += 1
             # A statement the daemon sent just before it died still runs (and commits) on the
             # server: count what it dispatched once its backends are gone.
@@ -90,8 +89,7 @@ def test_daemon_frozen_past_its_lease_is_fenced(conn, db_dsn, kernel_schema):
         calls_before_resume = len(sink.calls)
         frozen.send_signal(signal.SIGCONT)
         time.sleep(1.0)  # let it wake up, get fenced and go idle
-        frozen.send_signal(signal.SIGTERM)
-        output, _ = frozen.communicate(timeout=30)
+        output = frozen.stop(timeout=30)
 
         calls = [call.to for call in sink.calls]
     assert frozen.returncode == 0, output
@@ -115,8 +113,7 @@ def test_sigterm_drains_releases_and_another_daemon_finishes(conn, db_dsn, kerne
         run_id, env = deploy_voice_campaign(conn, kernel_schema, sink, contacts=300)
         first = start_daemon(db_dsn, kernel_schema, "--concurrency", "4", "--worker-id", "first", env=env)
         wait_until(lambda: sent_count(conn, run_id) > 20)
-        first.send_signal(signal.SIGTERM)
-        output, _ = first.communicate(timeout=30)
+        output = first.stop(timeout=30)
         assert first.returncode == 0, output
         assert not in_flight_ids(conn, run_id), "in-flight calls were not recorded before exit"
         assert run_status(conn, run_id) == "running"

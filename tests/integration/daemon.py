@@ -1,40 +1,122 @@
-"""Run the daemon as a real subprocess against a test database."""
+"""The daemon as a real subprocess against a test database, and the queries its tests share.
+
+``start_daemon`` is the one place a test starts ``kernel-driver run``: it builds the command line
+(``--dsn``, ``--schema``, the short intervals of ``DEFAULT_ARGS``, then the caller's arguments),
+the environment (this process's, plus ``env``) and a log file for the daemon's output (it writes
+only to stderr; a file, unlike a pipe nobody reads, never fills up and stalls it), and returns a
+:class:`Daemon`. Daemons still running when pytest exits are killed, their logs removed.
+"""
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
+import shutil
+import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 DEFAULT_ARGS = ("--poll-interval", "0.2", "--lease-seconds", "3", "--grace-seconds", "5")
+LOG_TAIL = 4000  # characters of a daemon's log that a failure message quotes
 
 
-def daemon_command(dsn: str, schema: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "kernel_driver", "--dsn", dsn, "--schema", schema, "run", *DEFAULT_ARGS, *args]
+def daemon_command(dsn: str, schema: str | None, *args: str) -> list[str]:
+    """``kernel-driver --dsn DSN --schema SCHEMA run DEFAULT_ARGS… ARGS…`` (no ``--schema`` for None)."""
+    schema_args = [] if schema is None else ["--schema", schema]
+    return [sys.executable, "-m", "kernel_driver", "--dsn", dsn, *schema_args, "run", *DEFAULT_ARGS, *args]
 
 
-def start_daemon(dsn: str, schema: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        daemon_command(dsn, schema, *args),
-        env={**os.environ, **(env or {})},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+@dataclass
+class Daemon:
+    """A running ``kernel-driver run`` and the file its output goes to."""
+
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode
+
+    def poll(self) -> int | None:
+        """Its exit code once it has ended, else None."""
+        return self.process.poll()
+
+    def output(self) -> str:
+        """What it has written so far."""
+        return self.log.read_text(errors="replace")
+
+    def send_signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float | None = 120) -> str:
+        """Wait for it to end; its output. Still running after ``timeout`` s: killed, and the test fails."""
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"daemon still running after {timeout} s:\n{self.output()[-LOG_TAIL:]}") from None
+        return self.output()
+
+    def finish(self, timeout: float | None = 120) -> str:
+        """``wait``, and fail unless it exited 0; its output."""
+        output = self.wait(timeout)
+        assert self.returncode == 0, f"daemon exited {self.returncode}:\n{output[-LOG_TAIL:]}"
+        return output
+
+    def stop(self, timeout: float | None = 30) -> str:
+        """SIGTERM (stop claiming, drain, release, exit), then ``wait``; its output."""
+        if self.poll() is None:
+            self.send_signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL, a crash: nothing of the daemon runs after it. Returns once it is reaped."""
+        self.send_signal(signal.SIGKILL)
+        self.process.wait()
 
 
-def run_until_idle(dsn: str, schema: str, *args: str, env: dict[str, str] | None = None,
-                   timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        daemon_command(dsn, schema, "--until-idle", *args),
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert result.returncode == 0, f"daemon exited {result.returncode}:\n{result.stderr[-4000:]}"
-    return result
+_started: list[Daemon] = []
+
+
+@functools.cache
+def _log_directory() -> Path:
+    directory = Path(tempfile.mkdtemp(prefix="kernel-daemons-"))
+
+    def clean_up() -> None:
+        for daemon in _started:
+            if daemon.poll() is None:
+                daemon.kill()
+        shutil.rmtree(directory, ignore_errors=True)
+
+    atexit.register(clean_up)
+    return directory
+
+
+def start_daemon(dsn: str, schema: str | None, *args: str, env: Mapping[str, str] | None = None) -> Daemon:
+    """Start ``kernel-driver run`` (see the module docstring); ``schema`` None: the default one."""
+    descriptor, name = tempfile.mkstemp(prefix="daemon-", suffix=".log", dir=_log_directory())
+    with os.fdopen(descriptor, "wb") as log:
+        process = subprocess.Popen(daemon_command(dsn, schema, *args), env={**os.environ, **(env or {})},
+                                   stdout=log, stderr=subprocess.STDOUT)
+    daemon = Daemon(process, Path(name))
+    _started.append(daemon)
+    return daemon
+
+
+def run_until_idle(dsn: str, schema: str | None, *args: str, env: Mapping[str, str] | None = None,
+                   timeout: float = 120) -> str:
+    """A daemon with ``--until-idle``, waited for; fails unless it exited 0. Its output."""
+    return start_daemon(dsn, schema, "--until-idle", *args, env=env).finish(timeout)
 
 
 def item_counts(conn, run_ids: Sequence[object]) -> dict[str, int]:
@@ -66,8 +148,6 @@ def run_status(conn, run_id) -> str:
 
 
 def wait_until(predicate, timeout: float = 30, interval: float = 0.05) -> None:
-    import time
-
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:

@@ -143,12 +143,11 @@ def test_a_check_fails_when_a_daemon_certify_did_not_start_takes_its_job(certify
     try:
         listening = "SELECT count(*) FROM pg_stat_activity WHERE query ILIKE 'LISTEN%%' AND pid <> pg_backend_pid()"
         while conn.execute(listening).fetchone()[0] == 0:
-            assert stranger.poll() is None, stranger.stdout.read()
+            assert stranger.poll() is None, stranger.output()
             time.sleep(0.05)
         result, evidence = certify_cli("--only", "E1")
     finally:
-        stranger.terminate()
-        stranger.wait(10)
+        stranger.stop(timeout=10)
     assert result.exit_code == ExitCode.FAILED
     [check] = evidence["checks"]
     assert "claimed by staging-daemon, which certify did not start" in check["reason"]

@@ -16,7 +16,7 @@ def test_email_campaign_reaches_each_reachable_contact_once(conn, db_dsn, kernel
             unsubscribed_every=10, no_address_every=25,
         )
         run_id = conn.execute("SELECT deploy_campaign(%s, 500)", (seeded.campaign_id,)).fetchone()[0]
-        result = run_until_idle(db_dsn, kernel_schema, "--concurrency", "8", "--log-format", "json")
+        output = run_until_idle(db_dsn, kernel_schema, "--concurrency", "8", "--log-format", "json")
 
         received = sink.count_by_recipient()
     assert len(received) == seeded.reachable
@@ -34,7 +34,7 @@ def test_email_campaign_reaches_each_reachable_contact_once(conn, db_dsn, kernel
     assert conn.execute("SELECT status FROM campaign_runs WHERE id = %s", (run_id,)).fetchone()[0] == "completed"
 
     # Logs: one JSON line per job and run state change, never one per item.
-    lines = [json.loads(line) for line in result.stderr.splitlines()]
+    lines = [json.loads(line) for line in output.splitlines()]
     claimed = [line for line in lines if line["message"].startswith("job claimed")]
     assert sorted(line["job_id"] for line in claimed) == sorted(
         str(row[0]) for row in conn.execute("SELECT id FROM job_queue WHERE run_id = %s", (run_id,)))

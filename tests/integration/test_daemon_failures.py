@@ -75,8 +75,8 @@ def test_an_unexpected_refusal_abandons_only_that_job(conn, db_dsn, kernel_schem
     # the kernel refuses to end the job (KE007) however often it is tried.
     conn.execute("UPDATE job_queue SET contact_ids = contact_ids || contact_ids[1], max_attempts = 2"
                  " WHERE run_id = %s", (broken,))
-    result = run_until_idle(db_dsn, kernel_schema, "--lease-seconds", "1")
-    assert "the kernel would not end it" in result.stderr
+    output = run_until_idle(db_dsn, kernel_schema, "--lease-seconds", "1")
+    assert "the kernel would not end it" in output
     assert item_counts(conn, [healthy]) == {"sent": 20}
     statuses = dict(conn.execute("SELECT id, status FROM campaign_runs").fetchall())
     assert statuses == {healthy: "completed", broken: "failed"}
@@ -93,7 +93,7 @@ def test_daemon_survives_losing_its_database_connections(conn, db_dsn, kernel_sc
         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
         " WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
     ).fetchone()[0]
-    output, _ = daemon.communicate(timeout=120)
+    output = daemon.wait(timeout=120)
     assert killed >= 2  # its work and LISTEN connections, at least
     assert daemon.returncode == 0, output
     assert "reconnecting" in output

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from kernel_driver.testing.seed import seed_campaign
-from tests.integration.daemon import item_counts, run_status, run_until_idle
+from tests.integration.daemon import item_counts, run_status, run_until_idle, start_daemon
 
 
 def test_daemon_runs_as_a_login_with_only_the_worker_role(conn, db_dsn, kernel_schema):
@@ -27,12 +24,10 @@ def test_daemon_runs_as_a_login_with_only_the_worker_role(conn, db_dsn, kernel_s
 
 
 def test_daemon_without_a_kernel_says_to_migrate(empty_db_dsn):
-    result = subprocess.run(
-        [sys.executable, "-m", "kernel_driver", "--dsn", empty_db_dsn, "run", "--until-idle"],
-        capture_output=True, text=True, timeout=60,
-    )
-    assert result.returncode == 6
-    assert result.stderr.strip().splitlines()[-1] == (
+    daemon = start_daemon(empty_db_dsn, None, "--until-idle")
+    output = daemon.wait(timeout=60)
+    assert daemon.returncode == 6
+    assert output.strip().splitlines()[-1] == (
         "error: no kernel in schema kernel: run kernel-driver migrate first "
         "(or pass the --schema it was installed into)"
     )

@@ -23,8 +23,7 @@ def test_daemons_share_a_campaign_without_duplicates(conn, db_dsn, kernel_schema
             start_daemon(db_dsn, kernel_schema, "--until-idle", "--worker-id", f"d{n}") for n in range(daemons)
         ]
         for process in processes:
-            output, _ = process.communicate(timeout=120)
-            assert process.returncode == 0, output
+            process.finish(timeout=120)
         received = sink.count_by_recipient()
     assert len(received) == seeded.reachable and set(received.values()) == {1}
     assert item_counts(conn, [run_id]) == {"sent": seeded.reachable, "skipped": 2000 - seeded.reachable}
@@ -48,8 +47,7 @@ def test_rate_limit_holds_across_daemons(conn, db_dsn, kernel_schema):
         conn.execute("SELECT deploy_campaign(%s, 20)", (seeded.campaign_id,))
         processes = [start_daemon(db_dsn, kernel_schema, "--until-idle") for _ in range(2)]
         for process in processes:
-            output, _ = process.communicate(timeout=120)
-            assert process.returncode == 0, output
+            process.finish(timeout=120)
     assert len(sink.deliveries_by_key) == 80
     arrivals.sort()
     # Token bucket: at most one second's burst plus the refill are granted in any one-second
@@ -78,8 +76,7 @@ def test_metrics_endpoint(conn, db_dsn, kernel_schema):
         wait_until(lambda: 'kernel_queue_jobs{status="queued"} 0.0' in scrape())
         text = scrape()
     finally:
-        daemon.terminate()
-        daemon.communicate(timeout=30)
+        daemon.stop(timeout=30)
     assert 'kernel_items_total{channel="email",outcome="sent",provider="noop"} 30.0' in text
     assert "kernel_jobs_claimed_total 1.0" in text
     assert "kernel_provider_call_seconds_count" in text

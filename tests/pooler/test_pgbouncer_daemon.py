@@ -26,7 +26,7 @@ def test_two_daemons_through_the_pooler_finish_a_campaign_once(conn, kernel_sche
                      "--worker-id", f"pooled-{n}")
         for n in range(2)
     ]
-    outputs = [daemon.communicate(timeout=180)[0] for daemon in daemons]
+    outputs = [daemon.wait(timeout=180) for daemon in daemons]
     for daemon, output in zip(daemons, outputs):
         assert daemon.returncode == 0, output
         assert "error" not in output.lower(), output
@@ -61,6 +61,5 @@ def test_pooled_daemon_wakes_from_a_direct_listen_connection(conn, db_dsn, kerne
             delays.append(time.monotonic() - started)
         assert max(delays) < 10, delays  # not the 30 s poll
     finally:
-        daemon.terminate()
-        output, _ = daemon.communicate(timeout=30)
+        output = daemon.stop(timeout=30)
     assert daemon.returncode == 0, output
