@@ -1,10 +1,14 @@
-"""The daemon as a real subprocess against a test database, and the queries its tests share.
+"""The daemon as a real subprocess against a test database, the logins and DSNs that clients
+(daemons, tenants) connect with, and the queries the daemon tests share.
 
 ``start_daemon`` is the one place a test starts ``kernel-driver run``: it builds the command line
 (``--dsn``, ``--schema``, the short intervals of ``DEFAULT_ARGS``, then the caller's arguments),
 the environment (this process's, plus ``env``) and a log file for the daemon's output (it writes
 only to stderr; a file, unlike a pipe nobody reads, never fills up and stalls it), and returns a
 :class:`Daemon`. Daemons still running when pytest exits are killed, their logs removed.
+
+``login_role`` makes a LOGIN role granted one kernel role (least privilege, as in production);
+``client_dsn`` is the one place a DSN is given another user or a tenant scope.
 """
 
 from __future__ import annotations
@@ -12,15 +16,22 @@ from __future__ import annotations
 import atexit
 import functools
 import os
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 DEFAULT_ARGS = ("--poll-interval", "0.2", "--lease-seconds", "3", "--grace-seconds", "5")
 LOG_TAIL = 4000  # characters of a daemon's log that a failure message quotes
@@ -117,6 +128,34 @@ def run_until_idle(dsn: str, schema: str | None, *args: str, env: Mapping[str, s
                    timeout: float = 120) -> str:
     """A daemon with ``--until-idle``, waited for; fails unless it exited 0. Its output."""
     return start_daemon(dsn, schema, "--until-idle", *args, env=env).finish(timeout)
+
+
+@contextmanager
+def login_role(admin: psycopg.Connection, schema: str, role: str) -> Iterator[str]:
+    """A new LOGIN role granted ``<schema>_<role>`` (app, reader, worker, operator) and nothing
+    else, for the duration: its name. Dropped after, with what it owns in ``admin``'s database
+    (``admin``: an autocommit superuser connection; close the login's own connections first)."""
+    user = f"{schema}_l{secrets.token_hex(3)}_{role}"
+    admin.execute(sql.SQL("CREATE ROLE {} LOGIN IN ROLE {}").format(
+        sql.Identifier(user), sql.Identifier(f"{schema}_{role}")))
+    try:
+        yield user
+    finally:
+        admin.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(user)))
+        admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(user)))
+
+
+def client_dsn(dsn: str, *, user: str | None = None, tenant: object | None = None) -> str:
+    """``dsn`` as ``user`` and/or scoped to ``tenant`` for the whole session: ``-c
+    execution_kernel.tenant_id=…`` added to the options ``dsn`` has, as a tenant-scoped client
+    connects straight to PostgreSQL (a transaction pooler refuses or drops it: tests/pooler)."""
+    params: dict[str, Any] = {}
+    if user is not None:
+        params["user"] = user
+    if tenant is not None:
+        options = conninfo_to_dict(dsn).get("options") or ""
+        params["options"] = f"{options} -c execution_kernel.tenant_id={tenant}".strip()
+    return make_conninfo(dsn, **params)
 
 
 def item_counts(conn, run_ids: Sequence[object]) -> dict[str, int]:

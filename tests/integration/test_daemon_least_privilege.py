@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-from psycopg import sql
-from psycopg.conninfo import make_conninfo
-
 from kernel_driver.testing.seed import seed_campaign
-from tests.integration.daemon import item_counts, run_status, run_until_idle, start_daemon
+from tests.integration.daemon import client_dsn, item_counts, login_role, run_status, run_until_idle, start_daemon
 
 
 def test_daemon_runs_as_a_login_with_only_the_worker_role(conn, db_dsn, kernel_schema):
-    login = f"{kernel_schema}_daemon_login"
-    conn.execute(sql.SQL("CREATE ROLE {} LOGIN IN ROLE {}").format(
-        sql.Identifier(login), sql.Identifier(f"{kernel_schema}_worker")))
-    try:
+    with login_role(conn, kernel_schema, "worker") as login:
         seeded = seed_campaign(conn, kernel_schema, contacts=50, provider="noop", unsubscribed_every=10)
         run_id = conn.execute("SELECT deploy_campaign(%s)", (seeded.campaign_id,)).fetchone()[0]
-        run_until_idle(make_conninfo(db_dsn, user=login), kernel_schema)
+        run_until_idle(client_dsn(db_dsn, user=login), kernel_schema)
         assert item_counts(conn, [run_id]) == {"sent": 45, "skipped": 5}
         assert run_status(conn, run_id) == "completed"
-    finally:
-        conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(login)))
 
 
 def test_daemon_without_a_kernel_says_to_migrate(empty_db_dsn):

@@ -6,11 +6,10 @@ import json
 import uuid
 
 import pytest
-from psycopg.conninfo import make_conninfo
 
 from kernel_driver.testing.seed import seed_campaign
 from kernel_driver.testing.sinks import SmtpSink
-from tests.integration.daemon import run_until_idle
+from tests.integration.daemon import client_dsn, run_until_idle
 
 
 @pytest.fixture
@@ -109,7 +108,7 @@ def test_unknown_run_is_not_found_exit_5(runs_cli):
 
 def test_another_tenants_run_is_not_found(runs_cli, finished_run, db_dsn):
     first, _ = finished_run
-    stranger = make_conninfo(db_dsn, options=f"-c execution_kernel.tenant_id={uuid.uuid4()}")
+    stranger = client_dsn(db_dsn, tenant=uuid.uuid4())
     result = runs_cli("show", first, dsn=stranger)
     assert result.exit_code == 5
     assert result.output == f"error: run {first} not found\n"

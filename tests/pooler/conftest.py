@@ -19,22 +19,22 @@ from __future__ import annotations
 
 import os
 import pwd
-import secrets
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from kernel_driver import db
+from tests.integration.daemon import login_role
 
 POOLED_DATABASE = "kernel"  # the database name clients give the pooler
 
@@ -71,7 +71,7 @@ class PgBouncer:
         self.direct_dsn = direct_dsn
         self.schema = schema
         self.pool_size = pool_size
-        self.roles: list[str] = []
+        self._logins = ExitStack()
         self._admin = db.connect(direct_dsn, autocommit=True)
         self._superuser = self._admin.execute("SELECT current_user").fetchone()[0]
         # A directory of its own that pgbouncer can read after it drops root for nobody.
@@ -161,8 +161,7 @@ class PgBouncer:
 
     def close(self) -> None:
         self.stop()
-        if self.roles:
-            db.drop_roles(self._admin, self.roles)
+        self._logins.close()
         self._admin.close()
         shutil.rmtree(self.directory, ignore_errors=True)
 
@@ -175,10 +174,7 @@ class PgBouncer:
     def login(self, role: str) -> str:
         """A new LOGIN role granted ``<schema>_<role>`` (app, reader, worker, operator), known to
         the pooler; returns its name (``dsn(name)`` to connect through the pooler)."""
-        user = f"{self.schema}_p{secrets.token_hex(3)}_{role}"
-        self._admin.execute(sql.SQL("CREATE ROLE {} LOGIN IN ROLE {}").format(
-            sql.Identifier(user), sql.Identifier(f"{self.schema}_{role}")))
-        self.roles.append(user)
+        user = self._logins.enter_context(login_role(self._admin, self.schema, role))
         self._users.append(user)
         self._write_auth_file()
         self.admin("RELOAD")

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import psycopg
 import pytest
 from psycopg import sql
-from psycopg.conninfo import make_conninfo
 
+from tests.integration.daemon import client_dsn
 from tests.pooler.conftest import StartPgBouncer, connect
 
 Scope = tuple[uuid.UUID, uuid.UUID | None] | None  # (tenant, workspace or None), or unscoped
@@ -88,7 +88,7 @@ def test_a_session_level_scope_leaks_to_the_next_client_of_the_server_connection
     assert visible(second, pgbouncer.schema) == tenants.visible_in((tenants.a, None))
 
     # The control: the same role straight to PostgreSQL, unscoped, sees nothing.
-    with connect(make_conninfo(pgbouncer.direct_dsn, user=app)) as direct:
+    with connect(client_dsn(pgbouncer.direct_dsn, user=app)) as direct:
         assert visible(direct, pgbouncer.schema) == set()
     first.close()
     second.close()
@@ -100,14 +100,12 @@ def test_a_dsn_scope_does_not_survive_the_pooler(start_pgbouncer: StartPgBouncer
     server connection a session-level SET scoped, as someone else)."""
     strict = start_pgbouncer(pool_size=1)
     lenient = start_pgbouncer(pool_size=1, ignore_startup_parameters="extra_float_digits, options")
-    option = f"-c execution_kernel.tenant_id={tenants.a}"
 
-    with connect(make_conninfo(strict.direct_dsn, user=strict.login("app")),
-                 options=option) as direct:
+    with connect(client_dsn(strict.direct_dsn, user=strict.login("app"), tenant=tenants.a)) as direct:
         assert visible(direct, strict.schema) == tenants.visible_in((tenants.a, None))  # the control
     with pytest.raises(psycopg.OperationalError, match="unsupported startup parameter: options"):
-        connect(strict.dsn(strict.login("app")), options=option)
-    with connect(lenient.dsn(lenient.login("app")), options=option) as pooled:
+        connect(client_dsn(strict.dsn(strict.login("app")), tenant=tenants.a))
+    with connect(client_dsn(lenient.dsn(lenient.login("app")), tenant=tenants.a)) as pooled:
         assert pooled.execute("SELECT current_setting('execution_kernel.tenant_id', true)").fetchone()[0] in (None, "")
         assert visible(pooled, lenient.schema) == set()
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 import secrets
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 
 import psycopg
 import pytest
 from psycopg import sql
-from psycopg.conninfo import make_conninfo
 
+from tests.integration.daemon import client_dsn, login_role
 from tests.sql.helpers import (
     claim_one,
     deploy,
@@ -48,14 +49,12 @@ def login(conn, db_dsn, kernel_schema) -> Iterator[Login]:
     each call to evil.calls and lie (= is always true, current_setting names another tenant,
     pg_has_role says yes, now() is in 2000), and that schema comes first on its search_path.
     """
-    made: list[tuple[str, psycopg.Connection]] = []
+    made = ExitStack()
 
     def open_login(role: str, *, evil: bool = True) -> psycopg.Connection:
-        user = f"{kernel_schema}_h{secrets.token_hex(3)}_{role}"
-        conn.execute(sql.SQL("CREATE ROLE {} LOGIN IN ROLE {}").format(
-            sql.Identifier(user), sql.Identifier(f"{kernel_schema}_{role}")))
-        hostile = psycopg.connect(make_conninfo(db_dsn, user=user), autocommit=True)
-        made.append((user, hostile))
+        user = made.enter_context(login_role(conn, kernel_schema, role))
+        hostile = psycopg.connect(client_dsn(db_dsn, user=user), autocommit=True)
+        made.callback(hostile.close)  # before its role is dropped
         if evil:
             schema = f"evil_{secrets.token_hex(3)}"
             conn.execute(sql.SQL("CREATE SCHEMA {} AUTHORIZATION {}").format(
@@ -68,11 +67,8 @@ def login(conn, db_dsn, kernel_schema) -> Iterator[Login]:
             hostile.execute(sql.SQL("SET search_path = {}").format(sql.Identifier(kernel_schema)))
         return hostile
 
-    yield open_login
-    for user, hostile in made:
-        hostile.close()
-        conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(user)))
-        conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(user)))
+    with made:
+        yield open_login
 
 
 OTHER_TENANT = "00000000-0000-4000-8000-00000000beef"
