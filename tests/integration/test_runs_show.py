@@ -57,7 +57,9 @@ def test_show_prints_the_run_its_jobs_counts_and_items(runs_cli, finished_run, c
     failed_line = next(line for line in out.splitlines() if rejected in line)
     assert "  failed  " in failed_line and "SMTP RCPT answered 550" in failed_line
     assert "unsubscribed" in out  # a skipped item's reason stands in its error column
-    sent = conn.execute("SELECT provider_message_id FROM channel_outbox WHERE run_id = %s AND status = 'sent'", (first,))
+    sent = conn.execute(
+        "SELECT provider_message_id FROM channel_outbox WHERE run_id = %s AND status = 'sent'", (first,)
+    )
     for (message_id,) in sent:
         assert message_id in out
 

@@ -50,9 +50,8 @@ def raise_in_sql(sqlstate: str, message: str) -> str:
 def test_wrap_errors_maps_sqlstate_to_exception(
     server_dsn: str, sqlstate: str, error_class: type[db.KernelError]
 ) -> None:
-    with db.connect(server_dsn, autocommit=True) as conn:
-        with pytest.raises(db.KernelError) as caught, db.wrap_errors():
-            conn.execute(raise_in_sql(sqlstate, "lease lost, says the message text"))
+    with db.connect(server_dsn, autocommit=True) as conn, pytest.raises(db.KernelError) as caught, db.wrap_errors():
+        conn.execute(raise_in_sql(sqlstate, "lease lost, says the message text"))
     assert type(caught.value) is error_class
     assert caught.value.sqlstate == sqlstate
     assert str(caught.value) == "lease lost, says the message text"
@@ -60,9 +59,12 @@ def test_wrap_errors_maps_sqlstate_to_exception(
 
 
 def test_other_database_errors_pass_through(server_dsn: str) -> None:
-    with db.connect(server_dsn, autocommit=True) as conn:
-        with pytest.raises(psycopg.errors.DivisionByZero), db.wrap_errors():
-            conn.execute("SELECT 1 / 0")
+    with (
+        db.connect(server_dsn, autocommit=True) as conn,
+        pytest.raises(psycopg.errors.DivisionByZero),
+        db.wrap_errors(),
+    ):
+        conn.execute("SELECT 1 / 0")
 
 
 def test_migration_raising_a_ke_code_raises_its_exception(server_dsn: str) -> None:

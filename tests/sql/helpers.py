@@ -296,7 +296,9 @@ def claim_one(conn: psycopg.Connection, worker: str = "w1") -> dict[str, Any]:
     return jobs[0]
 
 
-def reserve(conn: psycopg.Connection, job_id: uuid.UUID, worker: str = "w1", max_items: int = 1000) -> list[dict[str, Any]]:
+def reserve(
+    conn: psycopg.Connection, job_id: uuid.UUID, worker: str = "w1", max_items: int = 1000
+) -> list[dict[str, Any]]:
     return rows(conn, "SELECT * FROM reserve_outbox_items(%s, %s, %s)", [job_id, worker, max_items])
 
 
@@ -318,7 +320,10 @@ def record(conn: psycopg.Connection, job_id: uuid.UUID, worker: str, results: An
     return scalar(conn, "SELECT record_outbox_results(%s, %s, %s::jsonb)", [job_id, worker, payload])
 
 
-def complete(conn: psycopg.Connection, job_id: uuid.UUID, worker: str | None = "w1", success: bool = True, error: str | None = None) -> None:
+def complete(
+    conn: psycopg.Connection, job_id: uuid.UUID, worker: str | None = "w1", success: bool = True,
+    error: str | None = None,
+) -> None:
     if worker is None:
         conn.execute("SELECT complete_job(%s, %s, %s)", [job_id, success, error])
     else:
@@ -399,7 +404,7 @@ def in_threads(count: int, work: Callable[[int], Any], timeout: float = 60) -> l
         try:
             barrier.wait(timeout)
             results[i] = work(i)
-        except BaseException as exc:  # noqa: BLE001 - handed back to the test
+        except BaseException as exc:  # handed back to the test
             results[i] = exc
 
     threads = [threading.Thread(target=target, args=(i,)) for i in range(count)]

@@ -35,7 +35,8 @@ def test_claim_takes_a_queued_job_and_starts_the_run(conn):
     assert job["run_id"] == run_id
     assert (job["status"], job["attempts"], job["locked_by"]) == ("processing", 1, "w1")
     assert job["locked_at"] is not None
-    lease = scalar(conn, "SELECT extract(epoch FROM lease_expires_at - now()) FROM job_queue WHERE id = %s", [job["id"]])
+    lease = scalar(conn, "SELECT extract(epoch FROM lease_expires_at - now()) FROM job_queue WHERE id = %s",
+                   [job["id"]])
     assert 55 < lease <= 60
     run = run_row(conn, run_id)
     assert run["status"] == "running" and run["started_at"] is not None
@@ -121,7 +122,8 @@ def test_lease_expiry_lets_another_worker_reclaim_and_fences_the_old_one(conn):
     job_id, old_calls = job["id"], [
         ("SELECT reserve_outbox_items(%s, 'old', 10)", []),
         ("SELECT mark_outbox_dispatched(%s, 'old', %s::uuid[])", [[items[1]["id"]]]),
-        ("SELECT record_outbox_results(%s, 'old', %s::jsonb)", [f'[{{"id": "{items[0]["id"]}", "outcome": "failed"}}]']),
+        ("SELECT record_outbox_results(%s, 'old', %s::jsonb)",
+         [f'[{{"id": "{items[0]["id"]}", "outcome": "failed"}}]']),
         ("SELECT heartbeat_job(%s, 'old')", []),
         ("SELECT complete_job(%s, false, 'x', 'old')", []),
         ("SELECT release_job(%s, 'old', 'x')", []),
@@ -240,7 +242,8 @@ def test_reclaim_of_an_expired_lease_by_the_same_worker_is_audited(conn):
     expire_lease(conn, job["id"])
     again = claim_one(conn, "w1")
     assert again["attempts"] == 2
-    details = [r["detail"] for r in rows(conn, "SELECT detail FROM job_events WHERE job_id = %s ORDER BY id", [job["id"]])]
+    events = rows(conn, "SELECT detail FROM job_events WHERE job_id = %s ORDER BY id", [job["id"]])
+    details = [r["detail"] for r in events]
     assert details == ["attempt 1", "attempt 2"]
 
 

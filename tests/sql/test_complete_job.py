@@ -101,7 +101,7 @@ def run_jobs(conn, contacts, batch, plan):
     run_id = deploy(conn, seed.campaign_id, batch)
     jobs = claim(conn, "w1", len(plan))
     assert len(jobs) == len(plan)
-    for job, (outcome, success) in zip(jobs, plan):
+    for job, (outcome, success) in zip(jobs, plan, strict=True):
         if success:
             run_job(conn, job["id"], "w1", outcome)
         else:

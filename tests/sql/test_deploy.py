@@ -68,7 +68,8 @@ def test_run_config_snapshots_content_and_provider(conn):
     assert config["provider_settings"] == SETTINGS["smtp"]
     assert config["batch_size"] == 1000
     # Later edits do not reach the run.
-    conn.execute("UPDATE campaigns SET content = '{\"subject\": \"new\", \"text\": \"new\"}' WHERE id = %s", [seed.campaign_id])
+    conn.execute("UPDATE campaigns SET content = '{\"subject\": \"new\", \"text\": \"new\"}' WHERE id = %s",
+                 [seed.campaign_id])
     conn.execute("UPDATE provider_configs SET settings = '{}' WHERE workspace_id = %s", [seed.workspace_id])
     assert run_row(conn, run_id)["run_config"] == config
 

@@ -36,7 +36,7 @@ TENANT_TABLES = [
     "job_queue", "channel_outbox", "job_events",
 ]
 HOST_TABLES = ["workspaces", "campaigns", "contacts", "campaign_audience", "provider_configs"]
-EVERYTHING = HOST_TABLES + ["campaign_runs", "job_queue", "channel_outbox", "job_events", "rate_buckets"]
+EVERYTHING = [*HOST_TABLES, "campaign_runs", "job_queue", "channel_outbox", "job_events", "rate_buckets"]
 
 Login = Callable[..., psycopg.Connection]
 
@@ -230,10 +230,11 @@ DEFINER_CALLS = {
     "complete_job(uuid,boolean,text,text)": ("worker", "SELECT complete_job('{job}', false, 'x', NULL)", "KE008"),
     "complete_job(uuid,boolean,text)": ("worker", "SELECT complete_job('{job}', false, 'x')", "KE013"),
     "take_rate_tokens(uuid,text,integer)": ("worker", "SELECT take_rate_tokens('{B_workspace}', 'none', 1)", None),
-    "worker_step(text,numeric,uuid[],uuid[],text[],text[],text[],text[],uuid[],uuid[],text[],uuid[],integer,integer,text[],uuid)": (
+    "worker_step(text,numeric,uuid[],uuid[],text[],text[],text[],text[],uuid[],uuid[],text[],uuid[],integer,integer,text[],uuid)": (  # noqa: E501 - the signature whole, as the catalog spells it
         "worker",
         "SELECT * FROM worker_step('intruder', 30, ARRAY['{job}']::uuid[], ARRAY['{item}']::uuid[],"
-        " ARRAY['sent'], ARRAY['p'], ARRAY[NULL], ARRAY[NULL], ARRAY['{job}']::uuid[], ARRAY['{job}']::uuid[], ARRAY['x'], '{{}}', 0, 0, '{{}}', NULL)",
+        " ARRAY['sent'], ARRAY['p'], ARRAY[NULL], ARRAY[NULL], ARRAY['{job}']::uuid[], ARRAY['{job}']::uuid[],"
+        " ARRAY['x'], '{{}}', 0, 0, '{{}}', NULL)",
         None,
     ),
     "release_jobs(text,uuid[],text)": ("worker", "SELECT release_jobs('intruder', ARRAY['{job}']::uuid[], 'x')", None),
@@ -300,10 +301,12 @@ def host_inserts(workspace: uuid.UUID, tenant: str) -> dict[str, tuple[str, list
         "contacts": (f"INSERT INTO contacts ({columns}workspace_id, email) VALUES ({marks}%s, 'x@example.com')",
                      [*value, workspace]),
         "provider_configs(email)": (
-            f"INSERT INTO provider_configs ({columns}workspace_id, channel, provider) VALUES ({marks}%s, 'email', 'smtp')",
+            f"INSERT INTO provider_configs ({columns}workspace_id, channel, provider)"
+            f" VALUES ({marks}%s, 'email', 'smtp')",
             [*value, workspace]),
         "provider_configs(voice)": (
-            f"INSERT INTO provider_configs ({columns}workspace_id, channel, provider) VALUES ({marks}%s, 'voice', 'twilio')",
+            f"INSERT INTO provider_configs ({columns}workspace_id, channel, provider)"
+            f" VALUES ({marks}%s, 'voice', 'twilio')",
             [*value, workspace]),
     }
 
@@ -374,9 +377,12 @@ def test_audience_rows_naming_another_tenants_campaign_or_contact_look_missing(c
 
 def test_workspaces_are_registered_to_the_first_tenant_that_names_them(conn):
     seed = seed_campaign(conn, 1)
-    assert rows(conn, "SELECT id, tenant_id FROM workspaces") == [{"id": seed.workspace_id, "tenant_id": seed.tenant_id}]
+    assert rows(conn, "SELECT id, tenant_id FROM workspaces") == [
+        {"id": seed.workspace_id, "tenant_id": seed.tenant_id}
+    ]
     with raises("KE002", seed.workspace_id):  # even the owner role keeps the rule
-        conn.execute("INSERT INTO contacts (tenant_id, workspace_id) VALUES (%s, %s)", [uuid.uuid4(), seed.workspace_id])
+        conn.execute("INSERT INTO contacts (tenant_id, workspace_id) VALUES (%s, %s)",
+                     [uuid.uuid4(), seed.workspace_id])
     with raises("KE008"):
         conn.execute("INSERT INTO contacts (workspace_id) VALUES (%s)", [uuid.uuid4()])  # no tenant, no scope
 
@@ -398,7 +404,8 @@ def test_a_worker_cannot_complete_a_job_another_worker_holds(conn, login):
     intruder.execute("SET execution_kernel.worker_id = 'intruder'")
     with raises("KE005", "intruder"):
         intruder.execute("SELECT complete_job(%s, false, 'x')", [held["id"]])
-    for query in ("SELECT * FROM worker_step(NULL, 30, '{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}', 0, 0, '{}', NULL)",
+    for query in ("SELECT * FROM worker_step(NULL, 30, '{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}',"
+                  " 0, 0, '{}', NULL)",
                   "SELECT release_jobs(NULL, ARRAY[%s]::uuid[], 'x')"):
         with raises("KE008", "worker"):
             intruder.execute(query, [held["id"]] if "%s" in query else None)

@@ -117,7 +117,8 @@ def test_another_tenants_id_looks_missing(conn, kernel_schema, tenants):
             query = query.replace("{workspace}", str(b["seed"].workspace_id))
             theirs, missing = foreign_id(b, kind), uuid.uuid4()
             if call == "check_prerequisites":  # a missing campaign is a failed check, not an error
-                assert prerequisite_rows(conn, query, theirs, missing) == prerequisite_rows(conn, query, missing, missing)
+                assert (prerequisite_rows(conn, query, theirs, missing)
+                        == prerequisite_rows(conn, query, missing, missing))
                 continue
             with raises("KE002", theirs, case=call) as foreign:
                 conn.execute(query, [theirs])
@@ -169,7 +170,8 @@ def test_app_cannot_write_rows_of_another_tenant(conn, kernel_schema, tenants):
         with raises("KE008"):  # ownership never moves (a trigger, before RLS's WITH CHECK)
             conn.execute("UPDATE contacts SET tenant_id = %s WHERE id = %s", [b.tenant_id, a.contact_ids[0]])
         # Another tenant's rows are simply not there to change.
-        assert conn.execute("UPDATE contacts SET email = 'stolen@x.y' WHERE tenant_id = %s", [b.tenant_id]).rowcount == 0
+        stolen = conn.execute("UPDATE contacts SET email = 'stolen@x.y' WHERE tenant_id = %s", [b.tenant_id])
+        assert stolen.rowcount == 0
         assert conn.execute("DELETE FROM campaigns WHERE id = %s", [b.campaign_id]).rowcount == 0
         # Its own rows it may write (provider_configs.tenant_id defaults to the session's tenant).
         conn.execute("INSERT INTO contacts (tenant_id, workspace_id, email) VALUES (%s, %s, 'new@a.z')",

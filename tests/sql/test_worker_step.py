@@ -23,7 +23,8 @@ from tests.sql.helpers import (
 
 
 def step(conn, worker: str = "w1", *, held=(), results=(), complete=(), fail=None, redispatch=(),
-         want: int = 0, claim: int = 0, deduplicating=(), tenant=None, lease: float = 30) -> dict[str, list[dict[str, Any]]]:
+         want: int = 0, claim: int = 0, deduplicating=(), tenant=None,
+         lease: float = 30) -> dict[str, list[dict[str, Any]]]:
     """One worker_step; its rows grouped by kind."""
     results = list(results)
     fail = fail or {}

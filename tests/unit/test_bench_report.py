@@ -8,9 +8,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.profile_frames import top_frames  # noqa: E402
-from bench.receiver import lognormal_mean_ms, lognormal_sigma  # noqa: E402
-from bench.report import BEGIN, END, render, replace_section, update_doc  # noqa: E402
+from bench.profile_frames import top_frames
+from bench.receiver import lognormal_mean_ms, lognormal_sigma
+from bench.report import BEGIN, END, render, replace_section, update_doc
 
 RESULTS = {
     "meta": {"kind": "full", "started": "2026-12-02 07:00 UTC", "server_version": "15.20", "cpus": 2,

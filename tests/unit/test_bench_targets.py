@@ -7,8 +7,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.config import sizes  # noqa: E402
-from bench.targets import evaluate  # noqa: E402
+from bench.config import sizes
+from bench.targets import evaluate
 
 
 def results(**scenarios):

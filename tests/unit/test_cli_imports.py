@@ -26,8 +26,8 @@ import kernel_driver.logs, kernel_driver.worker
 print(json.dumps(sorted(sys.modules)))
 """
 
-NOT_FOR_THE_DAEMON = ("kernel_driver.certify", "kernel_driver.demo", "kernel_driver.testing.sinks", "kernel_driver.testing.seed",
-                      "aiosmtpd")
+NOT_FOR_THE_DAEMON = ("kernel_driver.certify", "kernel_driver.demo", "kernel_driver.testing.sinks",
+                      "kernel_driver.testing.seed", "aiosmtpd")
 
 
 def test_the_daemon_does_not_import_certification_demo_or_sinks() -> None:

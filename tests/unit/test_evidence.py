@@ -87,8 +87,10 @@ def mutated(change) -> dict:
         pytest.param(lambda d: d["checks"][0].update(id="Q9"), id="unknown check id"),
         pytest.param(lambda d: d["checks"][0].update(run_ids=["run-1"]), id="run id not a uuid"),
         pytest.param(lambda d: d["checks"][0].update(run_ids=[]), id="PASS without runs"),
-        pytest.param(lambda d: d["checks"][0]["measurements"].update(item_status="failed"), id="E1 PASS with failed item"),
-        pytest.param(lambda d: d["checks"][0]["measurements"].pop("provider_message_id"), id="E1 PASS without provider id"),
+        pytest.param(lambda d: d["checks"][0]["measurements"].update(item_status="failed"),
+                     id="E1 PASS with failed item"),
+        pytest.param(lambda d: d["checks"][0]["measurements"].pop("provider_message_id"),
+                     id="E1 PASS without provider id"),
         pytest.param(lambda d: d["checks"][0].update(started_at="yesterday"), id="timestamp not ISO 8601"),
         pytest.param(lambda d: d["summary"].update(result="PASS"), id="PASS summary with a failed check"),
         pytest.param(lambda d: d.update(tenant_id="not-a-uuid"), id="tenant not a uuid"),
@@ -108,7 +110,8 @@ PASSING_MEASUREMENTS = {
     "UX2": {"first_run": {"id": str(uuid.uuid4()), "status": "partial"},
             "retry_run": {"id": str(uuid.uuid4()), "status": "completed", "retry_of_run_id": str(uuid.uuid4()),
                           "root_run_id": str(uuid.uuid4()), "generation": 2},
-            "targeted": ["a@example.com"], "deliveries_per_recipient": {"a@example.com": 1}, "second_retry_refused": True},
+            "targeted": ["a@example.com"], "deliveries_per_recipient": {"a@example.com": 1},
+            "second_retry_refused": True},
 }
 
 

@@ -66,7 +66,8 @@ def frozen(cli: Cli, root: Path, version: str = "1.0.0") -> Path:
 
 
 def bump(root: Path, version: str, slug: str = "next") -> Path:
-    migration = root / "sql" / "migrations" / f"{len(list((root / 'sql' / 'migrations').glob('*.sql'))) + 1:04d}_{slug}.sql"
+    migrations = root / "sql" / "migrations"
+    migration = migrations / f"{len(list(migrations.glob('*.sql'))) + 1:04d}_{slug}.sql"
     migration.write_text(MIGRATION.replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION").format(version=version))
     return migration
 
@@ -189,7 +190,9 @@ def test_evidence_from_elsewhere_is_copied_into_place(cli: Cli, tree: Path, tmp_
     (lambda path: path.unlink(), "no evidence for kernel 1.0.0"),
     (lambda path: path.write_text(path.read_text().replace('"PASS"', '"FAIL"', 1)), "check Q1 is FAIL"),
 ])
-def test_gate_fails_without_passing_evidence(cli: Cli, tree: Path, spoil: Callable[[Path], object], reason: str) -> None:
+def test_gate_fails_without_passing_evidence(
+    cli: Cli, tree: Path, spoil: Callable[[Path], object], reason: str
+) -> None:
     frozen(cli, tree)
     spoil(tree / "evidence" / "1.0.0.json")
 

@@ -190,7 +190,8 @@ def read_request(connection: socket.socket) -> None:
     while b"\r\n\r\n" not in data:
         data += connection.recv(65536)
     head, _, body = data.partition(b"\r\n\r\n")
-    length = int(next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")).split(b":")[1])
+    header = next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+    length = int(header.split(b":")[1])
     while len(body) < length:
         body += connection.recv(65536)
 

@@ -203,7 +203,7 @@ def test_an_unreadable_ca_file_is_a_config_error(tmp_path):
     }
 
     with pytest.raises(
-        ProviderConfigError, match="smtp setting 'ca_file' .* cannot be used: FileNotFoundError"
+        ProviderConfigError, match=r"smtp setting 'ca_file' .* cannot be used: FileNotFoundError"
     ):
         SmtpAdapter(settings)
 
@@ -233,7 +233,7 @@ def test_a_missing_secret_names_the_variable():
         "password_env": "SMTP_PW",
     }
 
-    with pytest.raises(ProviderConfigError, match="environment variable SMTP_PW .*'password_env'"):
+    with pytest.raises(ProviderConfigError, match=r"environment variable SMTP_PW .*'password_env'"):
         SmtpAdapter(settings, {"U": "user"})
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import smtplib
 import socket
@@ -131,10 +132,8 @@ def test_stop_releases_a_hung_request_promptly():
     sink.hang = True
 
     def wait_for_an_answer() -> None:
-        try:
+        with contextlib.suppress(OSError, http.client.HTTPException):  # released without an answer
             post(sink.port, "/x")
-        except (OSError, http.client.HTTPException):
-            pass  # released without an answer
 
     client = threading.Thread(target=wait_for_an_answer)
     client.start()
