@@ -38,7 +38,8 @@ def test_sigkill_ten_times_never_sends_twice(conn, db_dsn, kernel_schema):
             daemon = start_daemon(db_dsn, kernel_schema, "--concurrency", "8", "--lease-seconds", "1")
             before = sent_count(conn, run_id)
             # Kill at a random moment once this daemon is sending.
-            wait_until(lambda: sent_count(conn, run_id) > before or daemon.poll() is not None, timeout=60)
+            wait_until(lambda: sent_count(conn, run_id) > before or daemon.poll() is not None,  # noqa: B023 - waited on here
+                       timeout=60)
             time.sleep(rng.uniform(0, 0.3))
             assert daemon.poll() is None, "the campaign finished before ten kills: make it larger"
             daemon.kill()

@@ -75,7 +75,8 @@ def test_only_runs_the_named_checks_and_purge_sql_removes_their_rows(certify_cli
 
     conn.execute(evidence["purge_sql"])
     tenant = evidence["tenant_id"]
-    for table in ("campaigns", "contacts", "provider_configs", "campaign_runs", "job_queue", "channel_outbox", "job_events"):
+    tables = ("campaigns", "contacts", "provider_configs", "campaign_runs", "job_queue", "channel_outbox", "job_events")
+    for table in tables:
         assert conn.execute(f"SELECT count(*) FROM {table} WHERE tenant_id = %s", (tenant,)).fetchone()[0] == 0, table
     assert conn.execute("SELECT count(*) FROM campaigns").fetchone()[0] == other
 
@@ -113,7 +114,8 @@ def closed_port() -> int:
 
 def test_e1_fails_when_the_smtp_server_refuses_connections(certify_cli):
     settings = {"host": "127.0.0.1", "port": closed_port(), "from": "certify@example.com", "timeout_s": 2}
-    result, evidence = certify_cli("--only", "E1", "--smtp-settings", json.dumps(settings), "--email-to", "qa@example.com")
+    result, evidence = certify_cli("--only", "E1", "--smtp-settings", json.dumps(settings),
+                                   "--email-to", "qa@example.com")
 
     assert result.exit_code == ExitCode.FAILED, result.output
     assert result.output.startswith("FAIL E1 ")

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -31,10 +32,8 @@ def test_large_campaign_is_shared_and_memory_stays_flat(conn, db_dsn, kernel_sch
     while any(d.poll() is None for d in daemons):
         for d in daemons:
             if d.poll() is None:
-                try:
+                with contextlib.suppress(FileNotFoundError, StopIteration):
                     samples[d.pid].append(rss_kib(d.pid))
-                except (FileNotFoundError, StopIteration):
-                    pass
         time.sleep(0.5)
     for d in daemons:
         d.finish(timeout=None)

@@ -27,7 +27,7 @@ def test_two_daemons_through_the_pooler_finish_a_campaign_once(conn, kernel_sche
         for n in range(2)
     ]
     outputs = [daemon.wait(timeout=180) for daemon in daemons]
-    for daemon, output in zip(daemons, outputs):
+    for daemon, output in zip(daemons, outputs, strict=True):
         assert daemon.returncode == 0, output
         assert "error" not in output.lower(), output
     assert item_counts(conn, [run_id]) == {"sent": 6000}
@@ -57,7 +57,7 @@ def test_pooled_daemon_wakes_from_a_direct_listen_connection(conn, db_dsn, kerne
             seeded = seed_campaign(conn, kernel_schema, contacts=1, provider="noop")
             started = time.monotonic()
             run_id = conn.execute("SELECT deploy_campaign(%s)", (seeded.campaign_id,)).fetchone()[0]
-            wait_until(lambda: run_status(conn, run_id) == "completed", timeout=20)
+            wait_until(lambda: run_status(conn, run_id) == "completed", timeout=20)  # noqa: B023 - waited on here
             delays.append(time.monotonic() - started)
         assert max(delays) < 10, delays  # not the 30 s poll
     finally:
