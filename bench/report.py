@@ -57,9 +57,10 @@ def throughput_table(results: dict[str, Any]) -> list[str]:
         lines.append(_row([label, fmt(item.get("n")), fmt(rate) if rate else _status(item), fmt(ratio, 2)]))
 
     add("floor: INSERT then UPDATE to sent, 500 rows per transaction", s.get("floor"))
-    conc = (s.get("noop") or {}).get("daemons_1", {}).get("concurrency", "")
-    add(f"kernel-driver, noop, 1 daemon, `--concurrency {conc}`", (s.get("noop") or {}).get("daemons_1"))
-    add(f"kernel-driver, noop, 2 daemons, `--concurrency {conc}`", (s.get("noop") or {}).get("daemons_2"))
+    noop = s.get("noop") or {}
+    for key, daemons in (("daemons_1", "1 daemon"), ("daemons_2", "2 daemons"), ("daemons_1_small_window", "1 daemon")):
+        if noop.get(key):
+            add(f"kernel-driver, noop, {daemons}, `--concurrency {noop[key].get('concurrency', '')}`", noop[key])
     peers = s.get("peers") or {}
     version = {k: v.get("version", "") for k, v in peers.items() if isinstance(v, dict)}
     add(f"graphile-worker {version.get('graphile_batched', '')}, batched (localQueue 500, 16 jobs)",

@@ -17,6 +17,7 @@ from uuid import UUID
 import psycopg
 from psycopg import sql
 from psycopg.rows import class_row
+from psycopg.types.string import TextLoader
 
 from kernel_driver.db import wrap_errors
 
@@ -38,7 +39,7 @@ class QueueDepth:
 class Result(NamedTuple):
     """What one provider call came to, as worker_step records it."""
 
-    item_id: UUID
+    item_id: str
     outcome: str  # sent, failed, unknown or retry (providers.outbox_outcome)
     provider_message_id: str | None
     response: str | None  # JSON text
@@ -52,11 +53,11 @@ class StepRequest:
     worker: str
     lease_seconds: float
     tenant_id: UUID | None
-    held: list[UUID] = field(default_factory=list)
+    held: list[str] = field(default_factory=list)
     results: list[Result] = field(default_factory=list)
-    complete: list[UUID] = field(default_factory=list)
-    fail: dict[UUID, str] = field(default_factory=dict)
-    redispatch: list[UUID] = field(default_factory=list)
+    complete: list[str] = field(default_factory=list)
+    fail: dict[str, str] = field(default_factory=dict)
+    redispatch: list[str] = field(default_factory=list)
     want: int = 0
     claim: int = 0
     deduplicating: list[str] = field(default_factory=list)
@@ -64,15 +65,17 @@ class StepRequest:
 
 class StepRow(NamedTuple):
     """One row of worker_step: kind is lost, waiting, stale, done, job, cancelled, item, held,
-    wait or idle; the other columns are set as the kind needs."""
+    wait or idle; the other columns are set as the kind needs. Ids come as text: the daemon
+    only hands them back to the kernel and to adapters, and parsing and printing uuids cost a
+    tenth of its main thread (py-spy)."""
 
     kind: str
-    job_id: UUID | None
-    run_id: UUID | None
-    item_id: UUID | None
+    job_id: str | None
+    run_id: str | None
+    item_id: str | None
     idempotency_key: str | None
     recipient: str | None
-    contact_id: UUID | None
+    contact_id: str | None
     detail: Any
 
 
@@ -84,11 +87,14 @@ class Kernel:
         self.schema = schema
         self._statements: dict[str, sql.Composed] = {}
 
-    def _call(self, query: str, params: Sequence[Any], row_factory: Any = None) -> list[Any]:
+    def _call(self, query: str, params: Sequence[Any], row_factory: Any = None, *, uuid_as_text: bool = False
+              ) -> list[Any]:
         statement = self._statements.get(query)
         if statement is None:
             statement = self._statements[query] = sql.SQL(query).format(schema=sql.Identifier(self.schema))
         with wrap_errors(), self.conn.cursor(row_factory=row_factory) as cur:
+            if uuid_as_text:
+                cur.adapters.register_loader("uuid", TextLoader)
             cur.execute(statement, params)
             return cur.fetchall()
 
@@ -114,12 +120,13 @@ class Kernel:
                 request.want, request.claim, text_array(request.deduplicating), request.tenant_id,
             ),
             _step_rows,
+            uuid_as_text=True,
         )
 
-    def release_jobs(self, worker: str, job_ids: Sequence[UUID], reason: str) -> int:
-        return self._scalar(
+    def release_jobs(self, worker: str, job_ids: Sequence[str | UUID], reason: str) -> int:
+        return int(self._scalar(
             "SELECT {schema}.release_jobs(%s, %s::uuid[], %s)", (worker, list(job_ids), reason)
-        )
+        ))
 
     def queue_stats(self) -> list[QueueDepth]:
         return self._call(
@@ -129,14 +136,15 @@ class Kernel:
         )
 
     def run_details(self, run_id: UUID, item_limit: int) -> dict[str, Any]:
-        return self._scalar("SELECT {schema}.run_details(%s, %s)", (run_id, item_limit))
+        details: dict[str, Any] = self._scalar("SELECT {schema}.run_details(%s, %s)", (run_id, item_limit))
+        return details
 
 
 def _step_rows(_cursor: Any) -> Any:
     return StepRow._make
 
 
-def uuid_array(values: Iterable[UUID]) -> str:
+def uuid_array(values: Iterable[str | UUID]) -> str:
     """A uuid[] literal: {a,b,c}."""
     return "{" + ",".join(map(str, values)) + "}"
 

@@ -6,18 +6,25 @@ new ones and marks the next items dispatched. That commit comes before any provi
 those items (invariant 1), and the daemon never has more than `concurrency` items dispatched
 and unrecorded, so after a crash at most `concurrency` items can end `unknown`.
 
-Threads: the main thread owns all state and the database connection; `concurrency` provider
-threads make the calls; one listener thread (optional) turns NOTIFY into wake-ups.
+Two steps in flight: a stepper thread runs each worker_step on the daemon's connection while the
+main thread turns the last step's answer into provider calls and gathers what came back for the
+next one, so the database and the daemon work at the same time instead of taking turns. The
+window counts what the steps in flight may still dispatch, so the bound above holds with them.
+
+Threads: the main thread owns all state; the stepper thread makes the worker_step calls;
+`concurrency` provider threads make the provider calls; one listener thread (optional) turns
+NOTIFY into wake-ups.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import logging
+import math
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -71,6 +78,8 @@ QUEUE_OLDEST = Gauge(
 RETRY_BACKOFF_S = (0.0, 0.2, 0.5, 1.0, 2.0, 5.0)
 # How long a finished call may wait for its neighbours before the step that records it.
 GATHER_S = 0.002
+# worker_step calls submitted and not yet answered: one runs while the daemon prepares the next.
+STEPS_IN_FLIGHT = 2
 
 
 @dataclass(frozen=True)
@@ -90,19 +99,24 @@ class WorkerConfig:
     listen: bool = True
 
 
+Id = str  # job, run, item and contact ids as worker_step returns them (queries.StepRow)
+
+
 class Item(NamedTuple):
-    id: UUID
-    job_id: UUID
-    run_id: UUID
+    """An item row of worker_step (the columns in its order, so a row slice makes one)."""
+
+    job_id: Id
+    run_id: Id
+    id: Id
     idempotency_key: str
     recipient: str
-    contact_id: UUID
+    contact_id: Id
 
 
 @dataclass
 class HeldJob:
-    id: UUID
-    run_id: UUID
+    id: Id
+    run_id: Id
     attempt: int
     channel: str
     provider: str
@@ -112,7 +126,9 @@ class HeldJob:
     error: str | None = None  # the provider cannot be used: the job is failed with this
     cancelled: bool = False
     in_flight: int = 0
-    waiting: dict[UUID, tuple[Item, float]] = field(default_factory=dict)  # item -> (item, ready at)
+    waiting: dict[Id, tuple[Item, float]] = field(default_factory=dict)  # item -> (item, ready at)
+    submitted: int = 0  # results of this job in steps not answered yet
+    ending: bool = False  # a step not answered yet asks to complete or fail it
     complete_asked: bool = False
     counted: dict[str, Any] = field(default_factory=dict)  # outcome -> its ITEMS child
 
@@ -123,7 +139,54 @@ class HeldJob:
 
     @property
     def finished(self) -> bool:
-        return self.in_flight == 0 and not self.waiting and (self.cancelled or self.remaining == 0)
+        # A result in a step not answered yet may still come back as a retry.
+        return (self.in_flight == 0 and not self.waiting and self.submitted == 0 and not self.ending
+                and (self.cancelled or self.remaining == 0))
+
+
+@dataclass
+class Submitted:
+    """A step handed to the stepper, with what to give back to the daemon if it never ran."""
+
+    request: StepRequest
+    result_jobs: list[HeldJob]  # the job of each of request.results
+    redispatched: list[tuple[HeldJob, Item, float]]  # waiting items the step takes
+    ending: list[HeldJob]  # jobs the step asks to complete or fail
+
+
+class Stepper:
+    """Runs the submitted worker_step calls one after another on the daemon's connection, in a
+    thread of its own. After a failed call it runs none of the calls queued behind it (each was
+    sized on the failed one's results being recorded): they are answered NOT_RUN."""
+
+    NOT_RUN = object()
+
+    def __init__(self, kernel: Kernel, wake: threading.Event) -> None:
+        self._kernel = kernel
+        self._wake = wake
+        self._todo: SimpleQueue[StepRequest | None] = SimpleQueue()
+        self.answers: SimpleQueue[tuple[StepRequest, Any]] = SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="stepper", daemon=True)
+        self._thread.start()
+
+    def submit(self, request: StepRequest) -> None:
+        self._todo.put(request)
+
+    def close(self) -> None:
+        self._todo.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        failed = False
+        while (request := self._todo.get()) is not None:
+            answer: Any = self.NOT_RUN
+            if not failed:
+                try:
+                    answer = self._kernel.worker_step(request)
+                except BaseException as exc:  # handed to the main thread, which raises it
+                    answer, failed = exc, True
+            self.answers.put((request, answer))
+            self._wake.set()
 
 
 class Worker:
@@ -135,9 +198,11 @@ class Worker:
         self._tasks: SimpleQueue[tuple[HeldJob, Item] | None] = SimpleQueue()
         self._done: SimpleQueue[tuple[HeldJob, Item, SendResult]] = SimpleQueue()
         self._adapters: dict[str, ProviderAdapter] = {}
-        self._jobs: dict[UUID, HeldJob] = {}
+        self._jobs: dict[Id, HeldJob] = {}
         self._in_flight = 0
-        self._unrecorded: list[Result] = []
+        self._unrecorded: list[tuple[HeldJob, Result]] = []
+        self._submitted: deque[Submitted] = deque()
+        self._failure: BaseException | None = None  # a step failed; raised once all are answered
         self._deduplicating = [name for name in installed_providers() if _deduplicates(name)]
         self._last_step = 0.0
         self._next_claim = 0.0  # when to look for work again without a NOTIFY
@@ -212,26 +277,88 @@ class Worker:
 
     def _loop(self, kernel: Kernel) -> bool:
         """Returns True when the daemon is done (stopped, or idle with until_idle)."""
-        while True:
-            self._wake.clear()
-            self._collect()
-            now = time.monotonic()
-            if self.stop.is_set() and self._stop_at is None:
-                self._stop_at = now
-            if self._stop_at is not None and (self._in_flight == 0 or self._stop_expired()):
-                self._shut_down(kernel)
-                return True
-            if self._gather(now):
-                continue
-            request = self._request(now)
-            if request is None:
+        stepper = Stepper(kernel, self._wake)
+        try:
+            while True:
+                self._wake.clear()
+                self._collect()
+                if self._take_answers(kernel, stepper):
+                    return True
+                now = time.monotonic()
+                if self.stop.is_set() and self._stop_at is None:
+                    self._stop_at = now
+                if self._stop_at is not None and not self._submitted and (
+                        self._in_flight == 0 or self._stop_expired()):
+                    self._shut_down(kernel)
+                    return True
+                if len(self._submitted) < STEPS_IN_FLIGHT:
+                    if self._gather(now):
+                        continue
+                    request = self._request(now)
+                    if request is not None:
+                        self._submit(stepper, request)
+                        continue
                 self._wake.wait(self._sleep(now))
+        finally:
+            stepper.close()
+            # A step that never answered (the loop raised) gives back what it carried.
+            while self._submitted:
+                self._give_back(self._submitted.popleft())
+
+    def _submit(self, stepper: Stepper, request: StepRequest) -> None:
+        ending = [self._jobs[job_id] for job_id in (*request.complete, *request.fail)]
+        for job in ending:
+            job.ending = True
+        result_jobs = [job for job, _ in self._unrecorded]
+        for job in result_jobs:
+            job.submitted += 1
+        redispatched = []
+        taken = set(request.redispatch)
+        for job in self._jobs.values():
+            for item_id in [item_id for item_id in job.waiting if item_id in taken]:
+                item, ready = job.waiting.pop(item_id)
+                redispatched.append((job, item, ready))
+        self._unrecorded = []
+        self._submitted.append(Submitted(request, result_jobs, redispatched, ending))
+        stepper.submit(request)
+        STEPS.inc()
+
+    def _settle(self, submitted: Submitted) -> None:
+        for job in submitted.result_jobs:
+            job.submitted -= 1
+        for job in submitted.ending:
+            job.ending = False
+
+    def _give_back(self, submitted: Submitted) -> None:
+        """A step that did not run (or whose answer never came): its results are recorded by a
+        later step, its waiting items wait again."""
+        self._settle(submitted)
+        self._unrecorded[:0] = zip(submitted.result_jobs, submitted.request.results, strict=True)
+        for job, item, ready in submitted.redispatched:
+            job.waiting[item.id] = (item, ready)
+
+    def _take_answers(self, kernel: Kernel, stepper: Stepper) -> bool:
+        """Apply the steps that answered, in order; True when until_idle finds nothing left.
+        After a failure, raise it once every step behind it has answered too."""
+        while True:
+            try:
+                request, answer = stepper.answers.get_nowait()
+            except Empty:
+                return False
+            submitted = self._submitted.popleft()
+            assert submitted.request is request
+            if isinstance(answer, BaseException) or answer is Stepper.NOT_RUN:
+                self._give_back(submitted)
+                if isinstance(answer, BaseException):
+                    self._failure = answer
+                if not self._submitted:
+                    failure, self._failure = self._failure, None
+                    assert failure is not None
+                    raise failure
                 continue
-            rows = kernel.worker_step(request)
-            STEPS.inc()
+            self._settle(submitted)
             self._last_step = time.monotonic()
-            self._unrecorded = self._unrecorded[len(request.results):]
-            if self._apply(kernel, request, rows):
+            if self._apply(kernel, request, answer):
                 return True
 
     def _gather(self, now: float) -> bool:
@@ -253,7 +380,12 @@ class Worker:
     def _request(self, now: float) -> StepRequest | None:
         """The next step, or None when there is nothing worth a round trip yet."""
         stopping = self._stop_at is not None
-        free = 0 if stopping else self.config.concurrency - self._in_flight
+        # What the steps not answered yet may dispatch is taken already; one step takes at
+        # most its share of the window, so the next one has room while it runs.
+        reserved = sum(s.request.want for s in self._submitted)
+        free = 0 if stopping else min(self.config.concurrency - self._in_flight - reserved,
+                                      -(-self.config.concurrency // STEPS_IN_FLIGHT))
+        free = max(free, 0)
         redispatch = []
         for job in self._jobs.values():
             if not (job.cancelled or job.error):
@@ -262,19 +394,23 @@ class Worker:
         remaining = sum(job.remaining for job in self._jobs.values() if not (job.cancelled or job.error))
         claim = 0
         needed = free - remaining - len(redispatch)
-        if not stopping and needed > 0 and (self._notified or now >= self._next_claim):
+        claiming = any(s.request.claim for s in self._submitted)
+        if not stopping and not claiming and needed > 0 and (self._notified or now >= self._next_claim):
             # Enough jobs to fill the window, judged by the size of the jobs claimed lately:
             # one big batch job, or many one-contact jobs at once.
             claim = min(math.ceil(needed / self._job_size), 1000)
         complete = [job.id for job in self._jobs.values() if job.finished and not job.error]
-        fail = {job.id: job.error for job in self._jobs.values() if job.error and job.in_flight == 0}
+        fail = {job.id: job.error for job in self._jobs.values()
+                if job.error and job.in_flight == 0 and job.submitted == 0 and not job.ending}
         dispatch = free > 0 and (remaining > 0 or redispatch) and now >= self._rate_until
-        renew = bool(self._jobs) and now - self._last_step >= self.config.lease_seconds / 6
+        renew = (bool(self._jobs) and not self._submitted
+                 and now - self._last_step >= self.config.lease_seconds / 6)
         if not (self._unrecorded or complete or fail or redispatch or dispatch or claim or renew):
             return None
         return StepRequest(
             worker=self.config.worker_id, lease_seconds=self.config.lease_seconds,
-            tenant_id=self.config.tenant_id, held=list(self._jobs), results=list(self._unrecorded),
+            tenant_id=self.config.tenant_id, held=list(self._jobs),
+            results=[result for _, result in self._unrecorded],
             complete=complete, fail=fail, redispatch=redispatch,
             want=free if (dispatch or claim) else len(redispatch), claim=claim,
             deduplicating=self._deduplicating,
@@ -298,11 +434,8 @@ class Worker:
         if request.claim:
             self._notified = False
         claimed = []
-        ended: set[UUID] = set()
-        retried: set[UUID] = set()
-        for job_id in request.redispatch:
-            for job in self._jobs.values():
-                job.waiting.pop(job_id, None)
+        ended: set[Id] = set()
+        retried: set[Id] = set()
         for row in rows:
             kind = row.kind
             job = self._jobs.get(row.job_id) if row.job_id else None
@@ -316,7 +449,8 @@ class Worker:
             elif kind == "waiting" and job is not None:
                 retried.add(job.id)
                 count = row.detail["dispatch_count"]
-                job.waiting[row.item_id] = (_item(row), now + RETRY_BACKOFF_S[min(count, len(RETRY_BACKOFF_S) - 1)])
+                item = _item(row)
+                job.waiting[item.id] = (item, now + RETRY_BACKOFF_S[min(count, len(RETRY_BACKOFF_S) - 1)])
             elif kind == "done" and job is not None:
                 ended.add(job.id)
                 self._end(job, row.detail)
@@ -334,7 +468,8 @@ class Worker:
                 log.warning("result for item %s not recorded: it is %s", row.item_id, row.detail)
             elif kind == "idle":
                 self._publish_queue_metrics(kernel)
-                if self.config.until_idle and not self._in_flight and not self._unrecorded:
+                if (self.config.until_idle and not self._in_flight and not self._unrecorded
+                        and not self._submitted):
                     if not row.detail["queued"] and not row.detail["processing"]:
                         log.info("no work left", extra={"worker": self.config.worker_id})
                         return True
@@ -351,7 +486,7 @@ class Worker:
         self._release_stuck(kernel, request, ended | retried)
         return False
 
-    def _release_stuck(self, kernel: Kernel, request: StepRequest, settled: set[UUID]) -> None:
+    def _release_stuck(self, kernel: Kernel, request: StepRequest, settled: set[Id]) -> None:
         """A job this daemon finished that the kernel would not end, twice, is in a state the
         daemon does not know: items dispatched by a step whose commit it never saw (a connection
         lost mid-call; those items were never sent) or a snapshot the kernel refuses to close.
@@ -395,6 +530,7 @@ class Worker:
 
     def _hold(self, row: StepRow) -> None:
         context = row.detail
+        assert row.job_id is not None and row.run_id is not None
         job = HeldJob(
             id=row.job_id, run_id=row.run_id, attempt=context["attempts"], channel=context["channel"],
             provider=context["provider"], content=context.get("content"), remaining=context["remaining"],
@@ -413,7 +549,7 @@ class Worker:
     def _dispatch(self, job: HeldJob, item: Item) -> None:
         if job.error is not None:
             # Dispatched by the same step that claimed the job, but never sent.
-            self._unrecorded.append(Result(item.id, "failed", None, None, job.error))
+            self._unrecorded.append((job, Result(item.id, "failed", None, None, job.error)))
             return
         job.in_flight += 1
         self._in_flight += 1
@@ -440,9 +576,9 @@ class Worker:
             assert job.adapter is not None
             outcome = outbox_outcome(result.outcome, job.adapter.deduplicates)
             job.count(outcome)
-            self._unrecorded.append(
-                Result(item.id, outcome, result.provider_message_id, response_json(result.response), result.error)
-            )
+            self._unrecorded.append((job, Result(
+                item.id, outcome, result.provider_message_id, response_json(result.response), result.error
+            )))
 
     def _call_providers(self) -> None:
         """One provider thread: call, time, hand back, wake the main loop."""
@@ -453,9 +589,9 @@ class Worker:
             timer = timers.get(job.provider) or timers.setdefault(job.provider, CALL_SECONDS.labels(job.provider))
             started = time.perf_counter()
             result = job.adapter.send(OutboundItem(
-                id=str(item.id), idempotency_key=item.idempotency_key, channel=job.channel,
-                recipient=item.recipient, content=job.content, run_id=str(item.run_id),
-                contact_id=str(item.contact_id),
+                id=item.id, idempotency_key=item.idempotency_key, channel=job.channel,
+                recipient=item.recipient, content=job.content, run_id=item.run_id,
+                contact_id=item.contact_id,
             ))
             timer.observe(time.perf_counter() - started)
             self._done.put((job, item, result))
@@ -478,7 +614,7 @@ class Worker:
 
 
 def _item(row: StepRow) -> Item:
-    return Item(row.item_id, row.job_id, row.run_id, row.idempotency_key, row.recipient, row.contact_id)
+    return Item._make(row[1:7])
 
 
 def _fields(job: HeldJob) -> dict[str, Any]:

@@ -14,7 +14,8 @@ GRANT USAGE ON SCHEMA kernel TO kernel_worker;
 -- applied migrations (schema_migrations)
 --   0001 0001_kernel
 --   0002 0002_kernel_1_1
--- kernel_version() = 1.1.0
+--   0003 0003_kernel_1_2
+-- kernel_version() = 1.2.0
 
 -- SEQUENCE kernel.job_events_id_seq
 
@@ -1608,7 +1609,7 @@ CREATE OR REPLACE FUNCTION kernel.kernel_version()
  IMMUTABLE
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
-    SELECT '1.1.0'::text
+    SELECT '1.2.0'::text
 $function$;
 COMMENT ON FUNCTION kernel.kernel_version() IS 'The installed kernel version; every version bump replaces it.';
 ALTER FUNCTION kernel.kernel_version() OWNER TO kernel_owner;
@@ -2235,7 +2236,10 @@ BEGIN
                 sent_at = CASE WHEN r.outcome = 'sent' THEN clock_timestamp() END,
                 completed_at = CASE WHEN r.outcome <> 'retry' OR o.dispatch_count >= 5 THEN clock_timestamp() END
             FROM r
-            WHERE o.id = r.id AND o.job_id = ANY (_held) AND o.status = 'pending' AND o.dispatched_at IS NOT NULL
+            -- Reached by id: the fence below is written so that no index serves it (a fresh
+            -- outbox without statistics would otherwise be read by job, every item of it).
+            WHERE o.id = r.id AND (o.job_id = ANY (_held)) IS TRUE
+              AND o.status = 'pending' AND o.dispatched_at IS NOT NULL
             RETURNING o.id, o.status
         )
         SELECT coalesce(array_agg(d.id), '{}'), coalesce(array_agg(d.id) FILTER (WHERE d.status = 'pending'), '{}')

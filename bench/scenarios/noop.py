@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from kernel_driver.testing.seed import seed_campaign
-
 from bench.pg import SCHEMA, deploy, kernel_database, run_daemons, table_sizes, verify_items
+from kernel_driver.testing.seed import seed_campaign
 
 
 def one(ctx: Any, contacts: int, daemons: int, concurrency: int, label: str) -> dict[str, Any]:
@@ -20,5 +19,11 @@ def one(ctx: Any, contacts: int, daemons: int, concurrency: int, label: str) -> 
                 "msgs_per_s": contacts / timing["wall_s"], "tables": table_sizes(conn)}
 
 
+SMALL_WINDOW = 16  # the daemon's usual window, for comparison
+
+
 def run(ctx: Any) -> dict[str, Any]:
-    return {f"daemons_{d}": one(ctx, ctx.sizes.n, d, ctx.sizes.concurrency, f"noop{d}") for d in (1, 2)}
+    runs = {f"daemons_{d}": one(ctx, ctx.sizes.n, d, ctx.sizes.concurrency, f"noop{d}") for d in (1, 2)}
+    if ctx.sizes.concurrency != SMALL_WINDOW:
+        runs["daemons_1_small_window"] = one(ctx, ctx.sizes.n, 1, SMALL_WINDOW, "noop1w")
+    return runs
