@@ -16,11 +16,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import psycopg
 from psycopg import sql
-from urllib.parse import quote
-
+from psycopg.abc import Params
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 SCHEMA = "kernel"
@@ -80,8 +80,21 @@ def kernel_database(server_dsn: str, label: str) -> Iterator[tuple[str, psycopg.
             yield dsn, conn
 
 
+def one(conn: psycopg.Connection, query: str | sql.Composed, params: Params | None = None) -> tuple[Any, ...]:
+    """The first row of `query`; BenchError when it returns none."""
+    row = conn.execute(query, params).fetchone()
+    if row is None:
+        raise BenchError(f"no row from {query!r}")
+    return row
+
+
+def scalar(conn: psycopg.Connection, query: str | sql.Composed, params: Params | None = None) -> Any:
+    """The first column of the first row of `query`; BenchError when it returns no row."""
+    return one(conn, query, params)[0]
+
+
 def deploy(conn: psycopg.Connection, campaign_id: Any) -> Any:
-    return conn.execute("SELECT kernel.deploy_campaign(%s)", (campaign_id,)).fetchone()[0]
+    return scalar(conn, "SELECT kernel.deploy_campaign(%s)", (campaign_id,))
 
 
 @dataclass
@@ -160,12 +173,13 @@ def run_daemons(conn: psycopg.Connection, dsn: str, run_ids: Sequence[Any], *, d
 
 def verify_items(conn: psycopg.Connection, run_ids: Sequence[Any], expected: int) -> dict[str, int]:
     """Every one of `expected` items `sent`, no contact twice in a run; the counts by status."""
-    counts = dict(conn.execute(
+    counts: dict[str, int] = dict(conn.execute(
         "SELECT status, count(*) FROM kernel.channel_outbox WHERE run_id = ANY(%s) GROUP BY status",
         (list(run_ids),)).fetchall())
-    duplicates = conn.execute(
+    duplicates = scalar(
+        conn,
         "SELECT count(*) - count(DISTINCT (run_id, contact_id)) FROM kernel.channel_outbox WHERE run_id = ANY(%s)",
-        (list(run_ids),)).fetchone()[0]
+        (list(run_ids),))
     if counts != {"sent": expected} or duplicates:
         raise BenchError(f"expected {expected} items sent and no duplicate; found {counts}, {duplicates} duplicates")
     return {"sent": counts["sent"], "duplicates": duplicates}
@@ -182,7 +196,7 @@ def table_sizes(conn: psycopg.Connection) -> dict[str, dict[str, int]]:
            WHERE n.nspname = %s AND c.relkind IN ('r', 'p') ORDER BY pg_total_relation_size(c.oid) DESC""",
         (SCHEMA,)).fetchall()
     keys = ("table_bytes", "index_bytes", "live_tuples", "dead_tuples", "updates", "hot_updates")
-    return {row[0]: dict(zip(keys, (int(v or 0) for v in row[1:]))) for row in rows}
+    return {row[0]: dict(zip(keys, (int(v or 0) for v in row[1:]), strict=True)) for row in rows}
 
 
 def run_json_command(command: Sequence[str], timeout: float, cwd: Path | None = None) -> dict[str, Any]:
@@ -190,9 +204,10 @@ def run_json_command(command: Sequence[str], timeout: float, cwd: Path | None = 
     result = subprocess.run(list(command), capture_output=True, text=True, timeout=timeout, cwd=cwd)
     if result.returncode != 0:
         raise BenchError(f"{command[0]} exited {result.returncode}: {result.stderr[-2000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    parsed: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    return parsed
 
 
 def server_version(server_dsn: str) -> str:
     with psycopg.connect(server_dsn, autocommit=True) as conn:
-        return conn.execute("SHOW server_version").fetchone()[0]
+        return str(scalar(conn, "SHOW server_version"))

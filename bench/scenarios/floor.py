@@ -7,7 +7,7 @@ from typing import Any
 
 import psycopg
 
-from bench.pg import fresh_database
+from bench.pg import fresh_database, scalar
 
 BATCH = 500
 TABLE = """CREATE TABLE floor_outbox (
@@ -27,7 +27,7 @@ def run(ctx: Any) -> dict[str, Any]:
     with fresh_database(ctx.server_dsn, "floor") as dsn, psycopg.connect(dsn) as conn:
         conn.execute(TABLE)
         conn.commit()
-        run_id = conn.execute("SELECT gen_random_uuid()").fetchone()[0]
+        run_id = scalar(conn, "SELECT gen_random_uuid()")
         started = time.perf_counter()
         for first in range(0, n, BATCH):
             size = min(BATCH, n - first)
@@ -40,7 +40,7 @@ def run(ctx: Any) -> dict[str, Any]:
             conn.execute("UPDATE floor_outbox SET status = 'sent', sent_at = now() WHERE id = ANY(%s)", (ids,))
             conn.commit()
         wall = time.perf_counter() - started
-        sent = conn.execute("SELECT count(*) FROM floor_outbox WHERE status = 'sent'").fetchone()[0]
+        sent = scalar(conn, "SELECT count(*) FROM floor_outbox WHERE status = 'sent'")
     if sent != n:
         raise AssertionError(f"floor: {sent} of {n} rows sent")
     return {"n": n, "wall_s": wall, "msgs_per_s": n / wall}

@@ -6,9 +6,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from kernel_driver.testing.seed import seed_campaign
-
 from bench.pg import SCHEMA, deploy, kernel_database, run_daemons, table_sizes, verify_items
+from kernel_driver.testing.seed import seed_campaign
 
 
 def one(ctx: Any, contacts: int) -> dict[str, Any]:

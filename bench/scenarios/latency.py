@@ -6,10 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from kernel_driver.testing.seed import seed_campaign
-
 from bench.pg import SCHEMA, BenchError, deploy, kernel_database, run_daemons, verify_items
 from bench.receiver import lognormal_mean_ms, receiver_stats, running_receiver
+from kernel_driver.testing.seed import seed_campaign
 
 MEDIAN_MS = 50
 P99_MS = 400

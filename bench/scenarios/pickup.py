@@ -8,7 +8,7 @@ import random
 import time
 from typing import Any
 
-from bench.pg import BenchError, deploy, kernel_database, start_daemon
+from bench.pg import BenchError, deploy, kernel_database, one, start_daemon
 from bench.receiver import receiver_stats, running_receiver
 from bench.scenarios.small import percentile, seed_one_contact_campaigns
 
@@ -35,8 +35,8 @@ def run(ctx: Any) -> dict[str, Any]:
                 deployed[str(run_id)] = t0
                 limit = time.monotonic() + 30
                 while True:
-                    row = conn.execute("SELECT status, extract(epoch FROM completed_at)::float8 FROM kernel.campaign_runs"
-                                       " WHERE id = %s", (run_id,)).fetchone()
+                    row = one(conn, "SELECT status, extract(epoch FROM completed_at)::float8"
+                                    " FROM kernel.campaign_runs WHERE id = %s", (run_id,))
                     if row[0] in ("completed", "failed", "cancelled"):
                         completed[str(run_id)] = row[1]
                         break

@@ -13,10 +13,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from kernel_driver.testing.seed import seed_campaign
-
+from bench.pg import SCHEMA, deploy, kernel_database, run_daemons, scalar, table_sizes, verify_items
 from bench.profile_frames import top_frames
-from bench.pg import SCHEMA, deploy, kernel_database, run_daemons, table_sizes, verify_items
+from kernel_driver.testing.seed import seed_campaign
 
 TOP = 12
 
@@ -42,7 +41,7 @@ def try_pg_stat_statements(conn: psycopg.Connection) -> str | None:
 def run(ctx: Any) -> dict[str, Any]:
     n = ctx.sizes.profile_n
     with kernel_database(ctx.server_dsn, "profile") as (dsn, conn):
-        name = conn.execute("SELECT current_database()").fetchone()[0]
+        name = scalar(conn, "SELECT current_database()")
         conn.execute(sql.SQL("ALTER DATABASE {} SET track_functions = 'all'").format(sql.Identifier(name)))
         statements = try_pg_stat_statements(conn)
         seeded = seed_campaign(conn, SCHEMA, contacts=n, provider="noop")
@@ -50,7 +49,8 @@ def run(ctx: Any) -> dict[str, Any]:
         conn.execute("SELECT pg_stat_reset()")
         spy = py_spy()
         raw_path = ctx.log_dir / "py-spy.raw"
-        prefix = [spy, "record", "--format", "raw", "--gil", "--rate", "200", "--output", str(raw_path), "--"] if spy else []
+        prefix = ([spy, "record", "--format", "raw", "--gil", "--rate", "200", "--output", str(raw_path), "--"]
+                  if spy else [])
         timing = run_daemons(conn, dsn, [run_id], daemons=1, concurrency=ctx.sizes.concurrency,
                              log_dir=ctx.log_dir, label="profile", prefix=prefix)
         verified = verify_items(conn, [run_id], n)
@@ -61,11 +61,9 @@ def run(ctx: Any) -> dict[str, Any]:
                 "SELECT funcname, calls, total_time, self_time FROM pg_stat_user_functions"
                 " WHERE schemaname = %s ORDER BY self_time DESC LIMIT %s", (SCHEMA, TOP))
         ]
-        function_ms = conn.execute(
-            "SELECT coalesce(sum(self_time), 0) FROM pg_stat_user_functions WHERE schemaname = %s",
-            (SCHEMA,)).fetchone()[0]
-        commits = conn.execute("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
-                               ).fetchone()[0]
+        function_ms = scalar(
+            conn, "SELECT coalesce(sum(self_time), 0) FROM pg_stat_user_functions WHERE schemaname = %s", (SCHEMA,))
+        commits = scalar(conn, "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
         top_statements: list[dict[str, Any]] | str = statements or []
         if statements is None:
             top_statements = [

@@ -37,8 +37,10 @@ def seed_one_contact_campaigns(conn: psycopg.Connection, count: int, provider: s
         conn.execute(
             """INSERT INTO kernel.campaign_audience (campaign_id, contact_id)
                SELECT c.id, k.id
-               FROM (SELECT id, row_number() OVER (ORDER BY name) AS r FROM kernel.campaigns WHERE workspace_id = %(w)s) c
-               JOIN (SELECT id, row_number() OVER (ORDER BY email) AS r FROM kernel.contacts WHERE workspace_id = %(w)s) k
+               FROM (SELECT id, row_number() OVER (ORDER BY name) AS r
+                     FROM kernel.campaigns WHERE workspace_id = %(w)s) c
+               JOIN (SELECT id, row_number() OVER (ORDER BY email) AS r
+                     FROM kernel.contacts WHERE workspace_id = %(w)s) k
                  USING (r)""", {"w": workspace})
         return [row[0] for row in conn.execute(
             "SELECT id FROM kernel.campaigns WHERE workspace_id = %s ORDER BY created_at, name", (workspace,))]
