@@ -23,6 +23,8 @@ from psycopg import sql
 from psycopg.abc import Params
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from kernel_driver.queries import Kernel
+
 SCHEMA = "kernel"
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -94,7 +96,7 @@ def scalar(conn: psycopg.Connection, query: str | sql.Composed, params: Params |
 
 
 def deploy(conn: psycopg.Connection, campaign_id: Any) -> Any:
-    return scalar(conn, "SELECT kernel.deploy_campaign(%s)", (campaign_id,))
+    return Kernel(conn, SCHEMA).deploy_campaign(campaign_id)
 
 
 @dataclass

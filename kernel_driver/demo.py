@@ -24,12 +24,11 @@ from uuid import UUID
 
 import click
 import psycopg
-from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from kernel_driver import migrate
 from kernel_driver.config import Settings
-from kernel_driver.db import connect, wrap_errors
+from kernel_driver.db import connect
 from kernel_driver.errors import ChecksFailed
 from kernel_driver.queries import Kernel
 from kernel_driver.runs import table
@@ -81,15 +80,9 @@ def seed_and_deploy(conn: psycopg.Connection, schema: str, smtp: SmtpSink, voice
         conn, schema, contacts=VOICE_CONTACTS, channel="voice", provider="twilio",
         settings=voice.provider_settings(), tenant_id=email.tenant_id, name="demo voice",
     )
-    runs = []
-    for channel, campaign in (("email", email), ("voice", voice_campaign)):
-        with wrap_errors():
-            row = conn.execute(
-                sql.SQL("SELECT {}.deploy_campaign(%s)").format(sql.Identifier(schema)), [campaign.campaign_id]
-            ).fetchone()
-        assert row is not None
-        runs.append(DemoRun(channel, campaign, row[0]))
-    return runs
+    kernel = Kernel(conn, schema)
+    return [DemoRun(channel, campaign, kernel.deploy_campaign(campaign.campaign_id))
+            for channel, campaign in (("email", email), ("voice", voice_campaign))]
 
 
 def run_daemon(settings: Settings, dsn: str, tenant_id: UUID, env: dict[str, str], log_path: Path,

@@ -1,4 +1,5 @@
-"""One typed wrapper per kernel SQL function the driver calls; nothing else in the daemon talks SQL.
+"""One typed wrapper per kernel SQL function the driver calls (the daemon's, the application's and
+the operator's); demo, certify, runs and the tests call the kernel through them.
 
 Each call is one statement on an autocommit connection, so each is its own short transaction:
 no transaction is ever held open across a provider call. No call relies on session state (the
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, NamedTuple
 from uuid import UUID
 
@@ -34,6 +36,23 @@ class QueueDepth:
     status: str
     jobs: int
     oldest_age_seconds: float
+
+
+@dataclass(frozen=True)
+class LaunchCheck:
+    check_name: str
+    passed: bool
+    detail: str | None
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    id: UUID
+    status: str
+    channel: str
+    generation: int
+    created_at: datetime
+    campaign: str
 
 
 class Result(NamedTuple):
@@ -133,6 +152,42 @@ class Kernel:
             "SELECT status, jobs, oldest_age_seconds FROM {schema}.queue_stats()",
             (),
             class_row(QueueDepth),
+        )
+
+    # --- the application's and the operator's functions ---------------------------------
+
+    def deploy_campaign(self, campaign_id: UUID, batch_size: int | None = None) -> UUID:
+        """A new run of the campaign (the seed's one-argument form without batch_size)."""
+        if batch_size is None:
+            return UUID(str(self._scalar("SELECT {schema}.deploy_campaign(%s)", (campaign_id,))))
+        return UUID(str(self._scalar("SELECT {schema}.deploy_campaign(%s, %s)", (campaign_id, batch_size))))
+
+    def retry_campaign_run(self, run_id: UUID | str, include_unknown: bool | None = None) -> UUID:
+        """A retry run for the failed (and, with include_unknown, the unknown) items of a run."""
+        if include_unknown is None:
+            return UUID(str(self._scalar("SELECT {schema}.retry_campaign_run(%s)", (run_id,))))
+        return UUID(str(self._scalar(
+            "SELECT {schema}.retry_campaign_run(%s, %s)", (run_id, include_unknown)
+        )))
+
+    def cancel_campaign_run(self, run_id: UUID | str) -> None:
+        self._call("SELECT {schema}.cancel_campaign_run(%s)", (run_id,))
+
+    def launch_checks(self, campaign_id: UUID, workspace_id: UUID) -> list[LaunchCheck]:
+        return self._call(
+            "SELECT check_name, passed, detail FROM {schema}.check_campaign_launch_prerequisites(%s, %s)",
+            (campaign_id, workspace_id),
+            class_row(LaunchCheck),
+        )
+
+    def latest_runs(self, limit: int) -> list[RunSummary]:
+        """The latest runs in scope, newest first (a read of the tables: no kernel function lists runs)."""
+        return self._call(
+            "SELECT r.id, r.status, r.channel, r.generation, r.created_at, c.name AS campaign"
+            " FROM {schema}.campaign_runs AS r INNER JOIN {schema}.campaigns AS c ON c.id = r.campaign_id"
+            " ORDER BY r.created_at DESC, r.id LIMIT %s",
+            (limit,),
+            class_row(RunSummary),
         )
 
     def run_details(self, run_id: UUID, item_limit: int) -> dict[str, Any]:

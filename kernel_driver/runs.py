@@ -13,11 +13,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import click
-from psycopg import sql
-from psycopg.rows import dict_row
 
 from kernel_driver.config import Settings
-from kernel_driver.db import database, wrap_errors
+from kernel_driver.db import database
 from kernel_driver.errors import BadUsage
 from kernel_driver.queries import Kernel
 
@@ -119,15 +117,10 @@ def show(settings: Settings, run_id: str, as_json: bool, item_limit: int) -> Non
 def list_runs(settings: Settings, limit: int) -> None:
     """The latest runs, newest first."""
 
-    query = sql.SQL(
-        "SELECT r.id, r.status, r.channel, r.generation, r.created_at, c.name"
-        " FROM {schema}.campaign_runs AS r INNER JOIN {schema}.campaigns AS c ON c.id = r.campaign_id"
-        " ORDER BY r.created_at DESC, r.id LIMIT %s"
-    ).format(schema=sql.Identifier(settings.schema))
-    with database(settings) as conn, wrap_errors(), conn.cursor(row_factory=dict_row) as cur:
-        found = cur.execute(query, [limit]).fetchall()
+    with database(settings) as conn:
+        found = Kernel(conn, settings.schema).latest_runs(limit)
     rows = [
-        (r["id"], r["status"], r["channel"], r["generation"], r["created_at"].isoformat(timespec="seconds"), r["name"])
+        (r.id, r.status, r.channel, r.generation, r.created_at.isoformat(timespec="seconds"), r.campaign)
         for r in found
     ]
     if not rows:

@@ -159,12 +159,12 @@ class Certification:
         return seeded
 
     def deploy(self, record: CheckRecord, campaign: SeededCampaign, batch_size: int) -> str:
-        run_id = str(self.value("SELECT {schema}.deploy_campaign(%s, %s)", campaign.campaign_id, batch_size))
+        run_id = str(self.kernel.deploy_campaign(campaign.campaign_id, batch_size))
         record.run_ids.append(run_id)
         return run_id
 
     def retry(self, record: CheckRecord, run_id: str) -> str:
-        retry_id = str(self.value("SELECT {schema}.retry_campaign_run(%s)", run_id))
+        retry_id = str(self.kernel.retry_campaign_run(run_id))
         record.run_ids.append(retry_id)
         return retry_id
 

@@ -7,6 +7,7 @@ import random
 import signal
 import time
 
+from kernel_driver.queries import Kernel
 from kernel_driver.testing.seed import seed_campaign
 from kernel_driver.testing.sinks import SmtpSink, VoiceSink
 from tests.integration.daemon import in_flight_ids, item_counts, run_status, run_until_idle, start_daemon, wait_until
@@ -31,7 +32,7 @@ def test_sigkill_ten_times_never_sends_twice(conn, db_dsn, kernel_schema):
         # Large enough that ten kills land before the end even on a fast machine.
         seeded = seed_campaign(conn, kernel_schema, contacts=5000, provider="smtp",
                                settings=sink.provider_settings(), unsubscribed_every=20)
-        run_id = conn.execute("SELECT deploy_campaign(%s, 250)", (seeded.campaign_id,)).fetchone()[0]
+        run_id = Kernel(conn, kernel_schema).deploy_campaign(seeded.campaign_id, 250)
         in_flight_at_kills: set[object] = set()
         kills = 0
         while kills < KILLS:
@@ -72,7 +73,7 @@ def deploy_voice_campaign(conn, schema, sink, contacts):
     """A deployed voice campaign through `sink`, and the daemon environment holding its token."""
     seeded = seed_campaign(conn, schema, contacts=contacts, channel="voice", provider="twilio",
                            settings=sink.provider_settings())
-    run_id = conn.execute("SELECT deploy_campaign(%s)", (seeded.campaign_id,)).fetchone()[0]
+    run_id = Kernel(conn, schema).deploy_campaign(seeded.campaign_id)
     return run_id, {"VOICE_SINK_AUTH_TOKEN": sink.auth_token}
 
 

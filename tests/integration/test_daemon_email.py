@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from kernel_driver.queries import Kernel
 from kernel_driver.testing.seed import seed_campaign
 from kernel_driver.testing.sinks import SmtpSink
 from tests.integration.daemon import item_counts, run_until_idle
@@ -15,7 +16,7 @@ def test_email_campaign_reaches_each_reachable_contact_once(conn, db_dsn, kernel
             conn, kernel_schema, contacts=2000, provider="smtp", settings=sink.provider_settings(),
             unsubscribed_every=10, no_address_every=25,
         )
-        run_id = conn.execute("SELECT deploy_campaign(%s, 500)", (seeded.campaign_id,)).fetchone()[0]
+        run_id = Kernel(conn, kernel_schema).deploy_campaign(seeded.campaign_id, 500)
         output = run_until_idle(db_dsn, kernel_schema, "--concurrency", "8", "--log-format", "json")
 
         received = sink.count_by_recipient()

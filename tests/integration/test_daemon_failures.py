@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from kernel_driver.queries import Kernel
 from kernel_driver.testing.seed import seed_campaign
 from kernel_driver.testing.sinks import SmtpSink, VoiceSink, WebhookSink, refused_port
 from tests.integration.daemon import item_counts, run_until_idle, start_daemon, wait_until
@@ -9,7 +10,7 @@ from tests.integration.daemon import item_counts, run_until_idle, start_daemon, 
 
 def deploy(conn, schema, **kwargs):
     seeded = seed_campaign(conn, schema, **kwargs)
-    return conn.execute("SELECT deploy_campaign(%s)", (seeded.campaign_id,)).fetchone()[0]
+    return Kernel(conn, schema).deploy_campaign(seeded.campaign_id)
 
 
 def errors(conn, run_id) -> list[str]:
@@ -63,7 +64,7 @@ def test_missing_secret_fails_every_contact_with_the_reason(conn, db_dsn, kernel
     assert item_counts(conn, [run_id]) == {"failed": 3}
     assert all("KERNEL_TEST_UNSET_TOKEN" in error for error in errors(conn, run_id))
     # The fix is a retry: it targets exactly those contacts.
-    retry_id = conn.execute("SELECT retry_campaign_run(%s)", (run_id,)).fetchone()[0]
+    retry_id = Kernel(conn, kernel_schema).retry_campaign_run(run_id)
     assert conn.execute("SELECT sum(cardinality(contact_ids)) FROM job_queue WHERE run_id = %s",
                         (retry_id,)).fetchone()[0] == 3
 

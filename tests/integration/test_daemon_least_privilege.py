@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from kernel_driver.queries import Kernel
 from kernel_driver.testing.seed import seed_campaign
 from tests.integration.daemon import client_dsn, item_counts, login_role, run_status, run_until_idle, start_daemon
 
@@ -9,7 +10,7 @@ from tests.integration.daemon import client_dsn, item_counts, login_role, run_st
 def test_daemon_runs_as_a_login_with_only_the_worker_role(conn, db_dsn, kernel_schema):
     with login_role(conn, kernel_schema, "worker") as login:
         seeded = seed_campaign(conn, kernel_schema, contacts=50, provider="noop", unsubscribed_every=10)
-        run_id = conn.execute("SELECT deploy_campaign(%s)", (seeded.campaign_id,)).fetchone()[0]
+        run_id = Kernel(conn, kernel_schema).deploy_campaign(seeded.campaign_id)
         run_until_idle(client_dsn(db_dsn, user=login), kernel_schema)
         assert item_counts(conn, [run_id]) == {"sent": 45, "skipped": 5}
         assert run_status(conn, run_id) == "completed"

@@ -8,6 +8,7 @@ import urllib.request
 
 import pytest
 
+from kernel_driver.queries import Kernel
 from kernel_driver.testing.seed import seed_campaign
 from kernel_driver.testing.sinks import SmtpSink, WebhookSink
 from tests.integration.daemon import item_counts, job_workers, run_status, start_daemon, wait_until
@@ -18,7 +19,7 @@ def test_daemons_share_a_campaign_without_duplicates(conn, db_dsn, kernel_schema
     with SmtpSink() as sink:
         seeded = seed_campaign(conn, kernel_schema, contacts=2000, provider="smtp",
                                settings=sink.provider_settings(), no_address_every=50)
-        run_id = conn.execute("SELECT deploy_campaign(%s, 100)", (seeded.campaign_id,)).fetchone()[0]
+        run_id = Kernel(conn, kernel_schema).deploy_campaign(seeded.campaign_id, 100)
         processes = [
             start_daemon(db_dsn, kernel_schema, "--until-idle", "--worker-id", f"d{n}") for n in range(daemons)
         ]
@@ -44,7 +45,7 @@ def test_rate_limit_holds_across_daemons(conn, db_dsn, kernel_schema):
         sink.handle = timed
         seeded = seed_campaign(conn, kernel_schema, contacts=80, provider="webhook",
                                settings=sink.provider_settings(), max_per_second=rate)
-        conn.execute("SELECT deploy_campaign(%s, 20)", (seeded.campaign_id,))
+        Kernel(conn, kernel_schema).deploy_campaign(seeded.campaign_id, 20)
         processes = [start_daemon(db_dsn, kernel_schema, "--until-idle") for _ in range(2)]
         for process in processes:
             process.finish(timeout=120)
@@ -67,7 +68,7 @@ def free_port() -> int:
 def test_metrics_endpoint(conn, db_dsn, kernel_schema):
     port = free_port()
     seeded = seed_campaign(conn, kernel_schema, contacts=30, provider="noop")
-    run_id = conn.execute("SELECT deploy_campaign(%s)", (seeded.campaign_id,)).fetchone()[0]
+    run_id = Kernel(conn, kernel_schema).deploy_campaign(seeded.campaign_id)
     daemon = start_daemon(db_dsn, kernel_schema, "--metrics-port", str(port))
     try:
         wait_until(lambda: run_status(conn, run_id) == "completed")

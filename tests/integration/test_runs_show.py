@@ -7,6 +7,7 @@ import uuid
 
 import pytest
 
+from kernel_driver.queries import Kernel
 from kernel_driver.testing.seed import seed_campaign
 from kernel_driver.testing.sinks import SmtpSink
 from tests.integration.daemon import client_dsn, run_until_idle
@@ -26,7 +27,7 @@ def finished_run(conn, db_dsn, kernel_schema, sink):
         unsubscribed_every=3, name="runs show test",
     )
     sink.reject_rcpt = {seeded.address(1, "email")}
-    run_id = conn.execute("SELECT deploy_campaign(%s, 3)", (seeded.campaign_id,)).fetchone()[0]
+    run_id = Kernel(conn, kernel_schema).deploy_campaign(seeded.campaign_id, 3)
     run_until_idle(db_dsn, kernel_schema)
     return str(run_id), seeded
 
@@ -67,7 +68,7 @@ def test_show_prints_the_run_its_jobs_counts_and_items(runs_cli, finished_run, c
 def test_show_names_the_lineage_of_a_retry(runs_cli, finished_run, conn, db_dsn, kernel_schema, sink):
     first, _ = finished_run
     sink.reject_rcpt = False
-    retry = conn.execute("SELECT retry_campaign_run(%s)", (first,)).fetchone()[0]
+    retry = Kernel(conn, kernel_schema).retry_campaign_run(first)
     run_until_idle(db_dsn, kernel_schema)
 
     assert "lineage   generation 1 of 2\n" in runs_cli("show", first).output
@@ -91,10 +92,10 @@ def test_show_items_limits_the_listed_items_not_the_counts(runs_cli, finished_ru
     assert "first" not in runs_cli("show", first, "--items", "0").output.split("items (6)")[1]
 
 
-def test_show_json_is_run_details(runs_cli, finished_run, conn):
+def test_show_json_is_run_details(runs_cli, finished_run, conn, kernel_schema):
     first, _ = finished_run
     shown = json.loads(runs_cli("show", first, "--json", "--items", "3").output)
-    assert shown == conn.execute("SELECT run_details(%s, 3)", (first,)).fetchone()[0]
+    assert shown == Kernel(conn, kernel_schema).run_details(first, 3)
 
 
 def test_list_without_runs(runs_cli):

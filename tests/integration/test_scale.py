@@ -9,6 +9,7 @@ import contextlib
 import os
 import time
 
+from kernel_driver.queries import Kernel
 from kernel_driver.testing.seed import seed_campaign
 from tests.integration.daemon import item_counts, job_workers, run_status, start_daemon
 
@@ -22,7 +23,7 @@ def rss_kib(pid: int) -> int:
 
 def test_large_campaign_is_shared_and_memory_stays_flat(conn, db_dsn, kernel_schema):
     seeded = seed_campaign(conn, kernel_schema, contacts=CONTACTS, provider="noop", unsubscribed_every=100)
-    run_id = conn.execute("SELECT deploy_campaign(%s)", (seeded.campaign_id,)).fetchone()[0]
+    run_id = Kernel(conn, kernel_schema).deploy_campaign(seeded.campaign_id)
     daemons = [
         start_daemon(db_dsn, kernel_schema, "--until-idle", "--concurrency", "32",
                      "--log-level", "WARNING", "--worker-id", f"scale-{n}")

@@ -25,6 +25,7 @@ import pytest
 from psycopg.types.json import Json
 
 from kernel_driver import freeze, schema_dump
+from kernel_driver.queries import Kernel
 from kernel_driver.testing.seed import SeededCampaign, seed_campaign
 from kernel_driver.testing.sinks import SmtpSink
 from tests.integration.daemon import item_counts, run_until_idle
@@ -179,8 +180,8 @@ class CrashedWorker:
         self.conn.execute("SELECT complete_job(%s, true, NULL, %s)", [job_id, self.name])
 
 
-def deploy(conn: psycopg.Connection, seeded: SeededCampaign, batch_size: int) -> Any:
-    return conn.execute("SELECT deploy_campaign(%s, %s)", [seeded.campaign_id, batch_size]).fetchone()[0]
+def deploy(conn: psycopg.Connection, schema: str, seeded: SeededCampaign, batch_size: int) -> Any:
+    return Kernel(conn, schema).deploy_campaign(seeded.campaign_id, batch_size)
 
 
 def test_upgrade_from_first_release_keeps_in_flight_work(
@@ -196,14 +197,14 @@ def test_upgrade_from_first_release_keeps_in_flight_work(
         # A finished run: its rows are terminal and must never change again.
         done = seed_campaign(conn, kernel_schema, contacts=40, provider="smtp",
                              settings=sink.provider_settings(), unsubscribed_every=10)
-        done_run = deploy(conn, done, 100)
+        done_run = deploy(conn, kernel_schema, done, 100)
         worker = CrashedWorker(conn)
         worker.finish_job(worker.claim())
 
         # A run in flight: three jobs, the first claimed by the worker that then "crashed".
         live = seed_campaign(conn, kernel_schema, contacts=300, provider="smtp",
                              settings=sink.provider_settings(), unsubscribed_every=10, no_address_every=25)
-        live_run = deploy(conn, live, 100)
+        live_run = deploy(conn, kernel_schema, live, 100)
         job_id = worker.claim()
         items = [item_id for item_id, _ in worker.reserve(job_id, 40)]
         worker.dispatch(job_id, items[:30])
@@ -284,7 +285,7 @@ $$;
     bad = function_sections(schema_dump.dump(conn, kernel_schema))
     with SmtpSink() as sink:
         seeded = seed_campaign(conn, kernel_schema, contacts=50, provider="smtp", settings=sink.provider_settings())
-        run_id = deploy(conn, seeded, 1000)
+        run_id = deploy(conn, kernel_schema, seeded, 1000)
         assert conn.execute("SELECT count(*) FROM claim_queued_jobs('probe', 1)").fetchone()[0] == 0
 
         # The rollback: every function the bad release changed, as the good release defined it

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 
+from kernel_driver.queries import Kernel
 from kernel_driver.testing.seed import seed_campaign
 from tests.integration.daemon import item_counts, run_status, start_daemon, wait_until
 from tests.pooler.conftest import StartPgBouncer
@@ -18,7 +19,7 @@ def test_two_daemons_through_the_pooler_finish_a_campaign_once(conn, kernel_sche
     bouncer = start_pgbouncer(pool_size=2)
     pooled = bouncer.dsn(bouncer.login("worker"))
     seeded = seed_campaign(conn, kernel_schema, contacts=6000, provider="noop")
-    run_id = conn.execute("SELECT deploy_campaign(%s, 250)", (seeded.campaign_id,)).fetchone()[0]
+    run_id = Kernel(conn, kernel_schema).deploy_campaign(seeded.campaign_id, 250)
     # More statements than the pool has server connections, from two clients: any session
     # state or prepared statement would land on the other daemon's connection.
     daemons = [
@@ -56,7 +57,7 @@ def test_pooled_daemon_wakes_from_a_direct_listen_connection(conn, db_dsn, kerne
         for _ in range(5):
             seeded = seed_campaign(conn, kernel_schema, contacts=1, provider="noop")
             started = time.monotonic()
-            run_id = conn.execute("SELECT deploy_campaign(%s)", (seeded.campaign_id,)).fetchone()[0]
+            run_id = Kernel(conn, kernel_schema).deploy_campaign(seeded.campaign_id)
             wait_until(lambda: run_status(conn, run_id) == "completed", timeout=20)  # noqa: B023 - waited on here
             delays.append(time.monotonic() - started)
         assert max(delays) < 10, delays  # not the 30 s poll
