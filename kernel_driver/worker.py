@@ -209,6 +209,10 @@ class Worker:
         self._failure: BaseException | None = None  # a step failed; raised once all are answered
         concurrency = config.concurrency
         self._step_share = max(-(-concurrency // STEPS_IN_FLIGHT), min(concurrency, MIN_STEP_SHARE))
+        # A step that takes the whole window leaves the next nothing to dispatch: it would only
+        # split the results and job endings into more, smaller steps (one-contact campaigns at
+        # --concurrency 16: 488-491 messages/s with two in flight, 755-930 with one).
+        self._steps_in_flight = STEPS_IN_FLIGHT if self._step_share < concurrency else 1
         self._deduplicating = [name for name in installed_providers() if _deduplicates(name)]
         self._last_step = 0.0
         self._next_claim = 0.0  # when to look for work again without a NOTIFY
@@ -297,7 +301,7 @@ class Worker:
                         self._in_flight == 0 or self._stop_expired()):
                     self._shut_down(kernel)
                     return True
-                if len(self._submitted) < STEPS_IN_FLIGHT:
+                if len(self._submitted) < self._steps_in_flight:
                     if self._gather(now):
                         continue
                     request = self._request(now)
