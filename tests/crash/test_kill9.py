@@ -69,6 +69,40 @@ def test_sigkill_ten_times_never_sends_twice(conn, db_dsn, kernel_schema):
     assert sent_recipients <= set(received)
 
 
+def test_sigkill_with_two_steps_in_flight_keeps_the_window(conn, db_dsn, kernel_schema):
+    """At --concurrency 256 the daemon keeps two worker_step calls in flight (the window is
+    shared at 128 or more): a kill at any moment still leaves at most 256 items of its jobs
+    dispatched and unrecorded, counting what a step sent just before the kill committed. (Items
+    an earlier daemon left are another window: the next daemon may start before their leases end.)"""
+    concurrency = 256
+    seeded = seed_campaign(conn, kernel_schema, contacts=40000, provider="noop", settings={"latency_ms": 20})
+    run_id = Kernel(conn, kernel_schema).deploy_campaign(seeded.campaign_id)
+    rng = random.Random(int(os.environ.get("KERNEL_TEST_SEED", "0")) or None)
+    worst = 0
+    for kill in range(5):
+        worker = f"window-{kill}"
+        daemon = start_daemon(db_dsn, kernel_schema, "--worker-id", worker, "--concurrency", str(concurrency),
+                              "--lease-seconds", "1")
+        before = sent_count(conn, run_id)
+        wait_until(lambda: sent_count(conn, run_id) > before + 2 * concurrency or daemon.poll() is not None,  # noqa: B023 - waited on here
+                   timeout=60)
+        time.sleep(rng.uniform(0, 0.3))
+        assert daemon.poll() is None, "the campaign finished before five kills: make it larger"
+        daemon.kill()
+        wait_until(lambda: not daemon_backends(conn), timeout=30)
+        in_flight = conn.execute(
+            "SELECT count(*) FROM channel_outbox AS o INNER JOIN job_queue AS j ON j.id = o.job_id"
+            " WHERE o.run_id = %s AND o.status = 'pending' AND o.dispatched_at IS NOT NULL AND j.locked_by = %s",
+            (run_id, worker),
+        ).fetchone()[0]
+        assert in_flight <= concurrency, f"{in_flight} items of {worker} dispatched and unrecorded after a kill"
+        worst = max(worst, in_flight)
+    assert worst > concurrency // 2, f"the window was never more than half full ({worst}): the test saw no overlap"
+    run_until_idle(db_dsn, kernel_schema, "--lease-seconds", "1", "--concurrency", str(concurrency))
+    counts = item_counts(conn, [run_id])
+    assert counts == {"sent": 40000}, counts  # noop deduplicates: what was in flight went out again
+
+
 def deploy_voice_campaign(conn, schema, sink, contacts):
     """A deployed voice campaign through `sink`, and the daemon environment holding its token."""
     seeded = seed_campaign(conn, schema, contacts=contacts, channel="voice", provider="twilio",
