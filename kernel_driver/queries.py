@@ -190,8 +190,14 @@ class Kernel:
             class_row(RunSummary),
         )
 
-    def run_details(self, run_id: UUID, item_limit: int) -> dict[str, Any]:
-        details: dict[str, Any] = self._scalar("SELECT {schema}.run_details(%s, %s)", (run_id, item_limit))
+    def run_details(self, run_id: UUID | str, item_limit: int | None = None) -> dict[str, Any]:
+        """The run, its jobs, its first item_limit outbox items (the one-argument form's 1,000
+        without it), counts per status and lineage."""
+        details: dict[str, Any]
+        if item_limit is None:
+            details = self._scalar("SELECT {schema}.run_details(%s)", (run_id,))
+        else:
+            details = self._scalar("SELECT {schema}.run_details(%s, %s)", (run_id, item_limit))
         return details
 
 
