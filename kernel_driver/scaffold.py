@@ -14,6 +14,15 @@ from pathlib import Path
 
 from kernel_driver import freeze, migrate
 
+VERSION_SQL = """\
+CREATE OR REPLACE FUNCTION kernel.kernel_version() RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT '{version}'::text
+$$;
+"""
+
 TEMPLATE = """\
 -- {name}.sql: the execution kernel v{version}.
 --
@@ -22,16 +31,15 @@ TEMPLATE = """\
 
 -- The version ---------------------------------------------------------------------
 
-CREATE OR REPLACE FUNCTION kernel.kernel_version() RETURNS text
-LANGUAGE sql IMMUTABLE
-SET search_path = pg_catalog, pg_temp
-AS $$
-    SELECT '{version}'::text
-$$;
-
+""" + VERSION_SQL + """
 INSERT INTO kernel.schema_migrations (version, name) VALUES ({number}, '{name}')
 ON CONFLICT (version) DO NOTHING;
 """
+
+
+def version_sql(version: str) -> str:
+    """The statement that makes `version` the kernel's version (every migration ends with it)."""
+    return VERSION_SQL.format(version=version)
 
 
 def scaffold(sql_dir: Path, slug: str, version: str) -> Path:

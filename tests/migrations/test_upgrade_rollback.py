@@ -26,6 +26,7 @@ from psycopg.types.json import Json
 
 from kernel_driver import freeze, schema_dump
 from kernel_driver.queries import Kernel
+from kernel_driver.scaffold import version_sql
 from kernel_driver.testing.seed import SeededCampaign, seed_campaign
 from kernel_driver.testing.sinks import SmtpSink
 from tests.integration.daemon import item_counts, run_until_idle
@@ -101,17 +102,6 @@ def function_sections(dump: str) -> dict[str, str]:
 def next_version(version: str) -> str:
     major, minor, patch = freeze.version_key(version)
     return f"{major}.{minor}.{patch + 1}"
-
-
-def version_sql(version: str) -> str:
-    return f"""
-CREATE OR REPLACE FUNCTION kernel.kernel_version() RETURNS text
-LANGUAGE sql IMMUTABLE
-SET search_path = pg_catalog, pg_temp
-AS $$
-    SELECT '{version}'::text
-$$;
-"""
 
 
 def api_signatures(conn: psycopg.Connection, schema: str) -> set[tuple[str, str]]:
