@@ -553,7 +553,12 @@ class Worker:
         JOBS_CLAIMED.inc()
         if job.attempt > 1:
             JOBS_RECLAIMED.inc()
-        log.info("job claimed job=%s run=%s attempt=%s", job.id, job.run_id, job.attempt, extra=_fields(job))
+        # One line per job only at DEBUG: a daemon draining one-contact campaigns claims
+        # thousands a second, and at INFO those lines cost more than the jobs' SQL (docs/runbook.md).
+        # A job claimed again (its holder died or gave it back) is worth an INFO line.
+        if job.attempt > 1 or log.isEnabledFor(logging.DEBUG):
+            log.log(logging.INFO if job.attempt > 1 else logging.DEBUG, "job claimed job=%s run=%s attempt=%s",
+                    job.id, job.run_id, job.attempt, extra=_fields(job))
 
     def _dispatch(self, job: HeldJob, item: Item) -> None:
         if job.error is not None:
@@ -567,7 +572,8 @@ class Worker:
     def _end(self, job: HeldJob, detail: dict[str, Any]) -> None:
         del self._jobs[job.id]
         run_status = detail["run_status"]
-        log.info("job %s job=%s", detail["job_status"], job.id, extra=_fields(job))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("job %s job=%s", detail["job_status"], job.id, extra=_fields(job))
         if run_status in TERMINAL_RUN_STATUSES:
             log.info("run %s run=%s", run_status, job.run_id, extra={**_fields(job), "run_status": run_status})
 

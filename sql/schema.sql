@@ -15,7 +15,8 @@ GRANT USAGE ON SCHEMA kernel TO kernel_worker;
 --   0001 0001_kernel
 --   0002 0002_kernel_1_1
 --   0003 0003_kernel_1_2
--- kernel_version() = 1.2.0
+--   0004 0004_kernel_1_3
+-- kernel_version() = 1.3.0
 
 -- SEQUENCE kernel.job_events_id_seq
 
@@ -562,6 +563,8 @@ CREATE OR REPLACE FUNCTION kernel._claim_jobs(p_worker text, p_max_jobs integer,
  RETURNS SETOF kernel.job_queue
  LANGUAGE plpgsql
  SET search_path TO 'pg_catalog', 'pg_temp'
+ SET enable_bitmapscan TO 'off'
+ SET enable_seqscan TO 'off'
 AS $function$
 DECLARE
     _taken kernel.job_queue[];
@@ -1609,7 +1612,7 @@ CREATE OR REPLACE FUNCTION kernel.kernel_version()
  IMMUTABLE
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
-    SELECT '1.2.0'::text
+    SELECT '1.3.0'::text
 $function$;
 COMMENT ON FUNCTION kernel.kernel_version() IS 'The installed kernel version; every version bump replaces it.';
 ALTER FUNCTION kernel.kernel_version() OWNER TO kernel_owner;
@@ -2221,6 +2224,10 @@ BEGIN
     -- 2. Record what the provider calls came to. A retry goes back undispatched with the
     --    same key (failed after 5 dispatches); the daemon gets it back as 'waiting'.
     IF _results > 0 THEN
+        -- A hash join of the results with their rows, found by id. The planner, seeing a fresh
+        -- outbox as a few rows, otherwise nests a loop over both and compares every result with
+        -- every row: 31 ms instead of 1.7 ms for 250 results (auto_explain, docs/benchmarks.md).
+        PERFORM set_config('enable_nestloop', 'off', true);
         WITH r AS (
             SELECT * FROM unnest(p_result_ids, p_result_outcomes, p_result_provider_ids, p_result_responses, p_result_errors)
                 AS x (id, outcome, provider_message_id, response, error)
@@ -2236,14 +2243,15 @@ BEGIN
                 sent_at = CASE WHEN r.outcome = 'sent' THEN clock_timestamp() END,
                 completed_at = CASE WHEN r.outcome <> 'retry' OR o.dispatch_count >= 5 THEN clock_timestamp() END
             FROM r
-            -- Reached by id: the fence below is written so that no index serves it (a fresh
-            -- outbox without statistics would otherwise be read by job, every item of it).
-            WHERE o.id = r.id AND (o.job_id = ANY (_held)) IS TRUE
+            -- Reached by id: the fence is written so that no index serves it (a fresh outbox
+            -- without statistics would otherwise be read by job, every item of it).
+            WHERE o.id = ANY (p_result_ids) AND o.id = r.id AND (o.job_id = ANY (_held)) IS TRUE
               AND o.status = 'pending' AND o.dispatched_at IS NOT NULL
             RETURNING o.id, o.status
         )
         SELECT coalesce(array_agg(d.id), '{}'), coalesce(array_agg(d.id) FILTER (WHERE d.status = 'pending'), '{}')
         INTO _recorded, _waiting FROM recorded AS d;
+        PERFORM set_config('enable_nestloop', 'on', true);
         IF cardinality(_waiting) > 0 THEN
             RETURN QUERY
             SELECT 'waiting', o.job_id, o.run_id, o.id, o.idempotency_key, o.recipient, o.contact_id,

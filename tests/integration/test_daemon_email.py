@@ -17,7 +17,8 @@ def test_email_campaign_reaches_each_reachable_contact_once(conn, db_dsn, kernel
             unsubscribed_every=10, no_address_every=25,
         )
         run_id = Kernel(conn, kernel_schema).deploy_campaign(seeded.campaign_id, 500)
-        output = run_until_idle(db_dsn, kernel_schema, "--concurrency", "8", "--log-format", "json")
+        output = run_until_idle(db_dsn, kernel_schema, "--concurrency", "8", "--log-format", "json",
+                                "--log-level", "DEBUG")
 
         received = sink.count_by_recipient()
     assert len(received) == seeded.reachable
@@ -34,10 +35,13 @@ def test_email_campaign_reaches_each_reachable_contact_once(conn, db_dsn, kernel
     assert message_ids == stored
     assert conn.execute("SELECT status FROM campaign_runs WHERE id = %s", (run_id,)).fetchone()[0] == "completed"
 
-    # Logs: one JSON line per job and run state change, never one per item.
+    # Logs: one JSON line per job state change at DEBUG, one per run at INFO, never one per item.
     lines = [json.loads(line) for line in output.splitlines()]
     claimed = [line for line in lines if line["message"].startswith("job claimed")]
     assert sorted(line["job_id"] for line in claimed) == sorted(
         str(row[0]) for row in conn.execute("SELECT id FROM job_queue WHERE run_id = %s", (run_id,)))
-    assert [line["run_status"] for line in lines if "run_status" in line] == ["completed"]
+    ended = [line for line in lines if line["message"].startswith("job completed")]
+    assert {line["level"] for line in claimed + ended} == {"DEBUG"} and len(ended) == len(claimed)
+    runs = [line for line in lines if "run_status" in line]
+    assert [(line["level"], line["run_status"]) for line in runs] == [("INFO", "completed")]
     assert len(lines) < 3 * len(claimed) + 10
