@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from bench.config import Sizes
 from bench.pg import SCHEMA, BenchError, deploy, kernel_database, run_daemons, verify_items
 from bench.receiver import lognormal_mean_ms, receiver_stats, running_receiver
 from kernel_driver.testing.seed import seed_campaign
@@ -19,8 +20,9 @@ def items_for(ctx: Any, concurrency: int) -> int:
     """Enough items for `latency_seconds` at the ideal rate: 5,000 items at --concurrency 256
     last 1.5 s at 3,430/s, and the daemon's start (0.3 s) and the last wave's slowest replies
     (the largest of 256 draws, about 1 s) then weigh as much as the throughput being measured."""
+    sizes: Sizes = ctx.sizes
     ideal = concurrency / (lognormal_mean_ms(MEDIAN_MS, P99_MS) / 1000)
-    return max(int(ctx.sizes.latency_n), math.ceil(ideal * ctx.sizes.latency_seconds))
+    return max(sizes.latency_n, math.ceil(ideal * sizes.latency_seconds))
 
 
 def one(ctx: Any, concurrency: int) -> dict[str, Any]:
