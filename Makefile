@@ -11,7 +11,8 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# __init__.py holds the version, which the installed metadata must follow (test_freeze checks).
+$(STAMP): pyproject.toml kernel_driver/__init__.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $@
