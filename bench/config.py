@@ -23,6 +23,7 @@ class Sizes:
     latency_concurrency: tuple[int, ...]
     small_campaigns: int
     growth: tuple[int, ...]
+    fair: int  # tenant A's contacts in the fair-claims scenario
     pickup: int
     seed: int
 
@@ -31,10 +32,12 @@ class Sizes:
 # rows per transaction, graphile-worker's localQueue and pg-boss's batchSize are 500. It is the
 # crash window too (at most 500 items end unknown after a kill -9); a row at 16 stays beside it.
 FULL = dict(n="20000", concurrency="500", profile_n="30000", latency_n="5000", latency_seconds="10",
-            latency_concurrency="16,64,256", small_campaigns="2000", growth="10000,100000,1000000", pickup="200",
+            latency_concurrency="16,64,256", small_campaigns="2000", growth="10000,100000,1000000", fair="1000000",
+            pickup="200",
             seed="1")
 SMOKE = dict(n="2000", concurrency="500", profile_n="2000", latency_n="300", latency_seconds="0",
-             latency_concurrency="16,64,256", small_campaigns="200", growth="2000,10000", pickup="30", seed="1")
+             latency_concurrency="16,64,256", small_campaigns="200", growth="2000,10000", fair="20000", pickup="30",
+             seed="1")
 
 
 def sizes(smoke: bool, environ: dict[str, str] | None = None) -> Sizes:
@@ -45,7 +48,7 @@ def sizes(smoke: bool, environ: dict[str, str] | None = None) -> Sizes:
         n=int(value["n"]), concurrency=int(value["concurrency"]), profile_n=int(value["profile_n"]),
         latency_n=int(value["latency_n"]), latency_seconds=int(value["latency_seconds"]),
         latency_concurrency=_ints(value["latency_concurrency"]),
-        small_campaigns=int(value["small_campaigns"]), growth=_ints(value["growth"]),
+        small_campaigns=int(value["small_campaigns"]), growth=_ints(value["growth"]), fair=int(value["fair"]),
         pickup=int(value["pickup"]), seed=int(value["seed"]),
     )
 

@@ -129,6 +129,19 @@ def render(results: dict[str, Any]) -> str:
                              fmt(r["peak_rss_mib"], 1), fmt(r["table_bytes"] / 2**20, 1),
                              fmt(r["index_bytes"] / 2**20, 1), fmt(r["dead_tuples"])]))
 
+    fair = s.get("fair") or {}
+    if fair.get("shared"):
+        shared, alone = fair["shared"], fair["alone"]
+        waits = ", ".join(fmt(w * 1000) for w in shared["small_deploy_to_completed_s"])
+        others = len(shared["small_deploy_to_completed_s"])
+        out += ["", f"#### Fair claims (tenant A: {fmt(shared['n'])} contacts, 1 daemon; {others} other tenants "
+                "deploy a one-contact campaign each while A's backlog is sent)", "",
+                _row(["", "tenant A messages/s", "others: deploy → completed, ms"]), "|---|---:|---|",
+                _row(["A alone", fmt(alone["msgs_per_s"]), ""]),
+                _row(["A with the others", fmt(shared["msgs_per_s"]), waits])]
+    elif fair:
+        out += ["", f"Fair claims: {_status(fair)}"]
+
     pickup = s.get("pickup") or {}
     if pickup.get("n"):
         out += ["", f"#### Pick-up latency (idle daemon, {pickup['n']} one-contact deploys one at a time)", "",

@@ -1,4 +1,4 @@
-"""Issue 8 item 7's targets, evaluated against a result document (pure: no database)."""
+"""Issue 8 item 7's targets (and issue 10's fair claims), evaluated against a result document (pure: no database)."""
 
 from __future__ import annotations
 
@@ -67,6 +67,10 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
         ("one-contact campaigns, deploys/s", ">=", 2000, _get(results, "small", "kernel", "deploys_per_s"), "/s"),
         (f"growth: throughput, {growth_what}", ">=", 0.8, growth, "×"),
         ("daemon peak RSS at any size (MiB)", "<", 150, _max_rss(results), " MiB"),
+        ("fair claims: another tenant's one-contact campaign, deploy → completed, slowest of 5 (s)", "<", 1,
+         _get(results, "fair", "worst_small_s"), " s"),
+        ("fair claims: tenant A's throughput beside them, × alone", ">=", 0.9,
+         _get(results, "fair", "throughput_ratio"), "×"),
         ("pick-up p99, deploy → first provider call (ms)", "<", 100,
          _get(results, "pickup", "to_first_call_p99_ms"), " ms"),
     ]

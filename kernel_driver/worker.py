@@ -486,7 +486,10 @@ class Worker:
                     self._next_claim = now + min(self.config.poll_interval, 0.1)
                     continue
         if claimed:
-            self._job_size = sum(claimed) / len(claimed)
+            # Jobs of several sizes (a tenant's batches beside other tenants' one-contact
+            # campaigns): a one-contact claim must not make the next claim take hundreds of
+            # batches, which would hold them ahead of every later job. Shrink by halves at most.
+            self._job_size = max(sum(claimed) / len(claimed), self._job_size / 2)
         if request.claim:
             if len(claimed) < request.claim:
                 self._next_claim = now + self.config.poll_interval

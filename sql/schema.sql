@@ -247,6 +247,8 @@ ALTER TABLE kernel.job_queue ADD CONSTRAINT job_queue_status_check CHECK ((statu
 CREATE INDEX job_queue_by_run_status_idx ON kernel.job_queue USING btree (run_id, status);
 CREATE INDEX job_queue_claim_order_idx ON kernel.job_queue USING btree (priority DESC, run_after, id) WHERE (status = 'queued'::text);
 CREATE INDEX job_queue_processing_idx ON kernel.job_queue USING btree (id) WHERE (status = 'processing'::text);
+CREATE INDEX job_queue_tenant_claim_order_idx ON kernel.job_queue USING btree (tenant_id, priority DESC, run_after, id) WHERE (status = 'queued'::text);
+CREATE INDEX job_queue_tenant_processing_idx ON kernel.job_queue USING btree (tenant_id) WHERE (status = 'processing'::text);
 CREATE TRIGGER job_queue_guard_insert BEFORE INSERT ON kernel.job_queue FOR EACH ROW WHEN ((new.status <> 'queued'::text)) EXECUTE FUNCTION kernel._job_queue_guard();
 CREATE TRIGGER job_queue_moves AFTER UPDATE ON kernel.job_queue REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION kernel._job_queue_moves();
 ALTER TABLE kernel.job_queue ENABLE ROW LEVEL SECURITY;
@@ -569,9 +571,13 @@ AS $function$
 DECLARE
     _taken kernel.job_queue[];
     _exhausted kernel.job_queue;
+    -- A scoped session or a daemon given --tenant sees one tenant; else every tenant with
+    -- queued jobs, from a random one on (wrapping round), at most 32 per claim.
+    _only uuid := coalesce(p_tenant_id, kernel.current_tenant());
+    _start uuid := gen_random_uuid();
 BEGIN
     -- Expired leases first (their holder died: the crash path), then queued jobs due now.
-    WITH expired AS (
+    WITH RECURSIVE expired AS (
         SELECT j.id FROM kernel.job_queue AS j
         WHERE j.status = 'processing' AND j.lease_expires_at < now()
           AND (kernel.current_tenant() IS NULL OR kernel.in_scope(j.tenant_id, j.workspace_id))
@@ -579,16 +585,75 @@ BEGIN
         ORDER BY j.lease_expires_at, j.id
         LIMIT p_max_jobs
         FOR UPDATE SKIP LOCKED
+    ), tenants (tenant_id, first, n) AS (
+        -- The tenants with queued jobs: one probe of job_queue_tenant_claim_order_idx each.
+        SELECT t.tenant_id, t.tenant_id, 1
+        FROM (SELECT coalesce(
+            (SELECT j.tenant_id FROM kernel.job_queue AS j
+             WHERE j.status = 'queued' AND j.tenant_id >= _start ORDER BY j.tenant_id LIMIT 1),
+            (SELECT j.tenant_id FROM kernel.job_queue AS j
+             WHERE j.status = 'queued' ORDER BY j.tenant_id LIMIT 1)
+        ) AS tenant_id) AS t
+        WHERE _only IS NULL AND t.tenant_id IS NOT NULL
+        UNION ALL
+        SELECT _only, _only, 1 WHERE _only IS NOT NULL
+        UNION ALL
+        SELECT x.tenant_id, t.first, t.n + 1
+        FROM tenants AS t
+        CROSS JOIN LATERAL (SELECT coalesce(
+            (SELECT j.tenant_id FROM kernel.job_queue AS j
+             WHERE j.status = 'queued' AND j.tenant_id > t.tenant_id ORDER BY j.tenant_id LIMIT 1),
+            (SELECT j.tenant_id FROM kernel.job_queue AS j
+             WHERE j.status = 'queued' ORDER BY j.tenant_id LIMIT 1)
+        ) AS tenant_id) AS x
+        WHERE _only IS NULL AND t.n < 32 AND x.tenant_id <> t.first
+    ), shares AS (
+        -- Each tenant's share of the claim, and how many of its jobs are in flight now.
+        SELECT t.tenant_id, t.n, ceil(p_max_jobs::numeric / count(*) OVER ())::integer AS share,
+               (SELECT count(*) FROM kernel.job_queue AS p
+                WHERE p.tenant_id = t.tenant_id AND p.status = 'processing') AS busy
+        FROM tenants AS t
+    ), offered AS (
+        -- Up to its share of each tenant's first due jobs, locked as the limit pulls them
+        -- (SKIP LOCKED: what another claimer holds is passed over, never waited for).
+        SELECT c.id, s.tenant_id, s.busy, s.n,
+               row_number() OVER (PARTITION BY s.tenant_id ORDER BY c.priority DESC, c.run_after, c.id) AS turn
+        FROM shares AS s
+        CROSS JOIN LATERAL (
+            SELECT j.id, j.priority, j.run_after FROM kernel.job_queue AS j
+            WHERE j.tenant_id = s.tenant_id AND j.status = 'queued' AND j.run_after <= now()
+              AND (kernel.current_tenant() IS NULL OR kernel.in_scope(j.tenant_id, j.workspace_id))
+              AND (p_tenant_id IS NULL OR j.tenant_id = p_tenant_id)
+            ORDER BY j.priority DESC, j.run_after, j.id
+            LIMIT s.share
+            FOR UPDATE OF j SKIP LOCKED
+        ) AS c
+    ), topped AS (
+        -- Shares a tenant could not fill are topped up from the least busy tenant that filled
+        -- its own (it may have more), walking its jobs past what is locked.
+        SELECT c.id
+        FROM (
+            SELECT s.tenant_id FROM shares AS s
+            WHERE (SELECT count(*) FROM offered AS o WHERE o.tenant_id = s.tenant_id) = s.share
+            ORDER BY s.busy, s.n LIMIT 1
+        ) AS t
+        CROSS JOIN LATERAL (
+            SELECT j.id FROM kernel.job_queue AS j
+            WHERE j.tenant_id = t.tenant_id AND j.status = 'queued' AND j.run_after <= now()
+              AND (kernel.current_tenant() IS NULL OR kernel.in_scope(j.tenant_id, j.workspace_id))
+              AND (p_tenant_id IS NULL OR j.tenant_id = p_tenant_id)
+              AND j.id NOT IN (SELECT o.id FROM offered AS o)
+            ORDER BY j.priority DESC, j.run_after, j.id
+            LIMIT greatest(p_max_jobs - (SELECT count(*) FROM offered), 0)
+            FOR UPDATE OF j SKIP LOCKED
+        ) AS c
     ), due AS (
-        SELECT j.id FROM kernel.job_queue AS j
-        WHERE j.status = 'queued' AND j.run_after <= now()
-          AND (kernel.current_tenant() IS NULL OR kernel.in_scope(j.tenant_id, j.workspace_id))
-          AND (p_tenant_id IS NULL OR j.tenant_id = p_tenant_id)
-        ORDER BY j.priority DESC, j.run_after, j.id
-        LIMIT p_max_jobs
-        FOR UPDATE SKIP LOCKED
+        -- In turns: every tenant's first job before any tenant's second, the least busy first.
+        (SELECT o.id FROM offered AS o ORDER BY o.turn, o.busy, o.n LIMIT p_max_jobs)
+        UNION ALL
+        SELECT t.id FROM topped AS t
     ), candidates AS (
-        -- Rows are locked as the limit pulls them, so no more than p_max_jobs are locked.
+        -- Rows are locked as the limits pull them: at most a job per tenant more than taken.
         SELECT id FROM expired UNION ALL SELECT id FROM due LIMIT p_max_jobs
     ), taken AS (
         UPDATE kernel.job_queue AS j

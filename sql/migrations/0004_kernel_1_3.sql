@@ -8,17 +8,154 @@
 --   * a claim read every queued job through a bitmap scan and sorted them to take the first few
 --     (1,392 queued jobs read for 16 taken, 0.9 ms; at 1,000,000 queued jobs, all of them).
 --     It now walks job_queue_claim_order_idx in claim order and stops at the limit.
--- The daemon of this version logs jobs at DEBUG; the contract of every function is unchanged,
--- so 1.2 daemons keep working during a rolling upgrade. Append-only once it has landed on main:
--- the next change is the next file.
+-- Fair claims (issue 10, docs/scheduling.md): queued jobs are claimed in turns between tenants,
+-- the least busy first, so one tenant's backlog no longer holds up another tenant's first job.
+-- The daemon of this version logs jobs at DEBUG and claims only the batches its window can use.
+-- Every function keeps its signature and result, so 1.2 daemons keep working during a rolling
+-- upgrade (they claim fairly too). Append-only once it has landed on main: the next change is
+-- the next file.
 
 SET LOCAL search_path = pg_catalog, pg_temp;
 SET LOCAL ROLE kernel_owner;
 
--- Claims walk the claim-order index (and the processing index for expired leases): never a
--- bitmap of the whole backlog, never a sort of it.
-ALTER FUNCTION kernel._claim_jobs(text, integer, interval, uuid) SET enable_bitmapscan = off;
-ALTER FUNCTION kernel._claim_jobs(text, integer, interval, uuid) SET enable_seqscan = off;
+-- Fair claims (issue 10): queued jobs are taken in turns between the tenants that have some,
+-- the tenant with the fewest jobs in flight first, so one tenant's backlog delays another's
+-- first job by at most a claim. Within a tenant: priority, then age, as before.
+CREATE INDEX job_queue_tenant_claim_order_idx
+ON kernel.job_queue (tenant_id, priority DESC, run_after, id) WHERE status = 'queued';
+CREATE INDEX job_queue_tenant_processing_idx
+ON kernel.job_queue (tenant_id) WHERE status = 'processing';
+
+CREATE OR REPLACE FUNCTION kernel._claim_jobs(
+    p_worker text, p_max_jobs integer, p_lease interval, p_tenant_id uuid
+)
+RETURNS SETOF kernel.job_queue
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+-- Every statement walks an index in the order it needs and stops: never a bitmap of the whole
+-- backlog, never a sort of it, whatever the statistics of a fast-growing job_queue say.
+SET enable_bitmapscan = off
+SET enable_seqscan = off
+AS $$
+DECLARE
+    _taken kernel.job_queue[];
+    _exhausted kernel.job_queue;
+    -- A scoped session or a daemon given --tenant sees one tenant; else every tenant with
+    -- queued jobs, from a random one on (wrapping round), at most 32 per claim.
+    _only uuid := coalesce(p_tenant_id, kernel.current_tenant());
+    _start uuid := gen_random_uuid();
+BEGIN
+    -- Expired leases first (their holder died: the crash path), then queued jobs due now.
+    WITH RECURSIVE expired AS (
+        SELECT j.id FROM kernel.job_queue AS j
+        WHERE j.status = 'processing' AND j.lease_expires_at < now()
+          AND (kernel.current_tenant() IS NULL OR kernel.in_scope(j.tenant_id, j.workspace_id))
+          AND (p_tenant_id IS NULL OR j.tenant_id = p_tenant_id)
+        ORDER BY j.lease_expires_at, j.id
+        LIMIT p_max_jobs
+        FOR UPDATE SKIP LOCKED
+    ), tenants (tenant_id, first, n) AS (
+        -- The tenants with queued jobs: one probe of job_queue_tenant_claim_order_idx each.
+        SELECT t.tenant_id, t.tenant_id, 1
+        FROM (SELECT coalesce(
+            (SELECT j.tenant_id FROM kernel.job_queue AS j
+             WHERE j.status = 'queued' AND j.tenant_id >= _start ORDER BY j.tenant_id LIMIT 1),
+            (SELECT j.tenant_id FROM kernel.job_queue AS j
+             WHERE j.status = 'queued' ORDER BY j.tenant_id LIMIT 1)
+        ) AS tenant_id) AS t
+        WHERE _only IS NULL AND t.tenant_id IS NOT NULL
+        UNION ALL
+        SELECT _only, _only, 1 WHERE _only IS NOT NULL
+        UNION ALL
+        SELECT x.tenant_id, t.first, t.n + 1
+        FROM tenants AS t
+        CROSS JOIN LATERAL (SELECT coalesce(
+            (SELECT j.tenant_id FROM kernel.job_queue AS j
+             WHERE j.status = 'queued' AND j.tenant_id > t.tenant_id ORDER BY j.tenant_id LIMIT 1),
+            (SELECT j.tenant_id FROM kernel.job_queue AS j
+             WHERE j.status = 'queued' ORDER BY j.tenant_id LIMIT 1)
+        ) AS tenant_id) AS x
+        WHERE _only IS NULL AND t.n < 32 AND x.tenant_id <> t.first
+    ), shares AS (
+        -- Each tenant's share of the claim, and how many of its jobs are in flight now.
+        SELECT t.tenant_id, t.n, ceil(p_max_jobs::numeric / count(*) OVER ())::integer AS share,
+               (SELECT count(*) FROM kernel.job_queue AS p
+                WHERE p.tenant_id = t.tenant_id AND p.status = 'processing') AS busy
+        FROM tenants AS t
+    ), offered AS (
+        -- Up to its share of each tenant's first due jobs, locked as the limit pulls them
+        -- (SKIP LOCKED: what another claimer holds is passed over, never waited for).
+        SELECT c.id, s.tenant_id, s.busy, s.n,
+               row_number() OVER (PARTITION BY s.tenant_id ORDER BY c.priority DESC, c.run_after, c.id) AS turn
+        FROM shares AS s
+        CROSS JOIN LATERAL (
+            SELECT j.id, j.priority, j.run_after FROM kernel.job_queue AS j
+            WHERE j.tenant_id = s.tenant_id AND j.status = 'queued' AND j.run_after <= now()
+              AND (kernel.current_tenant() IS NULL OR kernel.in_scope(j.tenant_id, j.workspace_id))
+              AND (p_tenant_id IS NULL OR j.tenant_id = p_tenant_id)
+            ORDER BY j.priority DESC, j.run_after, j.id
+            LIMIT s.share
+            FOR UPDATE OF j SKIP LOCKED
+        ) AS c
+    ), topped AS (
+        -- Shares a tenant could not fill are topped up from the least busy tenant that filled
+        -- its own (it may have more), walking its jobs past what is locked.
+        SELECT c.id
+        FROM (
+            SELECT s.tenant_id FROM shares AS s
+            WHERE (SELECT count(*) FROM offered AS o WHERE o.tenant_id = s.tenant_id) = s.share
+            ORDER BY s.busy, s.n LIMIT 1
+        ) AS t
+        CROSS JOIN LATERAL (
+            SELECT j.id FROM kernel.job_queue AS j
+            WHERE j.tenant_id = t.tenant_id AND j.status = 'queued' AND j.run_after <= now()
+              AND (kernel.current_tenant() IS NULL OR kernel.in_scope(j.tenant_id, j.workspace_id))
+              AND (p_tenant_id IS NULL OR j.tenant_id = p_tenant_id)
+              AND j.id NOT IN (SELECT o.id FROM offered AS o)
+            ORDER BY j.priority DESC, j.run_after, j.id
+            LIMIT greatest(p_max_jobs - (SELECT count(*) FROM offered), 0)
+            FOR UPDATE OF j SKIP LOCKED
+        ) AS c
+    ), due AS (
+        -- In turns: every tenant's first job before any tenant's second, the least busy first.
+        (SELECT o.id FROM offered AS o ORDER BY o.turn, o.busy, o.n LIMIT p_max_jobs)
+        UNION ALL
+        SELECT t.id FROM topped AS t
+    ), candidates AS (
+        -- Rows are locked as the limits pull them: at most a job per tenant more than taken.
+        SELECT id FROM expired UNION ALL SELECT id FROM due LIMIT p_max_jobs
+    ), taken AS (
+        UPDATE kernel.job_queue AS j
+        SET status = CASE WHEN j.attempts >= j.max_attempts THEN 'failed' ELSE 'processing' END,
+            attempts = least(j.attempts + 1, j.max_attempts),
+            locked_by = CASE WHEN j.attempts >= j.max_attempts THEN NULL ELSE p_worker END,
+            locked_at = now(),
+            lease_expires_at = CASE WHEN j.attempts >= j.max_attempts THEN NULL ELSE now() + p_lease END,
+            completed_at = CASE WHEN j.attempts >= j.max_attempts THEN now() END,
+            last_error = CASE WHEN j.attempts >= j.max_attempts
+                THEN format('gave up after %s attempts (last: %s)', j.attempts, coalesce(j.last_error, 'lease expired'))
+                ELSE j.last_error END
+        FROM candidates AS c
+        WHERE j.id = c.id
+        RETURNING j AS job
+    )
+    SELECT coalesce(array_agg(t.job ORDER BY (t.job).priority DESC, (t.job).run_after, (t.job).id), '{}')
+    INTO _taken FROM taken AS t;
+
+    FOREACH _exhausted IN ARRAY _taken LOOP
+        IF _exhausted.status = 'failed' THEN
+            PERFORM kernel._end_unfinished_items(_exhausted.id, _exhausted.last_error);
+            PERFORM kernel._finish_run_if_done(_exhausted.run_id);
+        END IF;
+    END LOOP;
+
+    UPDATE kernel.campaign_runs SET status = 'running', started_at = now()
+    WHERE status = 'queued'
+      AND id IN (SELECT t.run_id FROM unnest(_taken) AS t WHERE t.status = 'processing');
+
+    RETURN QUERY SELECT * FROM unnest(_taken) AS t WHERE t.status = 'processing';
+END
+$$;
 
 CREATE OR REPLACE FUNCTION kernel.worker_step(
     p_worker text,

@@ -83,6 +83,49 @@ def test_claim_order_is_priority_then_age(conn):
     assert [j["id"] for j in claim(conn, "w1", 3)] == [c["id"], b["id"], a["id"]]
 
 
+def tenant_of(conn, job) -> object:
+    return scalar(conn, "SELECT tenant_id FROM job_queue WHERE id = %s", [job["id"]])
+
+
+def test_claims_take_turns_between_tenants(conn):
+    """Every tenant's first job before any tenant's second, whatever the order of the deploys."""
+    seeds = [seed_campaign(conn, n) for n in (10, 10, 1)]
+    for seed in seeds:
+        deploy(conn, seed.campaign_id, 1)
+    first = claim(conn, "w1", 3)
+    assert sorted(str(tenant_of(conn, j)) for j in first) == sorted(str(s.tenant_id) for s in seeds)
+    # One job per claim from here: the tenants with fewer jobs in flight go first.
+    taken = [tenant_of(conn, claim_one(conn, "w1")) for _ in range(8)]
+    assert {tenant: taken.count(tenant) for tenant in set(taken)} == {seeds[0].tenant_id: 4, seeds[1].tenant_id: 4}
+
+
+def test_a_backlog_does_not_delay_another_tenants_first_job(conn):
+    backlog = seed_campaign(conn, 200)
+    deploy(conn, backlog.campaign_id, 1)
+    assert len(claim(conn, "w1", 5)) == 5  # tenant A's jobs in flight
+    late = seed_campaign(conn, 1)
+    run_id = deploy(conn, late.campaign_id)  # deployed after 195 queued jobs of A
+
+    assert claim_one(conn, "w2")["run_id"] == run_id
+
+
+def test_a_share_another_tenant_cannot_fill_goes_to_one_that_can(conn):
+    big, one = seed_campaign(conn, 30), seed_campaign(conn, 1)
+    deploy(conn, big.campaign_id, 1)
+    deploy(conn, one.campaign_id, 1)
+    jobs = claim(conn, "w1", 10)  # a share of 5 each; the second tenant has one job
+    assert len(jobs) == 10
+    assert sorted(str(tenant_of(conn, j)) for j in jobs) == sorted([str(big.tenant_id)] * 9 + [str(one.tenant_id)])
+
+
+def test_a_daemon_given_a_tenant_claims_only_its_jobs(conn):
+    seeds = [seed_campaign(conn, 3) for _ in range(3)]
+    for seed in seeds:
+        deploy(conn, seed.campaign_id, 1)
+    jobs = rows(conn, "SELECT * FROM _claim_jobs('w1', 10, interval '30 seconds', %s)", [seeds[1].tenant_id])
+    assert len(jobs) == 3 and {j["tenant_id"] for j in jobs} == {seeds[1].tenant_id}
+
+
 def test_heartbeat_extends_the_lease(conn):
     _, _, job = deploy_and_claim(conn, 1)
     before = scalar(conn, "SELECT lease_expires_at FROM job_queue")

@@ -23,9 +23,10 @@ from tests.sql.helpers import (
 CLAIMERS = 8
 
 
-def test_eight_sessions_claim_a_thousand_jobs_without_overlap(conn, connect):
-    seed = seed_campaign(conn, 1000)
-    run_id = deploy(conn, seed.campaign_id, 1)
+@pytest.mark.parametrize("tenants", [1, 4])
+def test_eight_sessions_claim_a_thousand_jobs_without_overlap(conn, connect, tenants):
+    run_ids = [deploy(conn, seed_campaign(conn, 1000 // tenants).campaign_id, 1) for _ in range(tenants)]
+    assert scalar(conn, "SELECT count(DISTINCT tenant_id) FROM job_queue") == tenants
     assert scalar(conn, "SELECT count(*) FROM job_queue") == 1000
     sessions = [connect() for _ in range(CLAIMERS)]
 
@@ -40,14 +41,14 @@ def test_eight_sessions_claim_a_thousand_jobs_without_overlap(conn, connect):
     assert errors == []
     every = [job for worker in claimed for job in worker]
     assert len(every) == len(set(every)) == 1000  # disjoint, and together all of them
-    assert set(every) == {j["id"] for j in jobs_of(conn, run_id)}
+    assert set(every) == {j["id"] for run_id in run_ids for j in jobs_of(conn, run_id)}
     assert sum(1 for c in claimed if c) > 1, "one session took everything: no concurrency happened"
     held = rows(conn, "SELECT locked_by, count(*) AS n, min(attempts) AS lo, max(attempts) AS hi,"
                 " bool_and(status = 'processing') AS processing FROM job_queue GROUP BY locked_by")
     assert {h["locked_by"]: h["n"] for h in held} == {f"w{i}": len(c) for i, c in enumerate(claimed) if c}
     assert all(h["lo"] == h["hi"] == 1 and h["processing"] for h in held)
-    assert run_row(conn, run_id)["status"] == "running"
-    assert scalar(conn, "SELECT count(*) FROM job_events WHERE entity = 'run' AND to_status = 'running'") == 1
+    assert {run_row(conn, run_id)["status"] for run_id in run_ids} == {"running"}
+    assert scalar(conn, "SELECT count(*) FROM job_events WHERE entity = 'run' AND to_status = 'running'") == tenants
 
 
 def complete_together(sessions, jobs):

@@ -30,10 +30,13 @@ def fetched(conn, table: str, call) -> int:
         return scalar(conn, "SELECT pg_stat_get_xact_tuples_fetched(%s::regclass)", [table]) - before
 
 
-def test_a_claim_takes_the_first_queued_jobs_without_reading_the_backlog(conn):
+@pytest.mark.parametrize("others", [0, 3])
+def test_a_claim_takes_the_first_queued_jobs_without_reading_the_backlog(conn, others):
     seeded = seed_campaign(conn, BACKLOG)
     deploy(conn, seeded.campaign_id, 1)  # BACKLOG queued jobs of one contact each
-    assert scalar(conn, "SELECT count(*) FROM job_queue WHERE status = 'queued'") == BACKLOG
+    for _ in range(others):  # other tenants with a few queued jobs of their own
+        deploy(conn, seed_campaign(conn, 5).campaign_id, 1)
+    assert scalar(conn, "SELECT count(*) FROM job_queue WHERE status = 'queued'") == BACKLOG + 5 * others
 
     read = fetched(conn, "job_queue", lambda: step(conn, claim=4))
 
