@@ -21,7 +21,7 @@ def by_name(rows):
 
 def test_every_target_is_not_measured_without_results():
     rows = evaluate(results())
-    assert len(rows) == 10
+    assert len(rows) == 12
     assert all(row["ok"] is None and row["value"] is None for row in rows)
 
 
@@ -57,6 +57,25 @@ def test_latency_growth_rss_pickup_small():
     assert next(row for row in rows if row["target"].startswith("pick-up"))["ok"] is True
     assert named["one-contact campaigns, messages/s, 1 daemon"]["ok"] is False
     assert named["one-contact campaigns, deploys/s"]["ok"] is True
+
+
+def test_fair_claims_targets():
+    rows = evaluate(results(fair={"worst_small_s": 0.04, "throughput_ratio": 0.85}))
+    named = {row["target"].split(":")[0] + ":" + row["target"].split(":")[1][:18]: row for row in rows
+             if row["target"].startswith("fair")}
+    assert [(row["value"], row["ok"]) for row in named.values()] == [(0.04, True), (0.85, False)]
+
+
+def test_latency_runs_last_long_enough_at_the_ideal_rate():
+    from bench.scenarios.latency import items_for
+
+    class Ctx:
+        sizes = sizes(False, {})
+
+    assert items_for(Ctx, 16) == 5000  # 214 a second for 10 s is less than the floor of 5,000
+    assert 34_000 < items_for(Ctx, 256) < 35_000
+    Ctx.sizes = sizes(True, {})
+    assert items_for(Ctx, 256) == 300
 
 
 def test_an_errored_scenario_is_not_measured():
