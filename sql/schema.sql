@@ -245,7 +245,6 @@ ALTER TABLE kernel.job_queue ADD CONSTRAINT job_queue_reserved_count_in_range CH
 ALTER TABLE kernel.job_queue ADD CONSTRAINT job_queue_run_id_fkey FOREIGN KEY (run_id) REFERENCES kernel.campaign_runs(id);
 ALTER TABLE kernel.job_queue ADD CONSTRAINT job_queue_status_check CHECK ((status = ANY (ARRAY['queued'::text, 'processing'::text, 'completed'::text, 'failed'::text, 'cancelled'::text])));
 CREATE INDEX job_queue_by_run_status_idx ON kernel.job_queue USING btree (run_id, status);
-CREATE INDEX job_queue_claim_order_idx ON kernel.job_queue USING btree (priority DESC, run_after, id) WHERE (status = 'queued'::text);
 CREATE INDEX job_queue_processing_idx ON kernel.job_queue USING btree (id) WHERE (status = 'processing'::text);
 CREATE INDEX job_queue_tenant_claim_order_idx ON kernel.job_queue USING btree (tenant_id, priority DESC, run_after, id) WHERE (status = 'queued'::text);
 CREATE INDEX job_queue_tenant_processing_idx ON kernel.job_queue USING btree (tenant_id) WHERE (status = 'processing'::text);

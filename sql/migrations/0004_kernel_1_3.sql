@@ -23,6 +23,8 @@ SET LOCAL ROLE kernel_owner;
 -- first job by at most a claim. Within a tenant: priority, then age, as before.
 CREATE INDEX job_queue_tenant_claim_order_idx
 ON kernel.job_queue (tenant_id, priority DESC, run_after, id) WHERE status = 'queued';
+-- Claims no longer walk the queue in one global order: its index would only be written.
+DROP INDEX kernel.job_queue_claim_order_idx;
 CREATE INDEX job_queue_tenant_processing_idx
 ON kernel.job_queue (tenant_id) WHERE status = 'processing';
 
