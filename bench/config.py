@@ -32,12 +32,11 @@ class Sizes:
 # rows per transaction, graphile-worker's localQueue and pg-boss's batchSize are 500. It is the
 # crash window too (at most 500 items end unknown after a kill -9); a row at 16 stays beside it.
 FULL = dict(n="20000", concurrency="500", profile_n="30000", latency_n="5000", latency_seconds="10",
-            latency_concurrency="16,64,256", small_campaigns="2000", growth="10000,100000,1000000", fair="1000000",
-            pickup="200",
-            seed="1")
+            latency_concurrency="16,64,256", small_campaigns="2000", growth="10000,100000,1000000",
+            fair="1000000", pickup="200", seed="1")
 SMOKE = dict(n="2000", concurrency="500", profile_n="2000", latency_n="300", latency_seconds="0",
-             latency_concurrency="16,64,256", small_campaigns="200", growth="2000,10000", fair="20000", pickup="30",
-             seed="1")
+             latency_concurrency="16,64,256", small_campaigns="200", growth="2000,10000",
+             fair="20000", pickup="30", seed="1")
 
 
 def sizes(smoke: bool, environ: dict[str, str] | None = None) -> Sizes:

@@ -559,9 +559,9 @@ class Worker:
         # One line per job only at DEBUG: a daemon draining one-contact campaigns claims
         # thousands a second, and at INFO those lines cost more than the jobs' SQL (docs/runbook.md).
         # A job claimed again (its holder died or gave it back) is worth an INFO line.
-        if job.attempt > 1 or log.isEnabledFor(logging.DEBUG):
-            log.log(logging.INFO if job.attempt > 1 else logging.DEBUG, "job claimed job=%s run=%s attempt=%s",
-                    job.id, job.run_id, job.attempt, extra=_fields(job))
+        level = logging.INFO if job.attempt > 1 else logging.DEBUG
+        if log.isEnabledFor(level):
+            log.log(level, "job claimed job=%s run=%s attempt=%s", job.id, job.run_id, job.attempt, extra=_fields(job))
 
     def _dispatch(self, job: HeldJob, item: Item) -> None:
         if job.error is not None:

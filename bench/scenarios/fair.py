@@ -9,7 +9,16 @@ from typing import Any
 
 import psycopg
 
-from bench.pg import SCHEMA, BenchError, deploy, kernel_database, scalar, start_daemon, verify_items
+from bench.pg import (
+    SCHEMA,
+    BenchError,
+    analyze_host_tables,
+    deploy,
+    kernel_database,
+    scalar,
+    start_daemon,
+    verify_items,
+)
 from kernel_driver.testing.seed import seed_campaign
 
 OTHERS = 5
@@ -21,14 +30,14 @@ def one(ctx: Any, contacts: int, others: int) -> dict[str, Any]:
     with kernel_database(ctx.server_dsn, label) as (dsn, conn):
         big = seed_campaign(conn, SCHEMA, contacts=contacts, provider="noop")
         small = [seed_campaign(conn, SCHEMA, contacts=1, provider="noop") for _ in range(others)]
-        conn.execute("ANALYZE kernel.contacts, kernel.campaigns, kernel.campaign_audience, kernel.provider_configs")
+        analyze_host_tables(conn)
         big_run = deploy(conn, big.campaign_id)
         # Not --until-idle: A's backlog may be sent before the last other tenant deploys.
         daemon = start_daemon(dsn, f"{label}-0", ctx.sizes.concurrency, ctx.log_dir, until_idle=False)
         small_runs = []
         if others:
             # A's backlog is being sent: the daemon is busy with it, most of it still queued.
-            wait_until_sending(conn, big_run, min(contacts // 20, 20_000))
+            wait_until_dispatched(conn, big_run, min(contacts // 20, 20_000))
             for campaign in small:
                 small_runs.append(deploy(conn, campaign.campaign_id))
                 time.sleep(EVERY_S)
@@ -42,21 +51,21 @@ def one(ctx: Any, contacts: int, others: int) -> dict[str, Any]:
         waits = [scalar(conn, "SELECT extract(epoch FROM completed_at - created_at)::float8"
                               " FROM kernel.campaign_runs WHERE id = %s AND status = 'completed'", (run,))
                  for run in small_runs]
-        big_done_first = scalar(conn, "SELECT count(*) FROM kernel.campaign_runs AS s, kernel.campaign_runs AS b"
+        small_after_big = scalar(conn, "SELECT count(*) FROM kernel.campaign_runs AS s, kernel.campaign_runs AS b"
                                       " WHERE s.id = ANY(%s) AND b.id = %s AND s.completed_at > b.completed_at",
                                 (small_runs, big_run))
     if any(w is None for w in waits):
         raise BenchError("a small campaign did not complete")
     return {"n": contacts, "others": others, **verified, "big_wall_s": big_wall, "msgs_per_s": contacts / big_wall,
-            "small_deploy_to_completed_s": waits, "small_after_big": big_done_first,
+            "small_deploy_to_completed_s": waits, "small_after_big": small_after_big,
             "peak_rss_mib": daemon.maxrss_kib / 1024}
 
 
-def wait_until_sending(conn: psycopg.Connection, run_id: Any, sent: int, timeout: float = 600) -> None:
+def wait_until_dispatched(conn: psycopg.Connection, run_id: Any, items: int, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
-    while scalar(conn, "SELECT count(*) FROM kernel.channel_outbox WHERE run_id = %s", (run_id,)) < sent:
+    while scalar(conn, "SELECT count(*) FROM kernel.channel_outbox WHERE run_id = %s", (run_id,)) < items:
         if time.monotonic() > deadline:
-            raise BenchError(f"tenant A's run did not reach {sent} items in {timeout} s")
+            raise BenchError(f"tenant A's run did not reach {items} items in {timeout} s")
         time.sleep(0.05)
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import psycopg
 
-from bench.pg import deploy, kernel_database, run_daemons, verify_items
+from bench.pg import analyze_host_tables, deploy, kernel_database, run_daemons, verify_items
 from bench.scenarios import peers
 
 CONCURRENCY = 16
@@ -42,9 +42,7 @@ def seed_one_contact_campaigns(conn: psycopg.Connection, count: int, provider: s
                JOIN (SELECT id, row_number() OVER (ORDER BY email) AS r
                      FROM kernel.contacts WHERE workspace_id = %(w)s) k
                  USING (r)""", {"w": workspace})
-        # The application's tables as autovacuum keeps them: analysed. Freshly filled and never
-        # analysed, they made the launch check join contacts by a scan of all of them.
-        conn.execute("ANALYZE kernel.contacts, kernel.campaigns, kernel.campaign_audience, kernel.provider_configs")
+        analyze_host_tables(conn)
         return [row[0] for row in conn.execute(
             "SELECT id FROM kernel.campaigns WHERE workspace_id = %s ORDER BY created_at, name", (workspace,))]
 
