@@ -463,6 +463,10 @@ class Worker:
             elif kind == "done" and job is not None:
                 ended.add(job.id)
                 self._end(job, row.detail)
+            elif kind == "paused" and job is not None:
+                # Outside its send window: the kernel holds it, scheduled, until the window opens.
+                del self._jobs[job.id]
+                log.info("job paused job=%s: %s", job.id, row.detail["reason"], extra=_fields(job))
             elif kind == "cancelled" and job is not None:
                 job.cancelled = True
                 job.waiting.clear()

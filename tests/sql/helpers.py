@@ -247,6 +247,14 @@ def set_setting(conn: psycopg.Connection, name: str, value: Any) -> None:
     conn.execute("SELECT set_config(%s, %s, false)", [name, "" if value is None else str(value)])
 
 
+def set_clock(conn: psycopg.Connection, expression: str | None) -> None:
+    """Move kernel.clock() for this session to the value of an SQL expression (None: real time)."""
+    if expression is None:
+        conn.execute("SELECT set_config('execution_kernel.clock', '', false)")
+    else:
+        conn.execute(f"SELECT set_config('execution_kernel.clock', ({expression})::timestamptz::text, false)")
+
+
 @contextlib.contextmanager
 def as_role(
     conn: psycopg.Connection,

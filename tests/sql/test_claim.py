@@ -22,6 +22,7 @@ from tests.sql.helpers import (
     run_row,
     scalar,
     seed_campaign,
+    set_clock,
     set_setting,
     statuses,
 )
@@ -63,15 +64,21 @@ def test_default_lease_is_thirty_seconds(conn):
     assert scalar(conn, "SELECT lease_expires_at - locked_at = interval '30 seconds' FROM job_queue")
 
 
-def test_jobs_whose_run_after_is_in_the_future_are_not_claimed(conn):
-    seed = seed_campaign(conn, 2)
-    run_id = deploy(conn, seed.campaign_id, 1)
-    later, now = jobs_of(conn, run_id)
-    conn.execute("UPDATE job_queue SET run_after = now() + interval '1 hour' WHERE id = %s", [later["id"]])
-    assert [j["id"] for j in claim(conn, "w1", 10)] == [now["id"]]
+def test_scheduled_jobs_are_claimed_only_once_they_come_due(conn):
+    # 1.4: a job that may not go yet is 'scheduled' (queued means due); a claim promotes it
+    # once its run_after has passed by kernel.clock().
+    now_run = deploy(conn, seed_campaign(conn, 1).campaign_id)
+    later_run = scalar(conn, "SELECT deploy_campaign(%s, now() + interval '1 hour')",
+                       [seed_campaign(conn, 1).campaign_id])
+    [later] = jobs_of(conn, later_run)
+    assert later["status"] == "scheduled"
+    assert [j["run_id"] for j in claim(conn, "w1", 10)] == [now_run]
     assert claim(conn, "w2", 10) == []
-    conn.execute("UPDATE job_queue SET run_after = now() - interval '1 second' WHERE id = %s", [later["id"]])
+    set_clock(conn, "now() + interval '1 hour'")
     assert [j["id"] for j in claim(conn, "w2", 10)] == [later["id"]]
+    assert [(e["from_status"], e["to_status"]) for e in rows(
+        conn, "SELECT from_status, to_status FROM job_events WHERE job_id = %s ORDER BY id", [later["id"]])] == [
+        ("scheduled", "queued"), ("queued", "processing")]
 
 
 def test_claim_order_is_priority_then_age(conn):

@@ -209,6 +209,8 @@ DEFINER_CALLS = {
         ("app", "SELECT * FROM check_campaign_launch_prerequisites('{B_campaign}', '{B_workspace}')", None),
     "deploy_campaign(uuid)": ("app", "SELECT deploy_campaign('{B_queued_campaign}')", "KE002"),
     "deploy_campaign(uuid,integer)": ("app", "SELECT deploy_campaign('{B_queued_campaign}', 5)", "KE002"),
+    "deploy_campaign(uuid,timestamptz,integer,timestamptz,integer)":
+        ("app", "SELECT deploy_campaign('{B_queued_campaign}', now() + interval '1 day', 5)", "KE002"),
     "retry_campaign_run(uuid)": ("app", "SELECT retry_campaign_run('{B_run}')", "KE002"),
     "retry_campaign_run(uuid,boolean)": ("app", "SELECT retry_campaign_run('{B_run}', true)", "KE002"),
     "cancel_campaign_run(uuid)": ("app", "SELECT cancel_campaign_run('{B_queued_run}')", "KE002"),

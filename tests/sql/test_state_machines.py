@@ -31,11 +31,13 @@ RUN_LEGAL = {
     ("queued", "completed"), ("queued", "partial"), ("queued", "failed"),
     ("queued", "cancelled"), ("running", "cancelled"),
 }
-JOB_STATUSES = ["queued", "processing", "completed", "failed", "cancelled"]
+JOB_STATUSES = ["scheduled", "queued", "processing", "completed", "failed", "cancelled"]
 JOB_LEGAL = {
     ("queued", "processing"), ("processing", "completed"), ("processing", "failed"),
     ("processing", "queued"), ("queued", "failed"), ("queued", "cancelled"),
     ("processing", "cancelled"),
+    # 1.4: scheduled until a start or a send window; a job outside its window pauses.
+    ("scheduled", "queued"), ("scheduled", "cancelled"), ("processing", "scheduled"),
 }
 TERMINAL_ITEM = ["sent", "failed", "unknown", "skipped"]
 
