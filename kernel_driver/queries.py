@@ -53,6 +53,10 @@ class RunSummary:
     generation: int
     created_at: datetime
     campaign: str
+    priority: int
+    start_at: datetime | None
+    # Jobs waiting: for the run's start (scheduled) or, once it started, for a send window.
+    scheduled_jobs: int
 
 
 class Result(NamedTuple):
@@ -156,8 +160,16 @@ class Kernel:
 
     # --- the application's and the operator's functions ---------------------------------
 
-    def deploy_campaign(self, campaign_id: UUID, batch_size: int | None = None) -> UUID:
-        """A new run of the campaign (the seed's one-argument form without batch_size)."""
+    def deploy_campaign(self, campaign_id: UUID, batch_size: int | None = None, *,
+                        start_at: datetime | None = None, priority: int | None = None,
+                        deadline: datetime | None = None) -> UUID:
+        """A new run of the campaign: the seed's one-argument form without batch_size, the
+        1.0 form with it, the 1.4 form (a start, a priority, a deadline) when any is given."""
+        if start_at is not None or priority is not None or deadline is not None:
+            return UUID(str(self._scalar(
+                "SELECT {schema}.deploy_campaign(%s, %s::timestamptz, %s, %s::timestamptz, %s)",
+                (campaign_id, start_at, priority, deadline, 1000 if batch_size is None else batch_size),
+            )))
         if batch_size is None:
             return UUID(str(self._scalar("SELECT {schema}.deploy_campaign(%s)", (campaign_id,))))
         return UUID(str(self._scalar("SELECT {schema}.deploy_campaign(%s, %s)", (campaign_id, batch_size))))
@@ -183,7 +195,10 @@ class Kernel:
     def latest_runs(self, limit: int) -> list[RunSummary]:
         """The latest runs in scope, newest first (a read of the tables: no kernel function lists runs)."""
         return self._call(
-            "SELECT r.id, r.status, r.channel, r.generation, r.created_at, c.name AS campaign"
+            "SELECT r.id, r.status, r.channel, r.generation, r.created_at, c.name AS campaign,"
+            " r.priority, r.start_at,"
+            " (SELECT count(*) FROM {schema}.job_queue AS j WHERE j.run_id = r.id AND j.status = 'scheduled')"
+            " AS scheduled_jobs"
             " FROM {schema}.campaign_runs AS r INNER JOIN {schema}.campaigns AS c ON c.id = r.campaign_id"
             " ORDER BY r.created_at DESC, r.id LIMIT %s",
             (limit,),

@@ -1,7 +1,9 @@
 """`kernel-driver runs show RUN_ID` and `runs list`: what a run did, from the terminal (UX1).
 
-`show` prints what `run_details` returns: the run and its lineage, a table of its jobs, its item
-counts and its first items. A session scoped to a tenant (options=-c execution_kernel.tenant_id=…
+`show` prints what `run_details` returns: the run, its lineage and schedule (priority, start,
+deadline, send window), a table of its jobs (what a scheduled one waits until), its item counts
+and its first items. `list` shows each run's priority and what its scheduled jobs wait for.
+A session scoped to a tenant (options=-c execution_kernel.tenant_id=…
 in the DSN) sees only that tenant's runs; another tenant's run is "not found".
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import click
@@ -50,24 +53,49 @@ def lineage_text(run: dict[str, Any], lineage: Sequence[dict[str, Any]]) -> str:
     return text
 
 
+def waiting_text(start_at: datetime | None, scheduled_jobs: int) -> str:
+    """What a run's scheduled jobs wait for: its start, while it is ahead, else a send window."""
+    if scheduled_jobs == 0:
+        return "-"
+    if start_at is not None and start_at > datetime.now(UTC):
+        return f"starts {start_at.isoformat(sep=' ', timespec='seconds')}"
+    return f"{scheduled_jobs} jobs wait for their send window"
+
+
+def schedule_text(run: dict[str, Any]) -> str:
+    config = run.get("run_config") or {}
+    parts = [f"priority {run.get('priority', 0)}",
+             f"start {run['start_at']}" if run.get("start_at") else "start at once"]
+    if run.get("deadline"):
+        parts.append(f"deadline {run['deadline']}")
+    if window := config.get("send_window"):
+        parts.append(f"send window {window['start']}-{window['end']} in each contact's time zone")
+    return "; ".join(parts)
+
+
 def render_run(details: dict[str, Any]) -> str:
     run = details["run"]
     config = run.get("run_config") or {}
     items = details["items"]
     total_items = sum(details["item_counts"].values())
+    start_at = datetime.fromisoformat(run["start_at"]) if run.get("start_at") else None
+    waiting = waiting_text(start_at, details["job_counts"].get("scheduled", 0))
     lines = [
         f"run       {run['id']}",
         f"status    {run['status']}" + (f" ({run['error_message']})" if run.get("error_message") else ""),
         f"channel   {run['channel']} via {config.get('provider', '?')}",
         f"campaign  {run['campaign_id']} ({config.get('campaign_name', '?')})",
         f"lineage   {lineage_text(run, details.get('lineage') or [])}",
+        f"schedule  {schedule_text(run)}",
         f"times     created {run['created_at']}, started {run.get('started_at') or '-'},"
         f" completed {run.get('completed_at') or '-'}",
         "",
-        f"jobs ({len(details['jobs'])}): {counts_text(details['job_counts'])}",
+        f"jobs ({len(details['jobs'])}): {counts_text(details['job_counts'])}"
+        + ("" if waiting == "-" else f" ({waiting})"),
         *table(
-            ("JOB", "STATUS", "ATTEMPTS", "CONTACTS", "LOCKED_BY", "LAST_ERROR"),
-            [(job["id"], job["status"], job["attempts"], job["contact_count"], job["locked_by"], job["last_error"])
+            ("JOB", "STATUS", "ATTEMPTS", "CONTACTS", "LOCKED_BY", "TIME_ZONE", "WAITS_UNTIL", "LAST_ERROR"),
+            [(job["id"], job["status"], job["attempts"], job["contact_count"], job["locked_by"], job.get("time_zone"),
+              job["run_after"] if job["status"] == "scheduled" else None, job["last_error"])
              for job in details["jobs"]],
         ),
         "",
@@ -120,10 +148,12 @@ def list_runs(settings: Settings, limit: int) -> None:
     with database(settings) as conn:
         found = Kernel(conn, settings.schema).latest_runs(limit)
     rows = [
-        (r.id, r.status, r.channel, r.generation, r.created_at.isoformat(timespec="seconds"), r.campaign)
+        (r.id, r.status, r.channel, r.generation, r.priority, r.created_at.isoformat(timespec="seconds"),
+         waiting_text(r.start_at, r.scheduled_jobs), r.campaign)
         for r in found
     ]
     if not rows:
         click.echo("no runs")
         return
-    click.echo("\n".join(table(("RUN", "STATUS", "CHANNEL", "GEN", "CREATED", "CAMPAIGN"), rows)))
+    headers = ("RUN", "STATUS", "CHANNEL", "GEN", "PRIORITY", "CREATED", "WAITING", "CAMPAIGN")
+    click.echo("\n".join(table(headers, rows)))

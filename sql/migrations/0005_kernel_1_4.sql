@@ -105,7 +105,7 @@ ALTER TABLE kernel.campaign_runs
         CONSTRAINT campaign_runs_priority_in_range CHECK (priority BETWEEN -1000 AND 1000),
     ADD COLUMN start_at timestamptz,
     ADD COLUMN deadline timestamptz,
-    ADD CONSTRAINT campaign_runs_deadline_after_start CHECK (deadline > coalesce(start_at, created_at));
+    ADD CONSTRAINT campaign_runs_deadline_after_start CHECK (deadline > start_at);
 COMMENT ON COLUMN kernel.campaign_runs.start_at IS 'Scheduled start: its jobs are scheduled until then. NULL: at once.';
 COMMENT ON COLUMN kernel.campaign_runs.deadline IS 'Nothing of the run is dispatched after it; what is left then fails with the reason. NULL: none.';
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import re
 import tokenize
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from uuid import UUID
 
@@ -38,9 +39,18 @@ def test_deploy_check_cancel_retry_and_list(conn, kernel_schema):
     ).fetchall())
     assert jobs == {first: 1, batched: 3}  # the batch size reached the kernel
 
+    kernel.cancel_campaign_run(batched)
+    start = datetime.now(UTC) + timedelta(days=1)
+    scheduled = kernel.deploy_campaign(seeded.campaign_id, 2, start_at=start, priority=5,
+                                       deadline=start + timedelta(hours=1))
+    assert conn.execute("SELECT priority, start_at, deadline, (SELECT array_agg(DISTINCT status) FROM job_queue"
+                        " WHERE run_id = r.id) FROM campaign_runs AS r WHERE id = %s", (scheduled,)).fetchone() == (
+        5, start, start + timedelta(hours=1), ["scheduled"])
+
     latest = kernel.latest_runs(10)
-    assert [r.id for r in latest] == [batched, first]
+    assert [r.id for r in latest] == [scheduled, batched, first]
     assert all(isinstance(r, RunSummary) and r.campaign == latest[0].campaign for r in latest)
+    assert (latest[0].priority, latest[0].start_at, latest[0].scheduled_jobs) == (5, start, 2)
     assert kernel.run_details(first, 0)["run"]["id"] == str(first)
     # retry_campaign_run needs a finished run: tests/integration/test_runs_show.py and
     # test_daemon_failures.py retry through the wrapper.
@@ -97,6 +107,9 @@ NOT_CALLED = {
     "scope": "an application scopes its own transactions; the driver passes the tenant as an argument",
     "kernel_version": "kernel_driver.migrate reads it, where no kernel may be installed yet",
     "provider_settings_problems": "the launch checks run it (provider_settings_valid)",
+    "clock": "the time schedules are judged by, read in SQL (a session may move it: tests)",
+    "is_time_zone": "the time zone constraint of contacts and workspaces",
+    "send_window_opens": "deploys and worker_step compute windows with it; an application may ask it",
 }
 DAEMON_CALLS = {"worker_step", "release_jobs"}
 

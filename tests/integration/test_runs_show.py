@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -48,10 +49,12 @@ def test_show_prints_the_run_its_jobs_counts_and_items(runs_cli, finished_run, c
     assert "channel   email via smtp" in out
     assert f"campaign  {seeded.campaign_id} (runs show test)" in out
     assert "lineage   generation 1 of 1" in out
+    assert "schedule  priority 0; start at once\n" in out
     assert "jobs (2): completed 2" in out
     job_rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.startswith("  ")}
     for (job_id,) in conn.execute("SELECT id FROM job_queue WHERE run_id = %s", (first,)):
-        assert job_rows[str(job_id)] == ["completed", "1", "3", "-", "-"]  # attempts, contacts, locked_by, error
+        # attempts, contacts, locked_by, time zone, waits until, error
+        assert job_rows[str(job_id)] == ["completed", "1", "3", "-", "-", "-", "-"]
     assert "items (6): failed 1, sent 3, skipped 2" in out
     assert "first 6 of 6 items:" in out
     rejected = seeded.address(1, "email")
@@ -76,12 +79,41 @@ def test_show_names_the_lineage_of_a_retry(runs_cli, finished_run, conn, db_dsn,
     assert f"lineage   generation 2 of 2; retry of {first}; root {first}" in out
     assert "items (1): sent 1" in out
     lines = runs_cli("list").output.splitlines()
-    assert lines[0].split() == ["RUN", "STATUS", "CHANNEL", "GEN", "CREATED", "CAMPAIGN"]
-    assert [line.split()[:4] for line in lines[1:]] == [
-        [str(retry), "completed", "email", "2"],
-        [first, "partial", "email", "1"],
+    assert lines[0].split() == ["RUN", "STATUS", "CHANNEL", "GEN", "PRIORITY", "CREATED", "WAITING", "CAMPAIGN"]
+    assert [line.split()[:5] + line.split()[6:7] for line in lines[1:]] == [
+        [str(retry), "completed", "email", "2", "0", "-"],
+        [first, "partial", "email", "1", "0", "-"],
     ]
     assert len(runs_cli("list", "--limit", "1").output.splitlines()) == 2
+
+
+def test_show_and_list_say_what_a_run_waits_for(runs_cli, conn, kernel_schema):
+    kernel = Kernel(conn, kernel_schema)
+    later = seed_campaign(conn, kernel_schema, contacts=2, provider="noop", name="later")
+    start = datetime.now(UTC) + timedelta(days=1)
+    scheduled = kernel.deploy_campaign(later.campaign_id, 1, start_at=start, priority=5)
+    windowed = seed_campaign(conn, kernel_schema, contacts=1, provider="noop", name="windowed")
+    # A window that is closed now, wherever the contact is (UTC): it opens in an hour.
+    opens = (datetime.now(UTC) + timedelta(hours=1)).time().replace(microsecond=0)
+    closes = (datetime.now(UTC) + timedelta(hours=2)).time().replace(microsecond=0)
+    conn.execute("UPDATE campaigns SET send_window_start = %s, send_window_end = %s WHERE id = %s",
+                 (opens, closes, windowed.campaign_id))
+    waiting = kernel.deploy_campaign(windowed.campaign_id)
+
+    out = runs_cli("show", str(scheduled)).output
+    assert f"schedule  priority 5; start {start.isoformat()}" in out
+    assert f"jobs (2): scheduled 2 (starts {start.isoformat(sep=' ', timespec='seconds')})" in out
+    job_lines = [line.split() for line in out.splitlines() if line.startswith("  ") and "scheduled" in line]
+    assert len(job_lines) == 2 and all(line[5:7] == ["-", start.isoformat()] for line in job_lines)
+    out = runs_cli("show", str(waiting)).output
+    assert f"send window {opens.isoformat()}-{closes.isoformat()} in each contact's time zone" in out
+    assert "jobs (1): scheduled 1 (1 jobs wait for their send window)" in out
+    assert "  UTC  " in out
+
+    listed = {line.split()[0]: line for line in runs_cli("list").output.splitlines()[1:]}
+    assert "  5  " in listed[str(scheduled)] and f"starts {start.isoformat(sep=' ', timespec='seconds')}" in listed[
+        str(scheduled)]
+    assert "1 jobs wait for their send window" in listed[str(waiting)]
 
 
 def test_show_items_limits_the_listed_items_not_the_counts(runs_cli, finished_run):

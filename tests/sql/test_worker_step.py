@@ -4,8 +4,6 @@ and dispatching in one transaction, with the crash window and fencing of the 1.0
 from __future__ import annotations
 
 import uuid
-from collections import defaultdict
-from typing import Any
 
 from tests.sql.helpers import (
     deploy,
@@ -15,35 +13,12 @@ from tests.sql.helpers import (
     job_row,
     jobs_of,
     refused,
-    rows,
     run_row,
     scalar,
     seed_campaign,
+    sent,
+    step,
 )
-
-
-def step(conn, worker: str = "w1", *, held=(), results=(), complete=(), fail=None, redispatch=(),
-         want: int = 0, claim: int = 0, deduplicating=(), tenant=None,
-         lease: float = 30) -> dict[str, list[dict[str, Any]]]:
-    """One worker_step; its rows grouped by kind."""
-    results = list(results)
-    fail = fail or {}
-    found = rows(conn, "SELECT * FROM worker_step(%s::text, %s::numeric, %s::uuid[], %s::uuid[], %s::text[],"
-                       " %s::text[], %s::text[], %s::text[], %s::uuid[], %s::uuid[], %s::text[], %s::uuid[],"
-                       " %s::integer, %s::integer, %s::text[], %s::uuid)", [
-        worker, lease, list(held), [r[0] for r in results], [r[1] for r in results],
-        [r[2] if len(r) > 2 else None for r in results], [None for _ in results],
-        [r[3] if len(r) > 3 else None for r in results], list(complete), list(fail), list(fail.values()),
-        list(redispatch), want, claim, list(deduplicating), tenant,
-    ])
-    grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for row in found:
-        grouped[row["kind"]].append(row)
-    return grouped
-
-
-def sent(items) -> list[tuple[uuid.UUID, str, str]]:
-    return [(item["item_id"], "sent", f"pm-{item['item_id']}") for item in items]
 
 
 def test_one_step_claims_jobs_and_dispatches_their_first_items(conn):
