@@ -1,0 +1,59 @@
+"""Scheduled starts and send windows with a real daemon (kernel 1.4.0, issue 10): a run starts
+when it comes due even if the daemon that was running when it was deployed died; a job whose
+window closes mid-way is paused by the kernel and let go by the daemon, which keeps running."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+
+from kernel_driver.queries import Kernel
+from kernel_driver.testing.seed import seed_campaign
+from tests.integration.daemon import item_counts, run_status, start_daemon, wait_until
+
+
+def test_a_scheduled_run_starts_when_due_across_a_daemon_restart(conn, db_dsn, kernel_schema):
+    kernel = Kernel(conn, kernel_schema)
+    seeded = seed_campaign(conn, kernel_schema, contacts=3, provider="noop")
+    start_at = datetime.now(UTC) + timedelta(seconds=3)
+    run_id = kernel.deploy_campaign(seeded.campaign_id, start_at=start_at)
+    first = start_daemon(db_dsn, kernel_schema, "--poll-interval", "0.2")
+    time.sleep(1)
+    assert run_status(conn, run_id) == "queued" and item_counts(conn, [run_id]) == {}
+    first.kill()  # SIGKILL before the start: nothing of the run is in its hands
+    second = start_daemon(db_dsn, kernel_schema, "--poll-interval", "0.2")
+    wait_until(lambda: run_status(conn, run_id) == "completed", timeout=30)
+    second.stop()
+    started, first_sent = conn.execute(
+        "SELECT r.started_at, min(o.sent_at) FROM campaign_runs AS r JOIN channel_outbox AS o ON o.run_id = r.id"
+        " WHERE r.id = %s GROUP BY r.started_at", (run_id,)).fetchone()
+    assert start_at <= started < start_at + timedelta(seconds=2) and first_sent >= start_at
+    assert item_counts(conn, [run_id]) == {"sent": 3}
+
+
+def test_a_job_whose_window_closes_is_paused_and_the_daemon_goes_on(conn, db_dsn, kernel_schema):
+    kernel = Kernel(conn, kernel_schema)
+    # 40 contacts in UTC at 2 slots of 200 ms: about 10 a second, 4 s of work; the window
+    # (opened an hour ago) closes 1.5 s after the deploy.
+    seeded = seed_campaign(conn, kernel_schema, contacts=40, provider="noop", settings={"latency_ms": 200})
+    now = datetime.now(UTC)
+    closes = now + timedelta(seconds=1.5)
+    conn.execute("UPDATE campaigns SET send_window_start = %s, send_window_end = %s WHERE id = %s",
+                 ((now - timedelta(hours=1)).time(), closes.time(), seeded.campaign_id))
+    run_id = kernel.deploy_campaign(seeded.campaign_id)
+    daemon = start_daemon(db_dsn, kernel_schema, "--concurrency", "2", "--poll-interval", "0.2")
+    wait_until(lambda: conn.execute("SELECT status FROM job_queue WHERE run_id = %s", (run_id,)).fetchone()[0]
+               == "scheduled", timeout=30)
+    time.sleep(0.5)  # a daemon that did not let the job go would try to renew or dispatch it
+    assert daemon.poll() is None
+    kernel.cancel_campaign_run(run_id)
+    log = daemon.stop()
+
+    sent, last_dispatch = conn.execute(
+        "SELECT count(*) FILTER (WHERE status = 'sent'), max(dispatched_at) FROM channel_outbox WHERE run_id = %s",
+        (run_id,)).fetchone()
+    assert 0 < sent < 40 and last_dispatch < closes
+    assert item_counts(conn, [run_id]).get("pending", 0) == 0
+    assert "job paused" in log and "outside the send window" in log, log
+    assert "lease lost" not in log, log
+    assert run_status(conn, run_id) == "cancelled"
