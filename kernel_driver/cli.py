@@ -202,8 +202,9 @@ def print_status(
 @click.option("--worker-id", envvar="KERNEL_WORKER_ID", help="Unique id of this daemon [default: host:pid].")
 @click.option("--concurrency", type=click.IntRange(1, 1024), default=8, show_default=True,
               help="Provider calls in flight at once (also the most items that can end unknown after a crash).")
-@click.option("--tenant", "tenant_id", type=click.UUID, envvar="KERNEL_TENANT_ID",
-              help="Claim only this tenant's jobs (passed with every call: safe behind a pooler).")
+@click.option("--tenant", "tenant_ids", type=click.UUID, multiple=True, envvar="KERNEL_TENANT_ID",
+              help="Claim only this tenant's jobs; repeat it for several tenants, taken in turns"
+                   " (passed with every call: safe behind a pooler).")
 @click.option("--until-idle", is_flag=True, help="Exit 0 once no queued or processing job is left.")
 @click.option("--poll-interval", type=click.FloatRange(0.05, 3600), default=2.0, show_default=True,
               help="Seconds between looks for work when no NOTIFY arrives.")
@@ -221,7 +222,7 @@ def print_status(
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
               help="json: one object per line, with job_id, run_id, attempt, run_status as keys.")
 @click.pass_obj
-def run(settings: Settings, worker_id: str | None, concurrency: int, tenant_id: uuid.UUID | None,
+def run(settings: Settings, worker_id: str | None, concurrency: int, tenant_ids: tuple[uuid.UUID, ...],
         until_idle: bool, poll_interval: float, lease_seconds: float, grace_seconds: float,
         listen_dsn: str | None, no_listen: bool, metrics_port: int | None, log_level: str,
         log_format: str) -> None:
@@ -242,7 +243,7 @@ def run(settings: Settings, worker_id: str | None, concurrency: int, tenant_id: 
         dsn=require_dsn(settings), schema=settings.schema, worker_id=worker_id or settings.worker_id,
         concurrency=concurrency, poll_interval=poll_interval, lease_seconds=lease_seconds,
         grace_seconds=grace_seconds, until_idle=until_idle, metrics_port=metrics_port,
-        tenant_id=tenant_id, listen_dsn=listen_dsn, listen=not no_listen,
+        tenant_ids=tenant_ids or None, listen_dsn=listen_dsn, listen=not no_listen,
     ))
     with stop_on_signals(worker.request_stop):
         worker.run()

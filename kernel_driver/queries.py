@@ -75,7 +75,7 @@ class StepRequest:
 
     worker: str
     lease_seconds: float
-    tenant_id: UUID | None
+    tenant_ids: Sequence[UUID] | None  # None: every tenant in scope
     held: list[str] = field(default_factory=list)
     results: list[Result] = field(default_factory=list)
     complete: list[str] = field(default_factory=list)
@@ -132,7 +132,7 @@ class Kernel:
             "SELECT kind, job_id, run_id, item_id, idempotency_key, recipient, contact_id, detail"
             " FROM {schema}.worker_step(%s::text, %s::numeric, %s::uuid[], %s::uuid[], %s::text[],"
             " %s::text[], %s::text[], %s::text[], %s::uuid[], %s::uuid[], %s::text[], %s::uuid[],"
-            " %s::integer, %s::integer, %s::text[], %s::uuid)",
+            " %s::integer, %s::integer, %s::text[], %s::uuid[])",
             (
                 request.worker, request.lease_seconds, uuid_array(request.held),
                 uuid_array([r.item_id for r in results]), text_array([r.outcome for r in results]),
@@ -140,7 +140,8 @@ class Kernel:
                 text_array([r.error for r in results]),
                 uuid_array(request.complete), uuid_array(request.fail), text_array(request.fail.values()),
                 uuid_array(request.redispatch),
-                request.want, request.claim, text_array(request.deduplicating), request.tenant_id,
+                request.want, request.claim, text_array(request.deduplicating),
+                None if request.tenant_ids is None else uuid_array(request.tenant_ids),
             ),
             _step_rows,
             uuid_as_text=True,

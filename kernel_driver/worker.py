@@ -97,7 +97,7 @@ class WorkerConfig:
     grace_seconds: float = 10.0
     until_idle: bool = False
     metrics_port: int | None = None
-    tenant_id: UUID | None = None
+    tenant_ids: tuple[UUID, ...] | None = None  # None: every tenant
     # Where LISTEN runs: the DSN itself unless given; None with listen=False (poll only).
     listen_dsn: str | None = None
     listen: bool = True
@@ -418,7 +418,7 @@ class Worker:
             return None
         return StepRequest(
             worker=self.config.worker_id, lease_seconds=self.config.lease_seconds,
-            tenant_id=self.config.tenant_id, held=list(self._jobs),
+            tenant_ids=self.config.tenant_ids, held=list(self._jobs),
             results=[result for _, result in self._unrecorded],
             complete=complete, fail=fail, redispatch=redispatch,
             want=free if (dispatch or claim) else len(redispatch), claim=claim,

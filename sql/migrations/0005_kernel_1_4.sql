@@ -560,8 +560,10 @@ COMMENT ON FUNCTION kernel.deploy_campaign(uuid, integer) IS
 
 -- Claims: promote what came due, then tenants in turns, each tenant's runs in turns ---------
 
-CREATE OR REPLACE FUNCTION kernel._claim_jobs(
-    p_worker text, p_max_jobs integer, p_lease interval, p_tenant_id uuid
+-- A daemon may now serve several tenants (--tenant A --tenant B): the claim takes an array.
+DROP FUNCTION kernel._claim_jobs(text, integer, interval, uuid);
+CREATE FUNCTION kernel._claim_jobs(
+    p_worker text, p_max_jobs integer, p_lease interval, p_tenant_ids uuid[]
 )
 RETURNS SETOF kernel.job_queue
 LANGUAGE plpgsql
@@ -574,10 +576,11 @@ AS $$
 DECLARE
     _taken kernel.job_queue[];
     _exhausted kernel.job_queue;
-    -- A scoped session or a daemon given --tenant sees one tenant; else every tenant with
-    -- queued jobs, from a random one on (wrapping round), at most 32 per claim; of each, at
-    -- most 8 runs, from a random one on.
-    _only uuid := coalesce(p_tenant_id, kernel.current_tenant());
+    -- A daemon given --tenant sees those tenants, a scoped session its own; else every tenant
+    -- with queued jobs, from a random one on (wrapping round), at most 32 per claim; of each,
+    -- at most 8 runs, from a random one on.
+    _only uuid[] := CASE WHEN p_tenant_ids IS NOT NULL THEN p_tenant_ids
+                         WHEN kernel.current_tenant() IS NOT NULL THEN ARRAY[kernel.current_tenant()] END;
     _start uuid := gen_random_uuid();
     _now timestamptz := kernel.clock();
 BEGIN
@@ -599,7 +602,7 @@ BEGIN
         SELECT j.id FROM kernel.job_queue AS j
         WHERE j.status = 'processing' AND j.lease_expires_at < now()
           AND (kernel.current_tenant() IS NULL OR kernel.in_scope(j.tenant_id, j.workspace_id))
-          AND (p_tenant_id IS NULL OR j.tenant_id = p_tenant_id)
+          AND (p_tenant_ids IS NULL OR j.tenant_id = ANY (p_tenant_ids))
         ORDER BY j.lease_expires_at, j.id
         LIMIT p_max_jobs
         FOR UPDATE SKIP LOCKED
@@ -614,7 +617,9 @@ BEGIN
         ) AS tenant_id) AS t
         WHERE _only IS NULL AND t.tenant_id IS NOT NULL
         UNION ALL
-        SELECT _only, _only, 1 WHERE _only IS NOT NULL
+        SELECT o.tenant_id, o.tenant_id, 1
+        FROM unnest(_only) AS o (tenant_id)
+        WHERE EXISTS (SELECT 1 FROM kernel.job_queue AS j WHERE j.status = 'queued' AND j.tenant_id = o.tenant_id)
         UNION ALL
         SELECT x.tenant_id, t.first, t.n + 1
         FROM tenants AS t
@@ -669,7 +674,7 @@ BEGIN
             SELECT j.id, j.priority, j.run_after FROM kernel.job_queue AS j
             WHERE j.tenant_id = s.tenant_id AND j.run_id = r.run_id AND j.status = 'queued'
               AND (kernel.current_tenant() IS NULL OR kernel.in_scope(j.tenant_id, j.workspace_id))
-              AND (p_tenant_id IS NULL OR j.tenant_id = p_tenant_id)
+              AND (p_tenant_ids IS NULL OR j.tenant_id = ANY (p_tenant_ids))
             ORDER BY j.run_after, j.id
             LIMIT s.share
             FOR UPDATE OF j SKIP LOCKED
@@ -736,10 +741,12 @@ BEGIN
     RETURN QUERY SELECT * FROM unnest(_taken) AS t WHERE t.status = 'processing';
 END
 $$;
+COMMENT ON FUNCTION kernel._claim_jobs(text, integer, interval, uuid[]) IS
+'The one claim (FOR UPDATE SKIP LOCKED): promotes scheduled jobs that came due, then takes expired leases, then queued jobs in turns between tenants (the given ones, the scope''s, or all) and between each tenant''s runs, by priority; jobs at max_attempts are failed instead; their runs move to running.';
 
 -- The hot path: windows and deadlines -----------------------------------------------------
 
-CREATE OR REPLACE FUNCTION kernel.worker_step(
+CREATE FUNCTION kernel.worker_step(
     p_worker text,
     p_lease_seconds numeric,
     p_held uuid[],
@@ -755,7 +762,7 @@ CREATE OR REPLACE FUNCTION kernel.worker_step(
     p_want integer,
     p_claim integer,
     p_deduplicating text[],
-    p_tenant_id uuid
+    p_tenant_ids uuid[]
 )
 RETURNS TABLE (
     kind text, job_id uuid, run_id uuid, item_id uuid,
@@ -954,7 +961,7 @@ BEGIN
     --    be re-sent with the same key when the provider deduplicates.
     IF p_claim > 0 THEN
         SELECT coalesce(array_agg(c), '{}') INTO _claimed
-        FROM kernel._claim_jobs(p_worker, p_claim, _lease, p_tenant_id) AS c;
+        FROM kernel._claim_jobs(p_worker, p_claim, _lease, p_tenant_ids) AS c;
         UPDATE kernel.channel_outbox AS o
         SET status = CASE WHEN d.dedup THEN 'pending' ELSE 'unknown' END,
             dispatched_at = CASE WHEN d.dedup THEN NULL ELSE o.dispatched_at END,
@@ -1181,19 +1188,43 @@ BEGIN
                jsonb_build_object(
                    'queued', EXISTS (
                        SELECT 1 FROM kernel.job_queue AS j
-                       WHERE j.status = 'queued' AND (p_tenant_id IS NULL OR j.tenant_id = p_tenant_id)
+                       WHERE j.status = 'queued' AND (p_tenant_ids IS NULL OR j.tenant_id = ANY (p_tenant_ids))
                          AND (kernel.current_tenant() IS NULL OR kernel.in_scope(j.tenant_id, j.workspace_id))),
                    'processing', EXISTS (
                        SELECT 1 FROM kernel.job_queue AS j
-                       WHERE j.status = 'processing' AND (p_tenant_id IS NULL OR j.tenant_id = p_tenant_id)
+                       WHERE j.status = 'processing' AND (p_tenant_ids IS NULL OR j.tenant_id = ANY (p_tenant_ids))
                          AND (kernel.current_tenant() IS NULL OR kernel.in_scope(j.tenant_id, j.workspace_id)))
                );
     END IF;
 END
 $$;
 
+COMMENT ON FUNCTION kernel.worker_step(text, numeric, uuid[], uuid[], text[], text[], text[], text[], uuid[], uuid[], text[], uuid[], integer, integer, text[], uuid[]) IS
+'The daemon''s hot path, one transaction: fences the jobs it holds (lost rows), records results (waiting rows for retries), renews leases, ends finished jobs and fails the ones it cannot execute (done rows), claims up to p_claim jobs (job rows with their context), pauses the jobs outside their send window (paused rows) and ends those past their run''s deadline (done rows), and dispatches up to p_want items (item rows), inserting new items already dispatched. No session state: lease and tenants travel with the call (p_tenant_ids NULL: every tenant in scope).';
+GRANT EXECUTE ON FUNCTION kernel.worker_step(text, numeric, uuid[], uuid[], text[], text[], text[], text[], uuid[], uuid[], text[], uuid[], integer, integer, text[], uuid[]) TO kernel_worker;
+
+-- The 1.3 form (one tenant), for daemons of 1.3 during a rolling upgrade.
+CREATE OR REPLACE FUNCTION kernel.worker_step(
+    p_worker text, p_lease_seconds numeric, p_held uuid[], p_result_ids uuid[], p_result_outcomes text[],
+    p_result_provider_ids text[], p_result_responses text[], p_result_errors text[], p_complete uuid[],
+    p_fail uuid[], p_fail_errors text[], p_redispatch uuid[], p_want integer, p_claim integer,
+    p_deduplicating text[], p_tenant_id uuid
+)
+RETURNS TABLE (
+    kind text, job_id uuid, run_id uuid, item_id uuid,
+    idempotency_key text, recipient text, contact_id uuid, detail jsonb
+)
+LANGUAGE sql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT * FROM kernel.worker_step(
+        p_worker, p_lease_seconds, p_held, p_result_ids, p_result_outcomes, p_result_provider_ids,
+        p_result_responses, p_result_errors, p_complete, p_fail, p_fail_errors, p_redispatch, p_want,
+        p_claim, p_deduplicating, CASE WHEN p_tenant_id IS NOT NULL THEN ARRAY[p_tenant_id] END
+    )
+$$;
 COMMENT ON FUNCTION kernel.worker_step(text, numeric, uuid[], uuid[], text[], text[], text[], text[], uuid[], uuid[], text[], uuid[], integer, integer, text[], uuid) IS
-'The daemon''s hot path, one transaction: fences the jobs it holds (lost rows), records results (waiting rows for retries), renews leases, ends finished jobs and fails the ones it cannot execute (done rows), claims up to p_claim jobs (job rows with their context), pauses the jobs outside their send window (paused rows) and ends those past their run''s deadline (done rows), and dispatches up to p_want items (item rows), inserting new items already dispatched. No session state: lease and tenant travel with the call.';
+'The 1.3 form of worker_step: one tenant (or NULL: every tenant in scope).';
 
 
 -- The version ---------------------------------------------------------------------

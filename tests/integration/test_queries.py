@@ -89,7 +89,7 @@ def test_daemon_step_release_and_queue_stats(conn, kernel_schema):
     assert all(isinstance(q, QueueDepth) for q in depth)
     assert [(q.status, q.jobs) for q in depth] == [("queued", 1)]
 
-    rows = kernel.worker_step(StepRequest(worker="w1", lease_seconds=30, tenant_id=None, claim=1))
+    rows = kernel.worker_step(StepRequest(worker="w1", lease_seconds=30, tenant_ids=None, claim=1))
     jobs = [row for row in rows if row.kind == "job"]
     assert [row.run_id for row in jobs] == [str(run_id)]  # ids come as text
     assert kernel.release_jobs("w1", [jobs[0].job_id], "test") == 1

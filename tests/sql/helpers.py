@@ -432,16 +432,17 @@ def step(conn: psycopg.Connection, worker: str = "w1", *, held: Sequence[Any] = 
          complete: Sequence[Any] = (), fail: dict[Any, str] | None = None, redispatch: Sequence[Any] = (),
          want: int = 0, claim: int = 0, deduplicating: Sequence[str] = (), tenant: Any = None,
          lease: float = 30) -> dict[str, list[dict[str, Any]]]:
-    """One worker_step; its rows grouped by kind."""
+    """One worker_step (tenant: one, several or None); its rows grouped by kind."""
     results = list(results)
     fail = fail or {}
     found = rows(conn, "SELECT * FROM worker_step(%s::text, %s::numeric, %s::uuid[], %s::uuid[], %s::text[],"
                        " %s::text[], %s::text[], %s::text[], %s::uuid[], %s::uuid[], %s::text[], %s::uuid[],"
-                       " %s::integer, %s::integer, %s::text[], %s::uuid)", [
+                       " %s::integer, %s::integer, %s::text[], %s::uuid[])", [
         worker, lease, list(held), [r[0] for r in results], [r[1] for r in results],
         [r[2] if len(r) > 2 else None for r in results], [None for _ in results],
         [r[3] if len(r) > 3 else None for r in results], list(complete), list(fail), list(fail.values()),
-        list(redispatch), want, claim, list(deduplicating), tenant,
+        list(redispatch), want, claim, list(deduplicating),
+        None if tenant is None else list(tenant) if isinstance(tenant, list | tuple) else [tenant],
     ])
     grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in found:

@@ -129,8 +129,19 @@ def test_a_daemon_given_a_tenant_claims_only_its_jobs(conn):
     seeds = [seed_campaign(conn, 3) for _ in range(3)]
     for seed in seeds:
         deploy(conn, seed.campaign_id, 1)
-    jobs = rows(conn, "SELECT * FROM _claim_jobs('w1', 10, interval '30 seconds', %s)", [seeds[1].tenant_id])
+    jobs = rows(conn, "SELECT * FROM _claim_jobs('w1', 10, interval '30 seconds', %s)", [[seeds[1].tenant_id]])
     assert len(jobs) == 3 and {j["tenant_id"] for j in jobs} == {seeds[1].tenant_id}
+
+
+def test_a_daemon_given_several_tenants_takes_them_in_turns_and_no_other(conn):
+    seeds = [seed_campaign(conn, 5) for _ in range(3)]
+    for seed in seeds:
+        deploy(conn, seed.campaign_id, 1)
+    mine = [seeds[0].tenant_id, seeds[2].tenant_id]
+    jobs = rows(conn, "SELECT * FROM _claim_jobs('w1', 4, interval '30 seconds', %s)", [mine])
+    assert sorted(str(j["tenant_id"]) for j in jobs) == sorted([str(t) for t in mine] * 2)
+    jobs = rows(conn, "SELECT * FROM _claim_jobs('w1', 100, interval '30 seconds', %s)", [mine])
+    assert len(jobs) == 6 and seeds[1].tenant_id not in {j["tenant_id"] for j in jobs}
 
 
 def test_heartbeat_extends_the_lease(conn):

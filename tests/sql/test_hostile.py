@@ -236,7 +236,14 @@ DEFINER_CALLS = {
         "worker",
         "SELECT * FROM worker_step('intruder', 30, ARRAY['{job}']::uuid[], ARRAY['{item}']::uuid[],"
         " ARRAY['sent'], ARRAY['p'], ARRAY[NULL], ARRAY[NULL], ARRAY['{job}']::uuid[], ARRAY['{job}']::uuid[],"
-        " ARRAY['x'], '{{}}', 0, 0, '{{}}', NULL)",
+        " ARRAY['x'], '{{}}', 0, 0, '{{}}', NULL::uuid)",
+        None,
+    ),
+    "worker_step(text,numeric,uuid[],uuid[],text[],text[],text[],text[],uuid[],uuid[],text[],uuid[],integer,integer,text[],uuid[])": (  # noqa: E501 - the signature whole, as the catalog spells it
+        "worker",
+        "SELECT * FROM worker_step('intruder', 30, ARRAY['{job}']::uuid[], ARRAY['{item}']::uuid[],"
+        " ARRAY['sent'], ARRAY['p'], ARRAY[NULL], ARRAY[NULL], ARRAY['{job}']::uuid[], ARRAY['{job}']::uuid[],"
+        " ARRAY['x'], '{{}}', 0, 0, '{{}}', NULL::uuid[])",
         None,
     ),
     "release_jobs(text,uuid[],text)": ("worker", "SELECT release_jobs('intruder', ARRAY['{job}']::uuid[], 'x')", None),
@@ -407,7 +414,7 @@ def test_a_worker_cannot_complete_a_job_another_worker_holds(conn, login):
     with raises("KE005", "intruder"):
         intruder.execute("SELECT complete_job(%s, false, 'x')", [held["id"]])
     for query in ("SELECT * FROM worker_step(NULL, 30, '{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}',"
-                  " 0, 0, '{}', NULL)",
+                  " 0, 0, '{}', NULL::uuid[])",
                   "SELECT release_jobs(NULL, ARRAY[%s]::uuid[], 'x')"):
         with raises("KE008", "worker"):
             intruder.execute(query, [held["id"]] if "%s" in query else None)
