@@ -42,11 +42,11 @@ def frozen_file_digests(root: Path = PROJECT_ROOT) -> list[dict[str, str]]:
 
 
 
-def purge_sql(schema: str, tenant: str) -> str:
-    """Statements that delete every row of one certification tenant (`tenant` is a uuid, or a
-    psql variable such as :'tenant')."""
-    literal = tenant if tenant.startswith(":") else f"'{uuid.UUID(tenant)}'"
-    where = f"WHERE tenant_id = {literal}::uuid"
+def purge_sql(schema: str, tenants: Sequence[str]) -> str:
+    """Statements that delete every row of the certification tenants (each a uuid, or a psql
+    variable such as :'tenant')."""
+    literals = [tenant if tenant.startswith(":") else f"'{uuid.UUID(tenant)}'" for tenant in tenants]
+    where = f"WHERE tenant_id IN ({', '.join(f'{literal}::uuid' for literal in literals)})"
     # Children before parents; campaign_audience rows go with their campaigns (ON DELETE CASCADE).
     tables = ("channel_outbox", "job_events", "job_queue", "campaign_runs", "campaigns", "contacts")
     statements = [f"DELETE FROM {schema}.{table} {where};" for table in tables]
@@ -112,6 +112,7 @@ def certify_database(
         **database_facts(conn, settings.schema),
         "host": socket.gethostname(),
         "tenant_id": str(cert.tenant_id),
+        "load_tenant_id": str(cert.load_tenant_id),
         "source": git_revision(PROJECT_ROOT),
         "frozen_files": frozen_file_digests(),
         "providers": {
@@ -127,5 +128,5 @@ def certify_database(
             "failed": failed,
             "result": "FAIL" if failed else "PASS",
         },
-        "purge_sql": purge_sql(settings.schema, str(cert.tenant_id)),
+        "purge_sql": purge_sql(settings.schema, [str(cert.tenant_id), str(cert.load_tenant_id)]),
     }

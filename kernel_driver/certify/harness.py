@@ -3,6 +3,7 @@ or real providers, waiting on the database, and one delivery through a provider 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -10,7 +11,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,10 +124,21 @@ class Certification:
         self.real_email = real_email
         self.real_voice = real_voice
         self.tenant_id = uuid.uuid4()
+        # A second tenant, whose backlog Q3 sends beside the certification tenant's campaigns.
+        self.load_tenant_id = uuid.uuid4()
         self.kernel = Kernel(conn, self.schema)
         self._daemons: list[Daemon] = []
         # Kernel functions then refuse anything outside the certification tenant.
         conn.execute("SELECT set_config('execution_kernel.tenant_id', %s, false)", [str(self.tenant_id)])
+
+    @contextlib.contextmanager
+    def acting_for(self, tenant_id: uuid.UUID) -> Iterator[None]:
+        """The session scoped to another of certify's tenants for a while (seeding the load)."""
+        self.conn.execute("SELECT set_config('execution_kernel.tenant_id', %s, false)", [str(tenant_id)])
+        try:
+            yield
+        finally:
+            self.conn.execute("SELECT set_config('execution_kernel.tenant_id', %s, false)", [str(self.tenant_id)])
 
     # SQL
 
@@ -148,11 +160,13 @@ class Certification:
         provider: str,
         settings: dict[str, Any],
         contacts: int,
+        *,
+        tenant_id: uuid.UUID | None = None,
         **options: Any,
     ) -> SeededCampaign:
         seeded = seed_campaign(
             self.conn, self.schema, contacts=contacts, channel=channel, provider=provider,
-            settings=settings, tenant_id=self.tenant_id, name=f"{CAMPAIGN_NAME_PREFIX} {record.id}",
+            settings=settings, tenant_id=tenant_id or self.tenant_id, name=f"{CAMPAIGN_NAME_PREFIX} {record.id}",
             **options,
         )
         record.workspace_ids.append(str(seeded.workspace_id))
@@ -185,12 +199,14 @@ class Certification:
             self.dsn, application_name=application_name)
         return {**os.environ, **(extra or {}), "KERNEL_DSN": dsn, "KERNEL_SCHEMA": self.schema}
 
-    def start_daemon(self, record: CheckRecord, name: str, *args: str, env: dict[str, str] | None = None) -> Daemon:
-        """A daemon that claims only the certification tenant's jobs (--tenant: the tenant
-        goes with every call, as behind a pooler)."""
+    def start_daemon(self, record: CheckRecord, name: str, *args: str, env: dict[str, str] | None = None,
+                     with_load_tenant: bool = False) -> Daemon:
+        """A daemon that claims only the certification tenant's jobs, and the load tenant's
+        when asked (--tenant: the tenants go with every call, as behind a pooler)."""
         worker_id = f"certify-{self.tenant_id.hex[:8]}-{name}"
+        tenants = [self.tenant_id, self.load_tenant_id] if with_load_tenant else [self.tenant_id]
         command = [sys.executable, "-m", "kernel_driver", "run", "--worker-id", worker_id,
-                   "--tenant", str(self.tenant_id), *DAEMON_ARGS, *args]
+                   *(arg for tenant in tenants for arg in ("--tenant", str(tenant))), *DAEMON_ARGS, *args]
         environment = self.command_environment(worker_id, env, scoped=False)
         daemon = Daemon(worker_id, command, environment, self.workdir / f"{worker_id}.log")
         self._daemons.append(daemon)

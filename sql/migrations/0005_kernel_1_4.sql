@@ -572,6 +572,10 @@ SET search_path = pg_catalog, pg_temp
 -- backlog, never a sort of it, whatever the statistics of a fast-growing job_queue say.
 SET enable_bitmapscan = off
 SET enable_seqscan = off
+-- The planner prices the two recursive walks at far more than they read (it cannot know they
+-- stop at 32 tenants and 8 runs), above jit_above_cost: JIT then compiled the claim on every
+-- call, 50 ms of a 1 ms claim (auto_explain, docs/benchmarks.md).
+SET jit = off
 AS $$
 DECLARE
     _taken kernel.job_queue[];

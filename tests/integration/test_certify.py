@@ -143,7 +143,9 @@ def test_a_check_fails_when_a_daemon_certify_did_not_start_takes_its_job(certify
     """An unscoped daemon already running (say, staging's) must not certify the kernel for us."""
     stranger = start_daemon(db_dsn, kernel_schema, "--worker-id", "staging-daemon")
     try:
-        listening = "SELECT count(*) FROM pg_stat_activity WHERE query ILIKE 'LISTEN%%' AND pid <> pg_backend_pid()"
+        # The stranger's own LISTEN, in this database (another test's daemon may listen elsewhere).
+        listening = ("SELECT count(*) FROM pg_stat_activity WHERE query ILIKE 'LISTEN%%'"
+                     " AND datname = current_database() AND pid <> pg_backend_pid()")
         while conn.execute(listening).fetchone()[0] == 0:
             assert stranger.poll() is None, stranger.output()
             time.sleep(0.05)

@@ -40,6 +40,7 @@ def evidence() -> dict:
         "database": {"host": "db.staging", "port": 5432, "dbname": "app", "user": "kernel_owner", "schema": "kernel"},
         "host": "ci-7",
         "tenant_id": tenant,
+        "load_tenant_id": tenant,
         "source": {"commit": "0" * 40, "dirty": False},
         "frozen_files": certify.frozen_file_digests(),
         "providers": {"email": "local SMTP sink", "voice": "local voice sink"},
@@ -51,7 +52,7 @@ def evidence() -> dict:
             check("Q3", status="FAIL"),
         ],
         "summary": {"selected": ["E1", "Q3"], "passed": ["E1"], "failed": ["Q3"], "result": "FAIL"},
-        "purge_sql": certify.purge_sql("kernel", tenant),
+        "purge_sql": certify.purge_sql("kernel", [tenant, tenant]),
     }
 
 
@@ -178,4 +179,4 @@ def test_frozen_files_are_the_migrations_then_the_named_files():
 
 def test_docs_give_the_purge_statements_certify_writes():
     """docs/certification.md shows purge_sql for a psql variable; it must not drift from the code."""
-    assert certify.purge_sql("kernel", ":'tenant'") in (DOCS / "certification.md").read_text()
+    assert certify.purge_sql("kernel", [":'tenant'", ":'load_tenant'"]) in (DOCS / "certification.md").read_text()
