@@ -73,7 +73,8 @@ def check_scheduler_sla(cert: Certification, record: CheckRecord) -> None:
     expect(under_load["backlog_left_when_small_done"] > 0,
            "the backlog was sent before the small campaigns completed: Q3 measured no load")
     slowest = under_load["small_completion_s"]["max"]
-    expect(slowest < SLA_SECONDS, f"under load, the slowest small campaign took {slowest:.1f} s (SLA {SLA_SECONDS:g} s)")
+    expect(slowest < SLA_SECONDS,
+           f"under load, the slowest small campaign took {slowest:.1f} s (SLA {SLA_SECONDS:g} s)")
 
 
 def sla_under_load(cert: Certification, record: CheckRecord) -> dict[str, Any]:
