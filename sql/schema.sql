@@ -16,7 +16,8 @@ GRANT USAGE ON SCHEMA kernel TO kernel_worker;
 --   0002 0002_kernel_1_1
 --   0003 0003_kernel_1_2
 --   0004 0004_kernel_1_3
--- kernel_version() = 1.3.0
+--   0005 0005_kernel_1_4
+-- kernel_version() = 1.4.0
 
 -- SEQUENCE kernel.job_events_id_seq
 
@@ -65,11 +66,16 @@ CREATE TABLE kernel.campaign_runs (
     created_at timestamp with time zone DEFAULT now() NOT NULL,
     retry_of_run_id uuid,
     root_run_id uuid NOT NULL,
-    generation integer DEFAULT 1 NOT NULL
+    generation integer DEFAULT 1 NOT NULL,
+    priority integer DEFAULT 0 NOT NULL,
+    start_at timestamp with time zone,
+    deadline timestamp with time zone
 );
 ALTER TABLE kernel.campaign_runs ADD CONSTRAINT campaign_runs_campaign_id_fkey FOREIGN KEY (campaign_id) REFERENCES kernel.campaigns(id);
+ALTER TABLE kernel.campaign_runs ADD CONSTRAINT campaign_runs_deadline_after_start CHECK ((deadline > start_at));
 ALTER TABLE kernel.campaign_runs ADD CONSTRAINT campaign_runs_lineage_check CHECK ((((retry_of_run_id IS NULL) AND (root_run_id = id) AND (generation = 1)) OR ((retry_of_run_id IS NOT NULL) AND (root_run_id <> id) AND (generation > 1))));
 ALTER TABLE kernel.campaign_runs ADD CONSTRAINT campaign_runs_pkey PRIMARY KEY (id);
+ALTER TABLE kernel.campaign_runs ADD CONSTRAINT campaign_runs_priority_in_range CHECK (((priority >= '-1000'::integer) AND (priority <= 1000)));
 ALTER TABLE kernel.campaign_runs ADD CONSTRAINT campaign_runs_retry_of_run_id_fkey FOREIGN KEY (retry_of_run_id) REFERENCES kernel.campaign_runs(id);
 ALTER TABLE kernel.campaign_runs ADD CONSTRAINT campaign_runs_root_run_id_fkey FOREIGN KEY (root_run_id) REFERENCES kernel.campaign_runs(id);
 ALTER TABLE kernel.campaign_runs ADD CONSTRAINT campaign_runs_status_check CHECK ((status = ANY (ARRAY['queued'::text, 'running'::text, 'completed'::text, 'partial'::text, 'failed'::text, 'cancelled'::text])));
@@ -82,6 +88,8 @@ ALTER TABLE kernel.campaign_runs ENABLE ROW LEVEL SECURITY;
 CREATE POLICY campaign_runs_operator_reads ON kernel.campaign_runs AS PERMISSIVE FOR SELECT TO kernel_operator USING (true);
 CREATE POLICY campaign_runs_tenant_isolation ON kernel.campaign_runs AS PERMISSIVE FOR SELECT TO kernel_app, kernel_reader USING (kernel.in_scope(tenant_id, workspace_id));
 COMMENT ON TABLE kernel.campaign_runs IS 'One execution of a campaign. status is derived from its jobs (never set by hand); retries form a lineage through retry_of_run_id and root_run_id.';
+COMMENT ON COLUMN kernel.campaign_runs.start_at IS 'Scheduled start: its jobs are scheduled until then. NULL: at once.';
+COMMENT ON COLUMN kernel.campaign_runs.deadline IS 'Nothing of the run is dispatched after it; what is left then fails with the reason. NULL: none.';
 ALTER TABLE kernel.campaign_runs OWNER TO kernel_owner;
 GRANT SELECT ON TABLE kernel.campaign_runs TO kernel_app;
 GRANT SELECT ON TABLE kernel.campaign_runs TO kernel_operator;
@@ -96,9 +104,14 @@ CREATE TABLE kernel.campaigns (
     name text NOT NULL,
     channel text NOT NULL,
     content jsonb DEFAULT '{}'::jsonb NOT NULL,
-    created_at timestamp with time zone DEFAULT now() NOT NULL
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    priority integer DEFAULT 0 NOT NULL,
+    send_window_start time without time zone,
+    send_window_end time without time zone
 );
 ALTER TABLE kernel.campaigns ADD CONSTRAINT campaigns_pkey PRIMARY KEY (id);
+ALTER TABLE kernel.campaigns ADD CONSTRAINT campaigns_priority_in_range CHECK (((priority >= '-1000'::integer) AND (priority <= 1000)));
+ALTER TABLE kernel.campaigns ADD CONSTRAINT campaigns_send_window_check CHECK ((((send_window_start IS NULL) AND (send_window_end IS NULL)) OR ((send_window_start IS NOT NULL) AND (send_window_end IS NOT NULL) AND (send_window_start <> send_window_end))));
 ALTER TABLE kernel.campaigns ADD CONSTRAINT campaigns_workspace_owner_fkey FOREIGN KEY (tenant_id, workspace_id) REFERENCES kernel.workspaces(tenant_id, id);
 CREATE INDEX campaigns_by_tenant_workspace_idx ON kernel.campaigns USING btree (tenant_id, workspace_id);
 CREATE TRIGGER campaigns_owner_immutable BEFORE UPDATE OF tenant_id, workspace_id ON kernel.campaigns FOR EACH ROW EXECUTE FUNCTION kernel._owner_immutable();
@@ -107,6 +120,8 @@ ALTER TABLE kernel.campaigns ENABLE ROW LEVEL SECURITY;
 CREATE POLICY campaigns_operator_reads ON kernel.campaigns AS PERMISSIVE FOR SELECT TO kernel_operator USING (true);
 CREATE POLICY campaigns_tenant_isolation ON kernel.campaigns AS PERMISSIVE FOR ALL TO kernel_app, kernel_reader USING (kernel.in_scope(tenant_id, workspace_id));
 COMMENT ON TABLE kernel.campaigns IS 'Host table: a campaign to execute. content: e-mail {"subject","text","html"?}, voice {"from","script"}.';
+COMMENT ON COLUMN kernel.campaigns.priority IS 'Default priority of its runs (-1000..1000, higher first within a tenant).';
+COMMENT ON COLUMN kernel.campaigns.send_window_start IS 'Daily send window in each contact''s local time, with send_window_end (start > end wraps midnight); NULL: any time.';
 ALTER TABLE kernel.campaigns OWNER TO kernel_owner;
 GRANT DELETE, INSERT, SELECT, UPDATE ON TABLE kernel.campaigns TO kernel_app;
 GRANT SELECT ON TABLE kernel.campaigns TO kernel_operator;
@@ -170,9 +185,11 @@ CREATE TABLE kernel.contacts (
     email text,
     phone text,
     unsubscribed boolean DEFAULT false NOT NULL,
-    created_at timestamp with time zone DEFAULT now() NOT NULL
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    time_zone text
 );
 ALTER TABLE kernel.contacts ADD CONSTRAINT contacts_pkey PRIMARY KEY (id);
+ALTER TABLE kernel.contacts ADD CONSTRAINT contacts_time_zone_valid CHECK (((time_zone IS NULL) OR kernel.is_time_zone(time_zone)));
 ALTER TABLE kernel.contacts ADD CONSTRAINT contacts_workspace_owner_fkey FOREIGN KEY (tenant_id, workspace_id) REFERENCES kernel.workspaces(tenant_id, id);
 CREATE INDEX contacts_by_tenant_workspace_idx ON kernel.contacts USING btree (tenant_id, workspace_id);
 CREATE TRIGGER contacts_owner_immutable BEFORE UPDATE OF tenant_id, workspace_id ON kernel.contacts FOR EACH ROW EXECUTE FUNCTION kernel._owner_immutable();
@@ -181,6 +198,7 @@ ALTER TABLE kernel.contacts ENABLE ROW LEVEL SECURITY;
 CREATE POLICY contacts_operator_reads ON kernel.contacts AS PERMISSIVE FOR SELECT TO kernel_operator USING (true);
 CREATE POLICY contacts_tenant_isolation ON kernel.contacts AS PERMISSIVE FOR ALL TO kernel_app, kernel_reader USING (kernel.in_scope(tenant_id, workspace_id));
 COMMENT ON TABLE kernel.contacts IS 'Host table: a recipient. Unsubscribed contacts and contacts without an address become skipped items.';
+COMMENT ON COLUMN kernel.contacts.time_zone IS 'IANA time zone send windows are read in; NULL: the workspace''s.';
 ALTER TABLE kernel.contacts OWNER TO kernel_owner;
 GRANT DELETE, INSERT, SELECT, UPDATE ON TABLE kernel.contacts TO kernel_app;
 GRANT SELECT ON TABLE kernel.contacts TO kernel_operator;
@@ -234,7 +252,8 @@ CREATE TABLE kernel.job_queue (
     priority integer DEFAULT 0 NOT NULL,
     run_after timestamp with time zone DEFAULT now() NOT NULL,
     created_at timestamp with time zone DEFAULT now() NOT NULL,
-    completed_at timestamp with time zone
+    completed_at timestamp with time zone,
+    time_zone text
 );
 ALTER TABLE kernel.job_queue ADD CONSTRAINT job_queue_attempts_in_range CHECK (((attempts >= 0) AND (max_attempts >= 1)));
 ALTER TABLE kernel.job_queue ADD CONSTRAINT job_queue_id_run_id_key UNIQUE (id, run_id);
@@ -243,17 +262,19 @@ ALTER TABLE kernel.job_queue ADD CONSTRAINT job_queue_lease_held_while_processin
 ALTER TABLE kernel.job_queue ADD CONSTRAINT job_queue_pkey PRIMARY KEY (id);
 ALTER TABLE kernel.job_queue ADD CONSTRAINT job_queue_reserved_count_in_range CHECK (((reserved_count >= 0) AND (reserved_count <= cardinality(contact_ids))));
 ALTER TABLE kernel.job_queue ADD CONSTRAINT job_queue_run_id_fkey FOREIGN KEY (run_id) REFERENCES kernel.campaign_runs(id);
-ALTER TABLE kernel.job_queue ADD CONSTRAINT job_queue_status_check CHECK ((status = ANY (ARRAY['queued'::text, 'processing'::text, 'completed'::text, 'failed'::text, 'cancelled'::text])));
+ALTER TABLE kernel.job_queue ADD CONSTRAINT job_queue_status_check CHECK ((status = ANY (ARRAY['scheduled'::text, 'queued'::text, 'processing'::text, 'completed'::text, 'failed'::text, 'cancelled'::text])));
 CREATE INDEX job_queue_by_run_status_idx ON kernel.job_queue USING btree (run_id, status);
 CREATE INDEX job_queue_processing_idx ON kernel.job_queue USING btree (id) WHERE (status = 'processing'::text);
-CREATE INDEX job_queue_tenant_claim_order_idx ON kernel.job_queue USING btree (tenant_id, priority DESC, run_after, id) WHERE (status = 'queued'::text);
+CREATE INDEX job_queue_run_claim_order_idx ON kernel.job_queue USING btree (tenant_id, run_id, run_after, id) WHERE (status = 'queued'::text);
+CREATE INDEX job_queue_scheduled_idx ON kernel.job_queue USING btree (run_after) WHERE (status = 'scheduled'::text);
 CREATE INDEX job_queue_tenant_processing_idx ON kernel.job_queue USING btree (tenant_id) WHERE (status = 'processing'::text);
-CREATE TRIGGER job_queue_guard_insert BEFORE INSERT ON kernel.job_queue FOR EACH ROW WHEN ((new.status <> 'queued'::text)) EXECUTE FUNCTION kernel._job_queue_guard();
+CREATE TRIGGER job_queue_guard_insert BEFORE INSERT ON kernel.job_queue FOR EACH ROW WHEN ((new.status <> ALL (ARRAY['queued'::text, 'scheduled'::text]))) EXECUTE FUNCTION kernel._job_queue_guard();
 CREATE TRIGGER job_queue_moves AFTER UPDATE ON kernel.job_queue REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION kernel._job_queue_moves();
 ALTER TABLE kernel.job_queue ENABLE ROW LEVEL SECURITY;
 CREATE POLICY job_queue_operator_reads ON kernel.job_queue AS PERMISSIVE FOR SELECT TO kernel_operator USING (true);
 CREATE POLICY job_queue_tenant_isolation ON kernel.job_queue AS PERMISSIVE FOR SELECT TO kernel_app, kernel_reader USING (kernel.in_scope(tenant_id, workspace_id));
 COMMENT ON TABLE kernel.job_queue IS 'Work units: each send_batch job owns a snapshot of up to batch_size contacts (contact_ids) of its run; reserved_count is how many of them have outbox items.';
+COMMENT ON COLUMN kernel.job_queue.time_zone IS 'The time zone of all its contacts when the run has a send window (jobs are cut per zone); NULL otherwise.';
 ALTER TABLE kernel.job_queue OWNER TO kernel_owner;
 GRANT SELECT ON TABLE kernel.job_queue TO kernel_app;
 GRANT SELECT ON TABLE kernel.job_queue TO kernel_operator;
@@ -338,14 +359,17 @@ GRANT SELECT ON TABLE kernel.state_transitions TO kernel_worker;
 CREATE TABLE kernel.workspaces (
     id uuid NOT NULL,
     tenant_id uuid NOT NULL,
-    created_at timestamp with time zone DEFAULT now() NOT NULL
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    time_zone text DEFAULT 'UTC'::text NOT NULL
 );
 ALTER TABLE kernel.workspaces ADD CONSTRAINT workspaces_pkey PRIMARY KEY (id);
 ALTER TABLE kernel.workspaces ADD CONSTRAINT workspaces_tenant_id_id_key UNIQUE (tenant_id, id);
+ALTER TABLE kernel.workspaces ADD CONSTRAINT workspaces_time_zone_valid CHECK (kernel.is_time_zone(time_zone));
 ALTER TABLE kernel.workspaces ENABLE ROW LEVEL SECURITY;
 CREATE POLICY workspaces_operator_reads ON kernel.workspaces AS PERMISSIVE FOR SELECT TO kernel_operator USING (true);
 CREATE POLICY workspaces_tenant_isolation ON kernel.workspaces AS PERMISSIVE FOR SELECT TO kernel_app, kernel_reader USING (kernel.in_scope(tenant_id, id));
 COMMENT ON TABLE kernel.workspaces IS 'Which tenant owns each workspace. A workspace is registered by the first host row that names it and belongs to that row''s tenant for good; another tenant naming it gets KE002 (no such workspace).';
+COMMENT ON COLUMN kernel.workspaces.time_zone IS 'Time zone of contacts that name none (send windows).';
 ALTER TABLE kernel.workspaces OWNER TO kernel_owner;
 GRANT SELECT ON TABLE kernel.workspaces TO kernel_app;
 GRANT SELECT ON TABLE kernel.workspaces TO kernel_operator;
@@ -558,34 +582,51 @@ $function$;
 COMMENT ON FUNCTION kernel._channel_outbox_guard() IS 'Trigger: items start pending or skipped, move only along state_transitions, and never change once terminal (KE012); stamps completed_at when the statement did not.';
 ALTER FUNCTION kernel._channel_outbox_guard() OWNER TO kernel_owner;
 
--- FUNCTION kernel._claim_jobs(p_worker text, p_max_jobs integer, p_lease interval, p_tenant_id uuid)
+-- FUNCTION kernel._claim_jobs(p_worker text, p_max_jobs integer, p_lease interval, p_tenant_ids uuid[])
 
-CREATE OR REPLACE FUNCTION kernel._claim_jobs(p_worker text, p_max_jobs integer, p_lease interval, p_tenant_id uuid)
+CREATE OR REPLACE FUNCTION kernel._claim_jobs(p_worker text, p_max_jobs integer, p_lease interval, p_tenant_ids uuid[])
  RETURNS SETOF kernel.job_queue
  LANGUAGE plpgsql
  SET search_path TO 'pg_catalog', 'pg_temp'
  SET enable_bitmapscan TO 'off'
  SET enable_seqscan TO 'off'
+ SET jit TO 'off'
 AS $function$
 DECLARE
     _taken kernel.job_queue[];
     _exhausted kernel.job_queue;
-    -- A scoped session or a daemon given --tenant sees one tenant; else every tenant with
-    -- queued jobs, from a random one on (wrapping round), at most 32 per claim.
-    _only uuid := coalesce(p_tenant_id, kernel.current_tenant());
+    -- A daemon given --tenant sees those tenants, a scoped session its own; else every tenant
+    -- with queued jobs, from a random one on (wrapping round), at most 32 per claim; of each,
+    -- at most 8 runs, from a random one on.
+    _only uuid[] := CASE WHEN p_tenant_ids IS NOT NULL THEN p_tenant_ids
+                         WHEN kernel.current_tenant() IS NOT NULL THEN ARRAY[kernel.current_tenant()] END;
     _start uuid := gen_random_uuid();
+    _now timestamptz := kernel.clock();
 BEGIN
-    -- Expired leases first (their holder died: the crash path), then queued jobs due now.
+    -- Scheduled jobs that came due (a start, a window opening) become queued: at most 1,000
+    -- per claim, oldest first; concurrent claimers promote different ones (SKIP LOCKED).
+    IF EXISTS (SELECT 1 FROM kernel.job_queue WHERE status = 'scheduled' AND run_after <= _now) THEN
+        UPDATE kernel.job_queue AS j SET status = 'queued'
+        FROM (
+            SELECT d.id FROM kernel.job_queue AS d
+            WHERE d.status = 'scheduled' AND d.run_after <= _now
+            ORDER BY d.run_after LIMIT 1000
+            FOR UPDATE SKIP LOCKED
+        ) AS d
+        WHERE j.id = d.id;
+    END IF;
+
+    -- Expired leases first (their holder died: the crash path), then queued jobs.
     WITH RECURSIVE expired AS (
         SELECT j.id FROM kernel.job_queue AS j
         WHERE j.status = 'processing' AND j.lease_expires_at < now()
           AND (kernel.current_tenant() IS NULL OR kernel.in_scope(j.tenant_id, j.workspace_id))
-          AND (p_tenant_id IS NULL OR j.tenant_id = p_tenant_id)
+          AND (p_tenant_ids IS NULL OR j.tenant_id = ANY (p_tenant_ids))
         ORDER BY j.lease_expires_at, j.id
         LIMIT p_max_jobs
         FOR UPDATE SKIP LOCKED
     ), tenants (tenant_id, first, n) AS (
-        -- The tenants with queued jobs: one probe of job_queue_tenant_claim_order_idx each.
+        -- The tenants with queued jobs: one probe of job_queue_run_claim_order_idx each.
         SELECT t.tenant_id, t.tenant_id, 1
         FROM (SELECT coalesce(
             (SELECT j.tenant_id FROM kernel.job_queue AS j
@@ -595,7 +636,9 @@ BEGIN
         ) AS tenant_id) AS t
         WHERE _only IS NULL AND t.tenant_id IS NOT NULL
         UNION ALL
-        SELECT _only, _only, 1 WHERE _only IS NOT NULL
+        SELECT o.tenant_id, o.tenant_id, 1
+        FROM unnest(_only) AS o (tenant_id)
+        WHERE EXISTS (SELECT 1 FROM kernel.job_queue AS j WHERE j.status = 'queued' AND j.tenant_id = o.tenant_id)
         UNION ALL
         SELECT x.tenant_id, t.first, t.n + 1
         FROM tenants AS t
@@ -606,6 +649,29 @@ BEGIN
              WHERE j.status = 'queued' ORDER BY j.tenant_id LIMIT 1)
         ) AS tenant_id) AS x
         WHERE _only IS NULL AND t.n < 32 AND x.tenant_id <> t.first
+    ), runs (tenant_id, run_id, first, n) AS (
+        -- Each tenant's runs with queued jobs, the same way one level down.
+        SELECT t.tenant_id, r.run_id, r.run_id, 1
+        FROM tenants AS t
+        CROSS JOIN LATERAL (SELECT coalesce(
+            (SELECT j.run_id FROM kernel.job_queue AS j
+             WHERE j.status = 'queued' AND j.tenant_id = t.tenant_id AND j.run_id >= _start
+             ORDER BY j.run_id LIMIT 1),
+            (SELECT j.run_id FROM kernel.job_queue AS j
+             WHERE j.status = 'queued' AND j.tenant_id = t.tenant_id ORDER BY j.run_id LIMIT 1)
+        ) AS run_id) AS r
+        WHERE r.run_id IS NOT NULL
+        UNION ALL
+        SELECT r.tenant_id, x.run_id, r.first, r.n + 1
+        FROM runs AS r
+        CROSS JOIN LATERAL (SELECT coalesce(
+            (SELECT j.run_id FROM kernel.job_queue AS j
+             WHERE j.status = 'queued' AND j.tenant_id = r.tenant_id AND j.run_id > r.run_id
+             ORDER BY j.run_id LIMIT 1),
+            (SELECT j.run_id FROM kernel.job_queue AS j
+             WHERE j.status = 'queued' AND j.tenant_id = r.tenant_id ORDER BY j.run_id LIMIT 1)
+        ) AS run_id) AS x
+        WHERE r.n < 8 AND x.run_id <> r.first
     ), shares AS (
         -- Each tenant's share of the claim, and how many of its jobs are in flight now.
         SELECT t.tenant_id, t.n, ceil(p_max_jobs::numeric / count(*) OVER ())::integer AS share,
@@ -613,46 +679,54 @@ BEGIN
                 WHERE p.tenant_id = t.tenant_id AND p.status = 'processing') AS busy
         FROM tenants AS t
     ), offered AS (
-        -- Up to its share of each tenant's first due jobs, locked as the limit pulls them
+        -- Up to its tenant's share of each run's first jobs, locked as the limit pulls them
         -- (SKIP LOCKED: what another claimer holds is passed over, never waited for).
-        SELECT c.id, s.tenant_id, s.busy, s.n,
-               row_number() OVER (PARTITION BY s.tenant_id ORDER BY c.priority DESC, c.run_after, c.id) AS turn
+        SELECT c.id, s.tenant_id, s.share, s.busy, s.n AS tenant_n, r.run_id, r.n AS run_n, c.priority,
+               c.run_after, row_number() OVER (PARTITION BY r.run_id ORDER BY c.run_after, c.id) AS run_turn,
+               count(*) OVER (PARTITION BY r.run_id) = s.share AS run_filled,
+               -- A run whose first job has been due 5 minutes ranks as the top priority.
+               CASE WHEN min(c.run_after) OVER (PARTITION BY r.run_id) < _now - interval '5 minutes'
+                    THEN 2147483647 ELSE c.priority END AS rank_priority
         FROM shares AS s
+        INNER JOIN runs AS r ON s.tenant_id = r.tenant_id
         CROSS JOIN LATERAL (
             SELECT j.id, j.priority, j.run_after FROM kernel.job_queue AS j
-            WHERE j.tenant_id = s.tenant_id AND j.status = 'queued' AND j.run_after <= now()
+            WHERE j.tenant_id = s.tenant_id AND j.run_id = r.run_id AND j.status = 'queued'
               AND (kernel.current_tenant() IS NULL OR kernel.in_scope(j.tenant_id, j.workspace_id))
-              AND (p_tenant_id IS NULL OR j.tenant_id = p_tenant_id)
-            ORDER BY j.priority DESC, j.run_after, j.id
+              AND (p_tenant_ids IS NULL OR j.tenant_id = ANY (p_tenant_ids))
+            ORDER BY j.run_after, j.id
             LIMIT s.share
             FOR UPDATE OF j SKIP LOCKED
         ) AS c
+    ), ranked AS (
+        -- Within a tenant: the highest priority first, its runs in turns.
+        SELECT o.*, row_number() OVER (
+                   PARTITION BY o.tenant_id ORDER BY o.rank_priority DESC, o.run_turn, o.run_n) AS turn
+        FROM offered AS o
     ), topped AS (
-        -- Shares a tenant could not fill are topped up from the least busy tenant that filled
-        -- its own (it may have more), walking its jobs past what is locked.
+        -- Room no tenant could fill is topped up from the run that filled its share in the
+        -- least busy tenant, walking its jobs past what is offered already.
         SELECT c.id
         FROM (
-            SELECT s.tenant_id FROM shares AS s
-            WHERE (SELECT count(*) FROM offered AS o WHERE o.tenant_id = s.tenant_id) = s.share
-            ORDER BY s.busy, s.n LIMIT 1
+            SELECT o.tenant_id, o.run_id FROM offered AS o WHERE o.run_filled
+            ORDER BY o.busy, o.tenant_n, o.rank_priority DESC, o.run_n LIMIT 1
         ) AS t
         CROSS JOIN LATERAL (
             SELECT j.id FROM kernel.job_queue AS j
-            WHERE j.tenant_id = t.tenant_id AND j.status = 'queued' AND j.run_after <= now()
+            WHERE j.tenant_id = t.tenant_id AND j.run_id = t.run_id AND j.status = 'queued'
               AND (kernel.current_tenant() IS NULL OR kernel.in_scope(j.tenant_id, j.workspace_id))
-              AND (p_tenant_id IS NULL OR j.tenant_id = p_tenant_id)
               AND j.id NOT IN (SELECT o.id FROM offered AS o)
-            ORDER BY j.priority DESC, j.run_after, j.id
+            ORDER BY j.run_after, j.id
             LIMIT greatest(p_max_jobs - (SELECT count(*) FROM offered), 0)
             FOR UPDATE OF j SKIP LOCKED
         ) AS c
     ), due AS (
-        -- In turns: every tenant's first job before any tenant's second, the least busy first.
-        (SELECT o.id FROM offered AS o ORDER BY o.turn, o.busy, o.n LIMIT p_max_jobs)
+        -- In turns: every tenant's first job before any tenant's second, the least busy first;
+        -- past its share, a tenant's further offered jobs, then the top-up.
+        (SELECT r.id FROM ranked AS r ORDER BY r.turn > r.share, r.turn, r.busy, r.tenant_n LIMIT p_max_jobs)
         UNION ALL
         SELECT t.id FROM topped AS t
     ), candidates AS (
-        -- Rows are locked as the limits pull them: at most a job per tenant more than taken.
         SELECT id FROM expired UNION ALL SELECT id FROM due LIMIT p_max_jobs
     ), taken AS (
         UPDATE kernel.job_queue AS j
@@ -686,8 +760,8 @@ BEGIN
     RETURN QUERY SELECT * FROM unnest(_taken) AS t WHERE t.status = 'processing';
 END
 $function$;
-COMMENT ON FUNCTION kernel._claim_jobs(p_worker text, p_max_jobs integer, p_lease interval, p_tenant_id uuid) IS 'The one claim (FOR UPDATE SKIP LOCKED): expired leases, then queued jobs due now, in the scope and the optional tenant; jobs at max_attempts are failed instead; their runs move to running.';
-ALTER FUNCTION kernel._claim_jobs(p_worker text, p_max_jobs integer, p_lease interval, p_tenant_id uuid) OWNER TO kernel_owner;
+COMMENT ON FUNCTION kernel._claim_jobs(p_worker text, p_max_jobs integer, p_lease interval, p_tenant_ids uuid[]) IS 'The one claim (FOR UPDATE SKIP LOCKED): promotes scheduled jobs that came due, then takes expired leases, then queued jobs in turns between tenants (the given ones, the scope''s, or all) and between each tenant''s runs, by priority; jobs at max_attempts are failed instead; their runs move to running.';
+ALTER FUNCTION kernel._claim_jobs(p_worker text, p_max_jobs integer, p_lease interval, p_tenant_ids uuid[]) OWNER TO kernel_owner;
 
 -- FUNCTION kernel._end_job(p_job kernel.job_queue, p_success boolean, p_error text)
 
@@ -768,23 +842,46 @@ CREATE OR REPLACE FUNCTION kernel._enqueue_batches(p_run kernel.campaign_runs, p
 AS $function$
 DECLARE
     _jobs integer;
+    _window jsonb := p_run.run_config -> 'send_window';
+    _start timestamptz := greatest(coalesce(p_run.start_at, kernel.clock()), kernel.clock());
+    _zones text[];
 BEGIN
-    INSERT INTO kernel.job_queue (run_id, tenant_id, workspace_id, contact_ids, payload)
-    SELECT p_run.id, p_run.tenant_id, p_run.workspace_id, b.contact_ids,
-           jsonb_build_object('batch_no', b.batch_no + 1,
-                              'batch_count', ceil(cardinality(p_contacts)::numeric / p_batch_size)::integer)
-    FROM (
-        SELECT (u.ord - 1) / p_batch_size AS batch_no, array_agg(u.contact_id ORDER BY u.ord) AS contact_ids
+    IF _window IS NOT NULL THEN
+        -- Each contact's zone (its own, else its workspace's): batches are cut per zone, so a
+        -- job's contacts share one window.
+        SELECT array_agg(coalesce(p.time_zone, w.time_zone) ORDER BY u.ord) INTO _zones
         FROM unnest(p_contacts) WITH ORDINALITY AS u (contact_id, ord)
-        GROUP BY 1
+        LEFT JOIN kernel.contacts AS p ON u.contact_id = p.id
+        CROSS JOIN kernel.workspaces AS w
+        WHERE w.id = p_run.workspace_id;
+    END IF;
+    -- A job is queued when it may go now; else scheduled until its start or its window.
+    INSERT INTO kernel.job_queue (
+        run_id, tenant_id, workspace_id, contact_ids, payload, priority, time_zone, status, run_after
+    )
+    SELECT p_run.id, p_run.tenant_id, p_run.workspace_id, b.contact_ids,
+           jsonb_build_object('batch_no', row_number() OVER (ORDER BY b.zone, b.batch_no),
+                              'batch_count', count(*) OVER ()),
+           p_run.priority, b.zone,
+           CASE WHEN d.due > kernel.clock() THEN 'scheduled' ELSE 'queued' END, d.due
+    FROM (
+        SELECT z.zone, (z.ord - 1) / p_batch_size AS batch_no, array_agg(z.contact_id ORDER BY z.ord) AS contact_ids
+        FROM (
+            SELECT u.contact_id, u.zone, row_number() OVER (PARTITION BY u.zone ORDER BY u.ord) AS ord
+            FROM unnest(p_contacts, _zones) WITH ORDINALITY AS u (contact_id, zone, ord)
+        ) AS z
+        GROUP BY z.zone, 2
     ) AS b
-    ORDER BY b.batch_no;
+    CROSS JOIN LATERAL (
+        SELECT least(kernel.send_window_opens(_window, b.zone, _start), p_run.deadline) AS due
+    ) AS d
+    ORDER BY b.zone, b.batch_no;
     GET DIAGNOSTICS _jobs = ROW_COUNT;
     PERFORM pg_notify('kernel_jobs', p_run.id::text);
     RETURN _jobs;
 END
 $function$;
-COMMENT ON FUNCTION kernel._enqueue_batches(p_run kernel.campaign_runs, p_contacts uuid[], p_batch_size integer) IS 'Splits a run''s contacts into send_batch jobs of p_batch_size and wakes the workers (NOTIFY kernel_jobs).';
+COMMENT ON FUNCTION kernel._enqueue_batches(p_run kernel.campaign_runs, p_contacts uuid[], p_batch_size integer) IS 'Splits a run''s contacts into send_batch jobs of p_batch_size (per time zone when the run has a send window), queued when they may go now, else scheduled until the run''s start or their window, and wakes the workers (NOTIFY kernel_jobs).';
 ALTER FUNCTION kernel._enqueue_batches(p_run kernel.campaign_runs, p_contacts uuid[], p_batch_size integer) OWNER TO kernel_owner;
 
 -- FUNCTION kernel._finish_run_if_done(p_run_id uuid)
@@ -804,7 +901,7 @@ DECLARE
 BEGIN
     SELECT * INTO _run FROM kernel.campaign_runs WHERE id = p_run_id FOR UPDATE;
     IF _run.status IN ('completed', 'partial', 'failed') OR EXISTS (
-        SELECT 1 FROM kernel.job_queue WHERE run_id = p_run_id AND status IN ('queued', 'processing')
+        SELECT 1 FROM kernel.job_queue WHERE run_id = p_run_id AND status IN ('scheduled', 'queued', 'processing')
     ) THEN
         RETURN;
     END IF;
@@ -853,7 +950,7 @@ BEGIN
         FROM kernel.campaign_runs AS r INNER JOIN kernel.job_queue AS j ON r.id = j.run_id
         WHERE r.id = ANY (p_run_ids) AND r.status IN ('queued', 'running')
         GROUP BY r.id
-        HAVING count(*) FILTER (WHERE j.status IN ('queued', 'processing')) = 0
+        HAVING count(*) FILTER (WHERE j.status IN ('scheduled', 'queued', 'processing')) = 0
     ), decided AS (
         SELECT f.id, f.jobs_completed, f.jobs_failed, i.sent, i.bad,
                CASE WHEN f.jobs_failed = 0 AND i.bad = 0 THEN 'completed'
@@ -934,8 +1031,8 @@ CREATE OR REPLACE FUNCTION kernel._job_queue_guard()
 AS $function$
 BEGIN
     IF TG_OP = 'INSERT' THEN
-        IF NEW.status <> 'queued' THEN
-            RAISE EXCEPTION 'a job must start queued, not % (job %)', NEW.status, NEW.id
+        IF NEW.status NOT IN ('queued', 'scheduled') THEN
+            RAISE EXCEPTION 'a job must start queued or scheduled, not % (job %)', NEW.status, NEW.id
                 USING ERRCODE = 'KE004';
         END IF;
         RETURN NEW;  -- creation is recorded once per run, not per job
@@ -1310,7 +1407,7 @@ DECLARE
 BEGIN
     PERFORM kernel._require(p_run_id, 'run_id');
     -- Jobs before their run, the order claim_queued_jobs and complete_job lock in: no deadlock.
-    PERFORM 1 FROM kernel.job_queue WHERE run_id = p_run_id AND status IN ('queued', 'processing')
+    PERFORM 1 FROM kernel.job_queue WHERE run_id = p_run_id AND status IN ('scheduled', 'queued', 'processing')
     ORDER BY id FOR UPDATE;
     SELECT * INTO _run FROM kernel.campaign_runs WHERE id = p_run_id FOR UPDATE;
     PERFORM kernel._assert_scope(_run.tenant_id, _run.workspace_id, 'run', p_run_id);
@@ -1322,13 +1419,13 @@ BEGIN
     SET status = 'cancelled', completed_at = now(), error_message = 'cancelled by ' || session_user
     WHERE id = p_run_id;
     UPDATE kernel.job_queue SET status = 'cancelled', completed_at = now()
-    WHERE run_id = p_run_id AND status = 'queued';
+    WHERE run_id = p_run_id AND status IN ('scheduled', 'queued');
     -- Processing jobs finish their in-flight calls and end cancelled in complete_job.
     UPDATE kernel.channel_outbox SET status = 'skipped', skipped = true, skip_reason = 'run_cancelled'
     WHERE run_id = p_run_id AND status = 'pending' AND dispatched_at IS NULL;
 END
 $function$;
-COMMENT ON FUNCTION kernel.cancel_campaign_run(p_run_id uuid) IS 'Cancels a queued or running run: queued jobs cancelled, undispatched items skipped; in-flight calls still get recorded.';
+COMMENT ON FUNCTION kernel.cancel_campaign_run(p_run_id uuid) IS 'Cancels a queued (or scheduled) or running run: scheduled and queued jobs cancelled, undispatched items skipped; in-flight calls still get recorded.';
 ALTER FUNCTION kernel.cancel_campaign_run(p_run_id uuid) OWNER TO kernel_owner;
 GRANT EXECUTE ON FUNCTION kernel.cancel_campaign_run(p_run_id uuid) TO kernel_app;
 GRANT EXECUTE ON FUNCTION kernel.cancel_campaign_run(p_run_id uuid) TO kernel_operator;
@@ -1456,6 +1553,23 @@ COMMENT ON FUNCTION kernel.claim_queued_jobs(p_worker text, p_max_jobs integer) 
 ALTER FUNCTION kernel.claim_queued_jobs(p_worker text, p_max_jobs integer) OWNER TO kernel_owner;
 GRANT EXECUTE ON FUNCTION kernel.claim_queued_jobs(p_worker text, p_max_jobs integer) TO kernel_worker;
 
+-- FUNCTION kernel.clock()
+
+CREATE OR REPLACE FUNCTION kernel.clock()
+ RETURNS timestamp with time zone
+ LANGUAGE sql
+ STABLE
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+    SELECT coalesce(nullif(current_setting('execution_kernel.clock', true), '')::timestamptz, now())
+$function$;
+COMMENT ON FUNCTION kernel.clock() IS 'The time scheduled starts, send windows and deadlines are judged by: now(), unless the session sets execution_kernel.clock (a timestamptz) to move it, as tests do. Leases always use the real time.';
+ALTER FUNCTION kernel.clock() OWNER TO kernel_owner;
+GRANT EXECUTE ON FUNCTION kernel.clock() TO kernel_app;
+GRANT EXECUTE ON FUNCTION kernel.clock() TO kernel_operator;
+GRANT EXECUTE ON FUNCTION kernel.clock() TO kernel_reader;
+GRANT EXECUTE ON FUNCTION kernel.clock() TO kernel_worker;
+
 -- FUNCTION kernel.complete_job(p_job_id uuid, p_success boolean, p_error text)
 
 CREATE OR REPLACE FUNCTION kernel.complete_job(p_job_id uuid, p_success boolean, p_error text)
@@ -1562,6 +1676,23 @@ CREATE OR REPLACE FUNCTION kernel.deploy_campaign(p_campaign_id uuid, p_batch_si
  SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
+BEGIN
+    RETURN kernel.deploy_campaign(p_campaign_id, NULL::timestamptz, NULL::integer, NULL::timestamptz, p_batch_size);
+END
+$function$;
+COMMENT ON FUNCTION kernel.deploy_campaign(p_campaign_id uuid, p_batch_size integer) IS 'Validates the launch prerequisites (KE001), refuses a second active run (KE003), snapshots content, provider and send window into run_config, creates the run at the campaign''s priority and its batch jobs queued, and NOTIFYs kernel_jobs.';
+ALTER FUNCTION kernel.deploy_campaign(p_campaign_id uuid, p_batch_size integer) OWNER TO kernel_owner;
+GRANT EXECUTE ON FUNCTION kernel.deploy_campaign(p_campaign_id uuid, p_batch_size integer) TO kernel_app;
+GRANT EXECUTE ON FUNCTION kernel.deploy_campaign(p_campaign_id uuid, p_batch_size integer) TO kernel_operator;
+
+-- FUNCTION kernel.deploy_campaign(p_campaign_id uuid, p_start_at timestamp with time zone, p_priority integer, p_deadline timestamp with time zone, p_batch_size integer)
+
+CREATE OR REPLACE FUNCTION kernel.deploy_campaign(p_campaign_id uuid, p_start_at timestamp with time zone, p_priority integer DEFAULT NULL::integer, p_deadline timestamp with time zone DEFAULT NULL::timestamp with time zone, p_batch_size integer DEFAULT 1000)
+ RETURNS uuid
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
 DECLARE
     _c kernel.campaigns;
     _failed text;
@@ -1571,6 +1702,13 @@ BEGIN
     PERFORM kernel._require(p_campaign_id, 'campaign_id');
     IF p_batch_size IS NULL OR p_batch_size NOT BETWEEN 1 AND 100000 THEN
         RAISE EXCEPTION 'batch_size must be between 1 and 100000, got %', p_batch_size USING ERRCODE = 'KE008';
+    END IF;
+    IF p_priority NOT BETWEEN -1000 AND 1000 THEN
+        RAISE EXCEPTION 'priority must be between -1000 and 1000, got %', p_priority USING ERRCODE = 'KE008';
+    END IF;
+    IF p_deadline <= greatest(p_start_at, kernel.clock()) THEN
+        RAISE EXCEPTION 'deadline % is not after the start (%)', p_deadline, greatest(p_start_at, kernel.clock())
+            USING ERRCODE = 'KE008', HINT = 'Give a deadline later than start_at and than now, or NULL for none.';
     END IF;
     _c := kernel._lock_campaign_without_active_run(p_campaign_id);
     SELECT string_agg(p.check_name || ' (' || p.detail || ')', '; ') INTO _failed
@@ -1584,12 +1722,16 @@ BEGIN
 
     _run.id := gen_random_uuid();
     INSERT INTO kernel.campaign_runs (
-        id, campaign_id, tenant_id, workspace_id, status, channel, run_config, root_run_id
+        id, campaign_id, tenant_id, workspace_id, status, channel, run_config, root_run_id,
+        priority, start_at, deadline
     ) VALUES (
         _run.id, _c.id, _c.tenant_id, _c.workspace_id, 'queued', _c.channel,
         jsonb_build_object('campaign_name', _c.name, 'content', _c.content, 'batch_size', p_batch_size)
-        || kernel._provider_snapshot(_c),
-        _run.id
+        || kernel._provider_snapshot(_c)
+        || CASE WHEN _c.send_window_start IS NULL THEN '{}'::jsonb ELSE jsonb_build_object('send_window',
+               jsonb_build_object('start', _c.send_window_start, 'end', _c.send_window_end)) END,
+        _run.id, coalesce(p_priority, _c.priority),
+        CASE WHEN p_start_at > kernel.clock() THEN p_start_at END, p_deadline
     ) RETURNING * INTO _run;
 
     SELECT array_agg(contact_id ORDER BY contact_id) INTO _contacts
@@ -1598,10 +1740,10 @@ BEGIN
     RETURN _run.id;
 END
 $function$;
-COMMENT ON FUNCTION kernel.deploy_campaign(p_campaign_id uuid, p_batch_size integer) IS 'Validates the launch prerequisites (KE001), refuses a second active run (KE003), snapshots content and provider into run_config, creates the run and its batch jobs queued, and NOTIFYs kernel_jobs.';
-ALTER FUNCTION kernel.deploy_campaign(p_campaign_id uuid, p_batch_size integer) OWNER TO kernel_owner;
-GRANT EXECUTE ON FUNCTION kernel.deploy_campaign(p_campaign_id uuid, p_batch_size integer) TO kernel_app;
-GRANT EXECUTE ON FUNCTION kernel.deploy_campaign(p_campaign_id uuid, p_batch_size integer) TO kernel_operator;
+COMMENT ON FUNCTION kernel.deploy_campaign(p_campaign_id uuid, p_start_at timestamp with time zone, p_priority integer, p_deadline timestamp with time zone, p_batch_size integer) IS 'deploy_campaign with a schedule: the run is queued and its jobs scheduled until p_start_at (NULL or past: at once), at p_priority (NULL: the campaign''s), ending by p_deadline (NULL: none), in batches of p_batch_size. Validates like the seed form (KE001, KE003, KE008). Cast a literal start: deploy_campaign(id, ''2027-01-04 09:00+01''::timestamptz).';
+ALTER FUNCTION kernel.deploy_campaign(p_campaign_id uuid, p_start_at timestamp with time zone, p_priority integer, p_deadline timestamp with time zone, p_batch_size integer) OWNER TO kernel_owner;
+GRANT EXECUTE ON FUNCTION kernel.deploy_campaign(p_campaign_id uuid, p_start_at timestamp with time zone, p_priority integer, p_deadline timestamp with time zone, p_batch_size integer) TO kernel_app;
+GRANT EXECUTE ON FUNCTION kernel.deploy_campaign(p_campaign_id uuid, p_start_at timestamp with time zone, p_priority integer, p_deadline timestamp with time zone, p_batch_size integer) TO kernel_operator;
 
 -- FUNCTION kernel.heartbeat_job(p_job_id uuid, p_worker text)
 
@@ -1637,6 +1779,23 @@ GRANT EXECUTE ON FUNCTION kernel.in_scope(p_tenant_id uuid, p_workspace_id uuid)
 GRANT EXECUTE ON FUNCTION kernel.in_scope(p_tenant_id uuid, p_workspace_id uuid) TO kernel_operator;
 GRANT EXECUTE ON FUNCTION kernel.in_scope(p_tenant_id uuid, p_workspace_id uuid) TO kernel_reader;
 GRANT EXECUTE ON FUNCTION kernel.in_scope(p_tenant_id uuid, p_workspace_id uuid) TO kernel_worker;
+
+-- FUNCTION kernel.is_time_zone(p_zone text)
+
+CREATE OR REPLACE FUNCTION kernel.is_time_zone(p_zone text)
+ RETURNS boolean
+ LANGUAGE sql
+ IMMUTABLE STRICT
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+    SELECT (timestamptz '2000-01-01 00:00+00' AT TIME ZONE p_zone) IS NOT NULL
+$function$;
+COMMENT ON FUNCTION kernel.is_time_zone(p_zone text) IS 'True for a time zone PostgreSQL knows (an IANA name such as Europe/Paris); raises 22023 for any other.';
+ALTER FUNCTION kernel.is_time_zone(p_zone text) OWNER TO kernel_owner;
+GRANT EXECUTE ON FUNCTION kernel.is_time_zone(p_zone text) TO kernel_app;
+GRANT EXECUTE ON FUNCTION kernel.is_time_zone(p_zone text) TO kernel_operator;
+GRANT EXECUTE ON FUNCTION kernel.is_time_zone(p_zone text) TO kernel_reader;
+GRANT EXECUTE ON FUNCTION kernel.is_time_zone(p_zone text) TO kernel_worker;
 
 -- FUNCTION kernel.job_context(p_job_id uuid, p_worker text)
 
@@ -1676,7 +1835,7 @@ CREATE OR REPLACE FUNCTION kernel.kernel_version()
  IMMUTABLE
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
-    SELECT '1.3.0'::text
+    SELECT '1.4.0'::text
 $function$;
 COMMENT ON FUNCTION kernel.kernel_version() IS 'The installed kernel version; every version bump replaces it.';
 ALTER FUNCTION kernel.kernel_version() OWNER TO kernel_owner;
@@ -1791,7 +1950,7 @@ BEGIN
     RETURN QUERY
     SELECT j.status, count(*), extract(EPOCH FROM now() - min(j.created_at))::double precision
     FROM kernel.job_queue AS j
-    WHERE j.status IN ('queued', 'processing')
+    WHERE j.status IN ('scheduled', 'queued', 'processing')
       AND (kernel.current_tenant() IS NULL OR kernel.in_scope(j.tenant_id, j.workspace_id))
     GROUP BY j.status;
 END
@@ -1979,6 +2138,10 @@ BEGIN
         WHERE job_id = p_job_id AND status = 'pending' AND dispatched_at IS NULL;
         RETURN;
     END IF;
+    IF kernel.clock() >= _run.deadline
+       OR kernel.send_window_opens(_run.run_config -> 'send_window', _job.time_zone, kernel.clock()) > kernel.clock() THEN
+        RETURN;  -- outside the send window or past the deadline: nothing may go out now
+    END IF;
     SELECT count(*) INTO _have FROM kernel.channel_outbox
     WHERE job_id = p_job_id AND status = 'pending' AND dispatched_at IS NULL;
     -- Walk the job's contact snapshot; skipped contacts do not fill the batch.
@@ -1995,7 +2158,7 @@ BEGIN
     LIMIT p_max_items;
 END
 $function$;
-COMMENT ON FUNCTION kernel.reserve_outbox_items(p_job_id uuid, p_worker text, p_max_items integer) IS 'Returns up to max_items pending, undispatched items of a job, inserting items for the next contacts of its snapshot first (ON CONFLICT (idempotency_key) DO NOTHING). Unreachable contacts become skipped items. Nothing once the run is cancelled.';
+COMMENT ON FUNCTION kernel.reserve_outbox_items(p_job_id uuid, p_worker text, p_max_items integer) IS 'Returns up to max_items pending, undispatched items of a job, inserting items for the next contacts of its snapshot first (ON CONFLICT (idempotency_key) DO NOTHING). Unreachable contacts become skipped items. Nothing once the run is cancelled, past its deadline, or outside the job''s send window.';
 ALTER FUNCTION kernel.reserve_outbox_items(p_job_id uuid, p_worker text, p_max_items integer) OWNER TO kernel_owner;
 GRANT EXECUTE ON FUNCTION kernel.reserve_outbox_items(p_job_id uuid, p_worker text, p_max_items integer) TO kernel_worker;
 
@@ -2071,13 +2234,15 @@ BEGIN
     _run.id := gen_random_uuid();
     INSERT INTO kernel.campaign_runs (
         id, campaign_id, tenant_id, workspace_id, status, channel, run_config,
-        retry_of_run_id, root_run_id, generation
+        retry_of_run_id, root_run_id, generation, priority
     ) VALUES (
         _run.id, _old.campaign_id, _old.tenant_id, _old.workspace_id, 'queued', _old.channel,
         -- Same content as the run retried; the provider as configured now (it may have been fixed).
         _old.run_config || _provider || jsonb_build_object('include_unknown', p_include_unknown),
         p_run_id, _old.root_run_id,
-        (SELECT max(generation) + 1 FROM kernel.campaign_runs WHERE root_run_id = _old.root_run_id)
+        (SELECT max(generation) + 1 FROM kernel.campaign_runs WHERE root_run_id = _old.root_run_id),
+        -- At once, at the priority of the run retried, within the same send window.
+        _old.priority
     ) RETURNING * INTO _run;
     PERFORM kernel._enqueue_batches(_run, _targets, coalesce((_old.run_config ->> 'batch_size')::integer, 1000));
     RETURN _run.id;
@@ -2189,6 +2354,44 @@ GRANT EXECUTE ON FUNCTION kernel.scope(p_tenant_id uuid, p_workspace_id uuid) TO
 GRANT EXECUTE ON FUNCTION kernel.scope(p_tenant_id uuid, p_workspace_id uuid) TO kernel_reader;
 GRANT EXECUTE ON FUNCTION kernel.scope(p_tenant_id uuid, p_workspace_id uuid) TO kernel_worker;
 
+-- FUNCTION kernel.send_window_opens(p_window jsonb, p_zone text, p_at timestamp with time zone)
+
+CREATE OR REPLACE FUNCTION kernel.send_window_opens(p_window jsonb, p_zone text, p_at timestamp with time zone)
+ RETURNS timestamp with time zone
+ LANGUAGE plpgsql
+ STABLE
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    _start time := (p_window ->> 'start')::time;
+    _end time := (p_window ->> 'end')::time;
+    _local timestamp := p_at AT TIME ZONE p_zone;
+    _opens timestamptz;
+BEGIN
+    IF p_window IS NULL OR p_zone IS NULL THEN
+        RETURN p_at;
+    END IF;
+    IF (_start < _end AND _local::time >= _start AND _local::time < _end)
+       OR (_start > _end AND (_local::time >= _start OR _local::time < _end)) THEN
+        RETURN p_at;
+    END IF;
+    -- Outside: the next start in local time (today's if still ahead), read back through the
+    -- zone, so that a DST change between now and then is applied. A start that falls in a
+    -- spring-forward gap comes out an hour later, as local clocks show it.
+    _opens := (_local::date + _start) AT TIME ZONE p_zone;
+    IF _opens <= p_at THEN
+        _opens := (_local::date + 1 + _start) AT TIME ZONE p_zone;
+    END IF;
+    RETURN _opens;
+END
+$function$;
+COMMENT ON FUNCTION kernel.send_window_opens(p_window jsonb, p_zone text, p_at timestamp with time zone) IS 'When a contact in p_zone may next be sent to under a daily window {"start": "08:00", "end": "21:00"} (local time; start > end wraps midnight): p_at itself inside the window (or without one), else the next opening.';
+ALTER FUNCTION kernel.send_window_opens(p_window jsonb, p_zone text, p_at timestamp with time zone) OWNER TO kernel_owner;
+GRANT EXECUTE ON FUNCTION kernel.send_window_opens(p_window jsonb, p_zone text, p_at timestamp with time zone) TO kernel_app;
+GRANT EXECUTE ON FUNCTION kernel.send_window_opens(p_window jsonb, p_zone text, p_at timestamp with time zone) TO kernel_operator;
+GRANT EXECUTE ON FUNCTION kernel.send_window_opens(p_window jsonb, p_zone text, p_at timestamp with time zone) TO kernel_reader;
+GRANT EXECUTE ON FUNCTION kernel.send_window_opens(p_window jsonb, p_zone text, p_at timestamp with time zone) TO kernel_worker;
+
 -- FUNCTION kernel.take_rate_tokens(p_workspace_id uuid, p_provider text, p_wanted integer)
 
 CREATE OR REPLACE FUNCTION kernel.take_rate_tokens(p_workspace_id uuid, p_provider text, p_wanted integer)
@@ -2213,6 +2416,24 @@ GRANT EXECUTE ON FUNCTION kernel.take_rate_tokens(p_workspace_id uuid, p_provide
 -- FUNCTION kernel.worker_step(p_worker text, p_lease_seconds numeric, p_held uuid[], p_result_ids uuid[], p_result_outcomes text[], p_result_provider_ids text[], p_result_responses text[], p_result_errors text[], p_complete uuid[], p_fail uuid[], p_fail_errors text[], p_redispatch uuid[], p_want integer, p_claim integer, p_deduplicating text[], p_tenant_id uuid)
 
 CREATE OR REPLACE FUNCTION kernel.worker_step(p_worker text, p_lease_seconds numeric, p_held uuid[], p_result_ids uuid[], p_result_outcomes text[], p_result_provider_ids text[], p_result_responses text[], p_result_errors text[], p_complete uuid[], p_fail uuid[], p_fail_errors text[], p_redispatch uuid[], p_want integer, p_claim integer, p_deduplicating text[], p_tenant_id uuid)
+ RETURNS TABLE(kind text, job_id uuid, run_id uuid, item_id uuid, idempotency_key text, recipient text, contact_id uuid, detail jsonb)
+ LANGUAGE sql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+    SELECT * FROM kernel.worker_step(
+        p_worker, p_lease_seconds, p_held, p_result_ids, p_result_outcomes, p_result_provider_ids,
+        p_result_responses, p_result_errors, p_complete, p_fail, p_fail_errors, p_redispatch, p_want,
+        p_claim, p_deduplicating, CASE WHEN p_tenant_id IS NOT NULL THEN ARRAY[p_tenant_id] END
+    )
+$function$;
+COMMENT ON FUNCTION kernel.worker_step(p_worker text, p_lease_seconds numeric, p_held uuid[], p_result_ids uuid[], p_result_outcomes text[], p_result_provider_ids text[], p_result_responses text[], p_result_errors text[], p_complete uuid[], p_fail uuid[], p_fail_errors text[], p_redispatch uuid[], p_want integer, p_claim integer, p_deduplicating text[], p_tenant_id uuid) IS 'The 1.3 form of worker_step: one tenant (or NULL: every tenant in scope).';
+ALTER FUNCTION kernel.worker_step(p_worker text, p_lease_seconds numeric, p_held uuid[], p_result_ids uuid[], p_result_outcomes text[], p_result_provider_ids text[], p_result_responses text[], p_result_errors text[], p_complete uuid[], p_fail uuid[], p_fail_errors text[], p_redispatch uuid[], p_want integer, p_claim integer, p_deduplicating text[], p_tenant_id uuid) OWNER TO kernel_owner;
+GRANT EXECUTE ON FUNCTION kernel.worker_step(p_worker text, p_lease_seconds numeric, p_held uuid[], p_result_ids uuid[], p_result_outcomes text[], p_result_provider_ids text[], p_result_responses text[], p_result_errors text[], p_complete uuid[], p_fail uuid[], p_fail_errors text[], p_redispatch uuid[], p_want integer, p_claim integer, p_deduplicating text[], p_tenant_id uuid) TO kernel_worker;
+
+-- FUNCTION kernel.worker_step(p_worker text, p_lease_seconds numeric, p_held uuid[], p_result_ids uuid[], p_result_outcomes text[], p_result_provider_ids text[], p_result_responses text[], p_result_errors text[], p_complete uuid[], p_fail uuid[], p_fail_errors text[], p_redispatch uuid[], p_want integer, p_claim integer, p_deduplicating text[], p_tenant_ids uuid[])
+
+CREATE OR REPLACE FUNCTION kernel.worker_step(p_worker text, p_lease_seconds numeric, p_held uuid[], p_result_ids uuid[], p_result_outcomes text[], p_result_provider_ids text[], p_result_responses text[], p_result_errors text[], p_complete uuid[], p_fail uuid[], p_fail_errors text[], p_redispatch uuid[], p_want integer, p_claim integer, p_deduplicating text[], p_tenant_ids uuid[])
  RETURNS TABLE(kind text, job_id uuid, run_id uuid, item_id uuid, idempotency_key text, recipient text, contact_id uuid, detail jsonb)
  LANGUAGE plpgsql
  SECURITY DEFINER
@@ -2239,6 +2460,11 @@ DECLARE
     _left integer;
     _n integer;
     _wait double precision;
+    _now timestamptz := kernel.clock();
+    _closed uuid[] := '{}'::uuid[];
+    _paused uuid[] := '{}'::uuid[];
+    _timed_out uuid[] := '{}'::uuid[];
+    _reason text;
 BEGIN
     PERFORM kernel._require(p_worker, 'worker');
     IF p_lease_seconds IS NULL OR p_lease_seconds NOT BETWEEN 1 AND 3600 THEN
@@ -2400,7 +2626,7 @@ BEGIN
     --    be re-sent with the same key when the provider deduplicates.
     IF p_claim > 0 THEN
         SELECT coalesce(array_agg(c), '{}') INTO _claimed
-        FROM kernel._claim_jobs(p_worker, p_claim, _lease, p_tenant_id) AS c;
+        FROM kernel._claim_jobs(p_worker, p_claim, _lease, p_tenant_ids) AS c;
         UPDATE kernel.channel_outbox AS o
         SET status = CASE WHEN d.dedup THEN 'pending' ELSE 'unknown' END,
             dispatched_at = CASE WHEN d.dedup THEN NULL ELSE o.dispatched_at END,
@@ -2422,14 +2648,65 @@ BEGIN
                    'remaining', cardinality(c.contact_ids) - c.reserved_count, 'attempts', c.attempts
                ) || r.run_config
         FROM unnest(_claimed) AS c INNER JOIN kernel.campaign_runs AS r ON c.run_id = r.id;
-        -- What a re-claimed job has reserved but not dispatched: the daemon sends it first.
+        -- What a re-claimed (or resumed) job has reserved but not dispatched: the daemon sends
+        -- it first.
         RETURN QUERY
         SELECT 'waiting', o.job_id, o.run_id, o.id, o.idempotency_key, o.recipient, o.contact_id,
                jsonb_build_object('dispatch_count', o.dispatch_count)
         FROM kernel.channel_outbox AS o
-        WHERE o.job_id IN (SELECT c.id FROM unnest(_claimed) AS c WHERE c.attempts > 1)
+        WHERE o.job_id IN (SELECT c.id FROM unnest(_claimed) AS c WHERE c.attempts > 1 OR c.reserved_count > 0)
           AND o.status = 'pending' AND o.dispatched_at IS NULL;
         _held := _held || ARRAY(SELECT c.id FROM unnest(_claimed) AS c);
+    END IF;
+
+    -- 5b. Send windows and deadlines, by kernel.clock(): a held job outside its window or past
+    --     its run's deadline dispatches nothing. Once none of its calls is in flight it is
+    --     paused until its window opens (processing -> scheduled, the attempt given back: a
+    --     pause is no failure), or, when that is too late for the deadline, it fails with why.
+    FOR _job IN
+        SELECT j AS job, j.id, j.time_zone, r.deadline, w.opens, r.run_config -> 'send_window' AS send_window,
+               EXISTS (SELECT 1 FROM kernel.channel_outbox AS o
+                       WHERE o.job_id = j.id AND o.status = 'pending' AND o.dispatched_at IS NOT NULL) AS in_flight
+        FROM kernel.job_queue AS j
+        INNER JOIN kernel.campaign_runs AS r ON j.run_id = r.id
+        CROSS JOIN LATERAL (
+            SELECT kernel.send_window_opens(r.run_config -> 'send_window', j.time_zone, _now) AS opens
+        ) AS w
+        WHERE j.id = ANY (_held) AND r.status <> 'cancelled'
+          AND (j.time_zone IS NOT NULL OR r.deadline IS NOT NULL)
+          AND (w.opens > _now OR _now >= r.deadline)
+        ORDER BY j.id
+    LOOP
+        _closed := _closed || _job.id;
+        CONTINUE WHEN _job.in_flight;
+        IF _job.opens >= _job.deadline OR _now >= _job.deadline THEN
+            _reason := CASE WHEN _now >= _job.deadline
+                THEN format('the run''s deadline (%s) passed before this contact was sent to', _job.deadline)
+                ELSE format('the send window (%s-%s, %s) does not open before the run''s deadline (%s)',
+                            _job.send_window ->> 'start', _job.send_window ->> 'end', _job.time_zone, _job.deadline) END;
+            UPDATE kernel.channel_outbox AS o SET status = 'failed', error = _reason
+            WHERE o.job_id = _job.id AND o.status = 'pending' AND o.dispatched_at IS NULL;
+            PERFORM kernel._end_job(_job.job, FALSE, _reason);
+            _timed_out := _timed_out || _job.id;
+        ELSE
+            UPDATE kernel.job_queue AS j
+            SET status = 'scheduled', run_after = _job.opens, attempts = j.attempts - 1,
+                locked_by = NULL, locked_at = NULL, lease_expires_at = NULL,
+                last_error = format('outside the send window (%s-%s, %s) until %s',
+                                    _job.send_window ->> 'start', _job.send_window ->> 'end', _job.time_zone, _job.opens)
+            WHERE j.id = _job.id;
+            _paused := _paused || _job.id;
+        END IF;
+    END LOOP;
+    IF cardinality(_paused) + cardinality(_timed_out) > 0 THEN
+        RETURN QUERY
+        SELECT CASE WHEN j.status = 'scheduled' THEN 'paused' ELSE 'done' END,
+               j.id, j.run_id, NULL::uuid, NULL::text, NULL::text, NULL::uuid,
+               jsonb_build_object('job_status', j.status, 'run_status', r.status, 'run_after', j.run_after,
+                                  'reason', j.last_error)
+        FROM kernel.job_queue AS j INNER JOIN kernel.campaign_runs AS r ON j.run_id = r.id
+        WHERE j.id = ANY (_paused || _timed_out);
+        _held := ARRAY(SELECT h FROM unnest(_held) AS h WHERE h <> ALL (_paused || _timed_out));
     END IF;
 
     -- 6. Dispatch at most p_want items: the waiting ones the daemon names, then new items
@@ -2437,7 +2714,8 @@ BEGIN
     --    commit of this transaction comes before any provider call).
     SELECT coalesce(array_agg(j.id) FILTER (WHERE r.status = 'cancelled'), '{}'),
            coalesce(array_agg(j.id ORDER BY j.locked_at, j.id)
-                    FILTER (WHERE r.status <> 'cancelled' AND j.reserved_count < cardinality(j.contact_ids)), '{}')
+                    FILTER (WHERE r.status <> 'cancelled' AND j.reserved_count < cardinality(j.contact_ids)
+                                  AND j.id <> ALL (_closed)), '{}')
     INTO _cancelled, _dispatchable
     FROM kernel.job_queue AS j INNER JOIN kernel.campaign_runs AS r ON j.run_id = r.id
     WHERE j.id = ANY (_held);
@@ -2451,6 +2729,7 @@ BEGIN
             UPDATE kernel.channel_outbox AS o
             SET dispatched_at = clock_timestamp(), dispatch_count = o.dispatch_count + 1
             WHERE o.id = ANY (p_redispatch) AND o.job_id = ANY (_held) AND o.job_id <> ALL (_cancelled)
+              AND o.job_id <> ALL (_closed)
               AND o.status = 'pending' AND o.dispatched_at IS NULL
             RETURNING o.job_id, o.run_id, o.id, o.idempotency_key, o.recipient, o.contact_id
         )
@@ -2574,16 +2853,16 @@ BEGIN
                jsonb_build_object(
                    'queued', EXISTS (
                        SELECT 1 FROM kernel.job_queue AS j
-                       WHERE j.status = 'queued' AND (p_tenant_id IS NULL OR j.tenant_id = p_tenant_id)
+                       WHERE j.status = 'queued' AND (p_tenant_ids IS NULL OR j.tenant_id = ANY (p_tenant_ids))
                          AND (kernel.current_tenant() IS NULL OR kernel.in_scope(j.tenant_id, j.workspace_id))),
                    'processing', EXISTS (
                        SELECT 1 FROM kernel.job_queue AS j
-                       WHERE j.status = 'processing' AND (p_tenant_id IS NULL OR j.tenant_id = p_tenant_id)
+                       WHERE j.status = 'processing' AND (p_tenant_ids IS NULL OR j.tenant_id = ANY (p_tenant_ids))
                          AND (kernel.current_tenant() IS NULL OR kernel.in_scope(j.tenant_id, j.workspace_id)))
                );
     END IF;
 END
 $function$;
-COMMENT ON FUNCTION kernel.worker_step(p_worker text, p_lease_seconds numeric, p_held uuid[], p_result_ids uuid[], p_result_outcomes text[], p_result_provider_ids text[], p_result_responses text[], p_result_errors text[], p_complete uuid[], p_fail uuid[], p_fail_errors text[], p_redispatch uuid[], p_want integer, p_claim integer, p_deduplicating text[], p_tenant_id uuid) IS 'The daemon''s hot path, one transaction: fences the jobs it holds (lost rows), records results (waiting rows for retries), renews leases, ends finished jobs and fails the ones it cannot execute (done rows), claims up to p_claim jobs (job rows with their context), and dispatches up to p_want items (item rows), inserting new items already dispatched. No session state: lease and tenant travel with the call.';
-ALTER FUNCTION kernel.worker_step(p_worker text, p_lease_seconds numeric, p_held uuid[], p_result_ids uuid[], p_result_outcomes text[], p_result_provider_ids text[], p_result_responses text[], p_result_errors text[], p_complete uuid[], p_fail uuid[], p_fail_errors text[], p_redispatch uuid[], p_want integer, p_claim integer, p_deduplicating text[], p_tenant_id uuid) OWNER TO kernel_owner;
-GRANT EXECUTE ON FUNCTION kernel.worker_step(p_worker text, p_lease_seconds numeric, p_held uuid[], p_result_ids uuid[], p_result_outcomes text[], p_result_provider_ids text[], p_result_responses text[], p_result_errors text[], p_complete uuid[], p_fail uuid[], p_fail_errors text[], p_redispatch uuid[], p_want integer, p_claim integer, p_deduplicating text[], p_tenant_id uuid) TO kernel_worker;
+COMMENT ON FUNCTION kernel.worker_step(p_worker text, p_lease_seconds numeric, p_held uuid[], p_result_ids uuid[], p_result_outcomes text[], p_result_provider_ids text[], p_result_responses text[], p_result_errors text[], p_complete uuid[], p_fail uuid[], p_fail_errors text[], p_redispatch uuid[], p_want integer, p_claim integer, p_deduplicating text[], p_tenant_ids uuid[]) IS 'The daemon''s hot path, one transaction: fences the jobs it holds (lost rows), records results (waiting rows for retries), renews leases, ends finished jobs and fails the ones it cannot execute (done rows), claims up to p_claim jobs (job rows with their context), pauses the jobs outside their send window (paused rows) and ends those past their run''s deadline (done rows), and dispatches up to p_want items (item rows), inserting new items already dispatched. No session state: lease and tenants travel with the call (p_tenant_ids NULL: every tenant in scope).';
+ALTER FUNCTION kernel.worker_step(p_worker text, p_lease_seconds numeric, p_held uuid[], p_result_ids uuid[], p_result_outcomes text[], p_result_provider_ids text[], p_result_responses text[], p_result_errors text[], p_complete uuid[], p_fail uuid[], p_fail_errors text[], p_redispatch uuid[], p_want integer, p_claim integer, p_deduplicating text[], p_tenant_ids uuid[]) OWNER TO kernel_owner;
+GRANT EXECUTE ON FUNCTION kernel.worker_step(p_worker text, p_lease_seconds numeric, p_held uuid[], p_result_ids uuid[], p_result_outcomes text[], p_result_provider_ids text[], p_result_responses text[], p_result_errors text[], p_complete uuid[], p_fail uuid[], p_fail_errors text[], p_redispatch uuid[], p_want integer, p_claim integer, p_deduplicating text[], p_tenant_ids uuid[]) TO kernel_worker;
