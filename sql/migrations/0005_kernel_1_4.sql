@@ -33,7 +33,8 @@ AS $$
 $$;
 COMMENT ON FUNCTION kernel.clock() IS
 'The time scheduled starts, send windows and deadlines are judged by: now(), unless the session sets execution_kernel.clock (a timestamptz) to move it, as tests do. Leases always use the real time.';
-GRANT EXECUTE ON FUNCTION kernel.clock() TO kernel_app, kernel_operator, kernel_reader, kernel_worker;
+GRANT EXECUTE ON FUNCTION kernel.clock()
+TO kernel_app, kernel_operator, kernel_reader, kernel_worker;
 
 CREATE FUNCTION kernel.is_time_zone(p_zone text) RETURNS boolean
 LANGUAGE sql IMMUTABLE STRICT
@@ -45,7 +46,8 @@ AS $$
 $$;
 COMMENT ON FUNCTION kernel.is_time_zone(text) IS
 'True for a time zone PostgreSQL knows (an IANA name such as Europe/Paris); raises 22023 for any other.';
-GRANT EXECUTE ON FUNCTION kernel.is_time_zone(text) TO kernel_app, kernel_operator, kernel_reader, kernel_worker;
+GRANT EXECUTE ON FUNCTION kernel.is_time_zone(text)
+TO kernel_app, kernel_operator, kernel_reader, kernel_worker;
 
 CREATE FUNCTION kernel.send_window_opens(p_window jsonb, p_zone text, p_at timestamptz)
 RETURNS timestamptz
@@ -77,35 +79,40 @@ END
 $$;
 COMMENT ON FUNCTION kernel.send_window_opens(jsonb, text, timestamptz) IS
 'When a contact in p_zone may next be sent to under a daily window {"start": "08:00", "end": "21:00"} (local time; start > end wraps midnight): p_at itself inside the window (or without one), else the next opening.';
-GRANT EXECUTE ON FUNCTION kernel.send_window_opens(jsonb, text, timestamptz) TO kernel_app, kernel_operator, kernel_reader, kernel_worker;
+GRANT EXECUTE ON FUNCTION kernel.send_window_opens(jsonb, text, timestamptz)
+TO kernel_app, kernel_operator, kernel_reader, kernel_worker;
 
 -- Host tables: time zones, windows, a campaign's default priority -------------------------
 
 ALTER TABLE kernel.workspaces ADD COLUMN time_zone text NOT NULL DEFAULT 'UTC'
-    CONSTRAINT workspaces_time_zone_valid CHECK (kernel.is_time_zone(time_zone));
+CONSTRAINT workspaces_time_zone_valid CHECK (kernel.is_time_zone(time_zone));
 COMMENT ON COLUMN kernel.workspaces.time_zone IS 'Time zone of contacts that name none (send windows).';
 ALTER TABLE kernel.contacts ADD COLUMN time_zone text
-    CONSTRAINT contacts_time_zone_valid CHECK (time_zone IS NULL OR kernel.is_time_zone(time_zone));
+CONSTRAINT contacts_time_zone_valid CHECK (time_zone IS NULL OR kernel.is_time_zone(time_zone));
 COMMENT ON COLUMN kernel.contacts.time_zone IS 'IANA time zone send windows are read in; NULL: the workspace''s.';
 ALTER TABLE kernel.campaigns
-    ADD COLUMN priority integer NOT NULL DEFAULT 0
-        CONSTRAINT campaigns_priority_in_range CHECK (priority BETWEEN -1000 AND 1000),
-    ADD COLUMN send_window_start time,
-    ADD COLUMN send_window_end time,
-    ADD CONSTRAINT campaigns_send_window_check CHECK (
-        (send_window_start IS NULL AND send_window_end IS NULL)
-        OR (send_window_start IS NOT NULL AND send_window_end IS NOT NULL AND send_window_start <> send_window_end));
+ADD COLUMN priority integer NOT NULL DEFAULT 0
+CONSTRAINT campaigns_priority_in_range CHECK (priority BETWEEN -1000 AND 1000),
+ADD COLUMN send_window_start time,
+ADD COLUMN send_window_end time,
+ADD CONSTRAINT campaigns_send_window_check CHECK (
+    (send_window_start IS NULL AND send_window_end IS NULL)
+    OR (
+        send_window_start IS NOT NULL AND send_window_end IS NOT NULL
+        AND send_window_start <> send_window_end
+    )
+);
 COMMENT ON COLUMN kernel.campaigns.priority IS 'Default priority of its runs (-1000..1000, higher first within a tenant).';
 COMMENT ON COLUMN kernel.campaigns.send_window_start IS 'Daily send window in each contact''s local time, with send_window_end (start > end wraps midnight); NULL: any time.';
 
 -- Runs: priority, scheduled start, deadline ------------------------------------------------
 
 ALTER TABLE kernel.campaign_runs
-    ADD COLUMN priority integer NOT NULL DEFAULT 0
-        CONSTRAINT campaign_runs_priority_in_range CHECK (priority BETWEEN -1000 AND 1000),
-    ADD COLUMN start_at timestamptz,
-    ADD COLUMN deadline timestamptz,
-    ADD CONSTRAINT campaign_runs_deadline_after_start CHECK (deadline > start_at);
+ADD COLUMN priority integer NOT NULL DEFAULT 0
+CONSTRAINT campaign_runs_priority_in_range CHECK (priority BETWEEN -1000 AND 1000),
+ADD COLUMN start_at timestamptz,
+ADD COLUMN deadline timestamptz,
+ADD CONSTRAINT campaign_runs_deadline_after_start CHECK (deadline > start_at);
 COMMENT ON COLUMN kernel.campaign_runs.start_at IS 'Scheduled start: its jobs are scheduled until then. NULL: at once.';
 COMMENT ON COLUMN kernel.campaign_runs.deadline IS 'Nothing of the run is dispatched after it; what is left then fails with the reason. NULL: none.';
 
@@ -113,7 +120,7 @@ COMMENT ON COLUMN kernel.campaign_runs.deadline IS 'Nothing of the run is dispat
 
 ALTER TABLE kernel.job_queue DROP CONSTRAINT job_queue_status_check;
 ALTER TABLE kernel.job_queue ADD CONSTRAINT job_queue_status_check
-    CHECK (status IN ('scheduled', 'queued', 'processing', 'completed', 'failed', 'cancelled'));
+CHECK (status IN ('scheduled', 'queued', 'processing', 'completed', 'failed', 'cancelled'));
 ALTER TABLE kernel.job_queue ADD COLUMN time_zone text;
 COMMENT ON COLUMN kernel.job_queue.time_zone IS 'The time zone of all its contacts when the run has a send window (jobs are cut per zone); NULL otherwise.';
 INSERT INTO kernel.state_transitions (entity, from_status, to_status) VALUES
@@ -130,16 +137,17 @@ DROP INDEX kernel.job_queue_tenant_claim_order_idx;
 
 DROP TRIGGER job_queue_guard_insert ON kernel.job_queue;
 CREATE TRIGGER job_queue_guard_insert BEFORE INSERT ON kernel.job_queue
-FOR EACH ROW WHEN (NEW.status NOT IN ('queued', 'scheduled')) EXECUTE FUNCTION kernel._job_queue_guard();
+FOR EACH ROW WHEN (new.status NOT IN ('queued', 'scheduled'))
+EXECUTE FUNCTION kernel._job_queue_guard();
 
 -- Functions that learn the scheduled status -------------------------------------------------
 
 -- kernel._job_queue_guard()
 
 CREATE OR REPLACE FUNCTION kernel._job_queue_guard()
- RETURNS trigger
- LANGUAGE plpgsql
- SET search_path TO 'pg_catalog', 'pg_temp'
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 BEGIN
     IF TG_OP = 'INSERT' THEN
@@ -176,9 +184,9 @@ COMMENT ON FUNCTION kernel._job_queue_guard() IS 'Trigger: refuses illegal job t
 -- kernel._finish_run_if_done(p_run_id uuid)
 
 CREATE OR REPLACE FUNCTION kernel._finish_run_if_done(p_run_id uuid)
- RETURNS void
- LANGUAGE plpgsql
- SET search_path TO 'pg_catalog', 'pg_temp'
+RETURNS void
+LANGUAGE plpgsql
+SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 DECLARE
     _run kernel.campaign_runs;
@@ -223,9 +231,9 @@ COMMENT ON FUNCTION kernel._finish_run_if_done(p_run_id uuid) IS 'Invariant 4: o
 -- kernel._finish_runs_if_done(p_run_ids uuid[])
 
 CREATE OR REPLACE FUNCTION kernel._finish_runs_if_done(p_run_ids uuid[])
- RETURNS void
- LANGUAGE plpgsql
- SET search_path TO 'pg_catalog', 'pg_temp'
+RETURNS void
+LANGUAGE plpgsql
+SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 BEGIN
     -- Lock first, then look, in a statement of its own: it then sees what a concurrent
@@ -267,10 +275,10 @@ COMMENT ON FUNCTION kernel._finish_runs_if_done(p_run_ids uuid[]) IS 'Invariant 
 -- kernel.cancel_campaign_run(p_run_id uuid)
 
 CREATE OR REPLACE FUNCTION kernel.cancel_campaign_run(p_run_id uuid)
- RETURNS void
- LANGUAGE plpgsql
- SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
+RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 DECLARE
     _run kernel.campaign_runs;
@@ -300,10 +308,10 @@ COMMENT ON FUNCTION kernel.cancel_campaign_run(p_run_id uuid) IS 'Cancels a queu
 -- kernel.queue_stats()
 
 CREATE OR REPLACE FUNCTION kernel.queue_stats()
- RETURNS TABLE(status text, jobs bigint, oldest_age_seconds double precision)
- LANGUAGE plpgsql
- STABLE SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
+RETURNS TABLE (status text, jobs bigint, oldest_age_seconds double precision)
+LANGUAGE plpgsql
+STABLE SECURITY DEFINER
+SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 BEGIN
     PERFORM kernel._require_scope();
@@ -319,10 +327,12 @@ COMMENT ON FUNCTION kernel.queue_stats() IS 'Queue depth and age of the oldest j
 
 -- kernel._enqueue_batches(p_run kernel.campaign_runs, p_contacts uuid[], p_batch_size integer)
 
-CREATE OR REPLACE FUNCTION kernel._enqueue_batches(p_run kernel.campaign_runs, p_contacts uuid[], p_batch_size integer)
- RETURNS integer
- LANGUAGE plpgsql
- SET search_path TO 'pg_catalog', 'pg_temp'
+CREATE OR REPLACE FUNCTION kernel._enqueue_batches(
+    p_run kernel.campaign_runs, p_contacts uuid[], p_batch_size integer
+)
+RETURNS integer
+LANGUAGE plpgsql
+SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 DECLARE
     _jobs integer;
@@ -369,11 +379,13 @@ COMMENT ON FUNCTION kernel._enqueue_batches(p_run kernel.campaign_runs, p_contac
 
 -- kernel.reserve_outbox_items(p_job_id uuid, p_worker text, p_max_items integer)
 
-CREATE OR REPLACE FUNCTION kernel.reserve_outbox_items(p_job_id uuid, p_worker text, p_max_items integer)
- RETURNS SETOF kernel.channel_outbox
- LANGUAGE plpgsql
- SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
+CREATE OR REPLACE FUNCTION kernel.reserve_outbox_items(
+    p_job_id uuid, p_worker text, p_max_items integer
+)
+RETURNS SETOF kernel.channel_outbox
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 DECLARE
     _job kernel.job_queue;
@@ -417,10 +429,10 @@ COMMENT ON FUNCTION kernel.reserve_outbox_items(p_job_id uuid, p_worker text, p_
 -- kernel.retry_campaign_run(p_run_id uuid, p_include_unknown boolean)
 
 CREATE OR REPLACE FUNCTION kernel.retry_campaign_run(p_run_id uuid, p_include_unknown boolean)
- RETURNS uuid
- LANGUAGE plpgsql
- SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
+RETURNS uuid
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 DECLARE
     _old kernel.campaign_runs;
@@ -545,9 +557,11 @@ END
 $$;
 COMMENT ON FUNCTION kernel.deploy_campaign(uuid, timestamptz, integer, timestamptz, integer) IS
 'deploy_campaign with a schedule: the run is queued and its jobs scheduled until p_start_at (NULL or past: at once), at p_priority (NULL: the campaign''s), ending by p_deadline (NULL: none), in batches of p_batch_size. Validates like the seed form (KE001, KE003, KE008). Cast a literal start: deploy_campaign(id, ''2027-01-04 09:00+01''::timestamptz).';
-GRANT EXECUTE ON FUNCTION kernel.deploy_campaign(uuid, timestamptz, integer, timestamptz, integer) TO kernel_app, kernel_operator;
+GRANT EXECUTE ON FUNCTION kernel.deploy_campaign(uuid, timestamptz, integer, timestamptz, integer)
+TO kernel_app, kernel_operator;
 
-CREATE OR REPLACE FUNCTION kernel.deploy_campaign(p_campaign_id uuid, p_batch_size integer) RETURNS uuid
+CREATE OR REPLACE FUNCTION kernel.deploy_campaign(p_campaign_id uuid, p_batch_size integer)
+RETURNS uuid
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -1205,14 +1219,17 @@ $$;
 
 COMMENT ON FUNCTION kernel.worker_step(text, numeric, uuid[], uuid[], text[], text[], text[], text[], uuid[], uuid[], text[], uuid[], integer, integer, text[], uuid[]) IS
 'The daemon''s hot path, one transaction: fences the jobs it holds (lost rows), records results (waiting rows for retries), renews leases, ends finished jobs and fails the ones it cannot execute (done rows), claims up to p_claim jobs (job rows with their context), pauses the jobs outside their send window (paused rows) and ends those past their run''s deadline (done rows), and dispatches up to p_want items (item rows), inserting new items already dispatched. No session state: lease and tenants travel with the call (p_tenant_ids NULL: every tenant in scope).';
-GRANT EXECUTE ON FUNCTION kernel.worker_step(text, numeric, uuid[], uuid[], text[], text[], text[], text[], uuid[], uuid[], text[], uuid[], integer, integer, text[], uuid[]) TO kernel_worker;
+GRANT EXECUTE ON FUNCTION kernel.worker_step(
+    text, numeric, uuid[], uuid[], text[], text[], text[], text[], uuid[], uuid[], text[], uuid[],
+    integer, integer, text[], uuid[]
+) TO kernel_worker;
 
 -- The 1.3 form (one tenant), for daemons of 1.3 during a rolling upgrade.
 CREATE OR REPLACE FUNCTION kernel.worker_step(
-    p_worker text, p_lease_seconds numeric, p_held uuid[], p_result_ids uuid[], p_result_outcomes text[],
-    p_result_provider_ids text[], p_result_responses text[], p_result_errors text[], p_complete uuid[],
-    p_fail uuid[], p_fail_errors text[], p_redispatch uuid[], p_want integer, p_claim integer,
-    p_deduplicating text[], p_tenant_id uuid
+    p_worker text, p_lease_seconds numeric, p_held uuid[], p_result_ids uuid[],
+    p_result_outcomes text[], p_result_provider_ids text[], p_result_responses text[],
+    p_result_errors text[], p_complete uuid[], p_fail uuid[], p_fail_errors text[],
+    p_redispatch uuid[], p_want integer, p_claim integer, p_deduplicating text[], p_tenant_id uuid
 )
 RETURNS TABLE (
     kind text, job_id uuid, run_id uuid, item_id uuid,

@@ -290,7 +290,7 @@ def test_an_installed_kernel_under_another_name_keeps_its_prose(conn, kernel_sch
                            [f"{kernel_schema}.schema_migrations"]).fetchone()[0]
     assert "kernel-driver migrate" in comment and "applied kernel migrations" in comment
     hint = conn.execute(
-        "SELECT prosrc FROM pg_proc WHERE proname = 'deploy_campaign' AND pronargs = 2"
+        "SELECT prosrc FROM pg_proc WHERE proname = 'deploy_campaign' AND pronargs = 5"
         " AND pronamespace = %s::regnamespace", [kernel_schema]).fetchone()[0]
     assert f"SELECT * FROM {kernel_schema}.check_campaign_launch_prerequisites" in hint
 
