@@ -67,7 +67,9 @@ def hoist_group_options(args: list[str]) -> list[str]:
 # loading subcommands"): `run` starts without the certification harness, the demo, the sinks
 # or aiosmtpd (tests/unit/test_cli_imports.py).
 LAZY_COMMANDS = {
+    "campaigns": "kernel_driver.campaigns",
     "certify": "kernel_driver.certify",
+    "deploy": "kernel_driver.campaigns",
     "demo": "kernel_driver.demo",
     "freeze": "kernel_driver.freeze",
     "runs": "kernel_driver.runs",

@@ -10,7 +10,7 @@ transaction-mode pooler.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -29,6 +29,8 @@ NOTIFY_CHANNEL = "kernel_jobs"
 # The run statuses with no move out of them in kernel.state_transitions (a parity test keeps
 # them equal).
 TERMINAL_RUN_STATUSES = frozenset({"completed", "partial", "failed", "cancelled"})
+# Every run status, as campaign_runs_status_check has them (tests/integration/test_queries.py).
+RUN_STATUSES = ("queued", "running", "completed", "partial", "failed", "cancelled")
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class RunSummary:
     start_at: datetime | None
     # Jobs waiting: for the run's start (scheduled) or, once it started, for a send window.
     scheduled_jobs: int
+    retry_of_run_id: UUID | None
 
 
 class Result(NamedTuple):
@@ -110,8 +113,8 @@ class Kernel:
         self.schema = schema
         self._statements: dict[str, sql.Composed] = {}
 
-    def _call(self, query: str, params: Sequence[Any], row_factory: Any = None, *, uuid_as_text: bool = False
-              ) -> list[Any]:
+    def _call(self, query: str, params: Sequence[Any] | Mapping[str, Any], row_factory: Any = None, *,
+              uuid_as_text: bool = False) -> list[Any]:
         statement = self._statements.get(query)
         if statement is None:
             statement = self._statements[query] = sql.SQL(query).format(schema=sql.Identifier(self.schema))
@@ -193,16 +196,22 @@ class Kernel:
             class_row(LaunchCheck),
         )
 
-    def latest_runs(self, limit: int) -> list[RunSummary]:
-        """The latest runs in scope, newest first (a read of the tables: no kernel function lists runs)."""
+    def latest_runs(self, limit: int, *, campaign_id: UUID | None = None, status: str | None = None,
+                    since: datetime | None = None, tenant_id: UUID | None = None) -> list[RunSummary]:
+        """The latest runs in scope, newest first, optionally of one campaign, status or tenant,
+        created since a time (a read of the tables: no kernel function lists runs)."""
         return self._call(
             "SELECT r.id, r.status, r.channel, r.generation, r.created_at, c.name AS campaign,"
             " r.priority, r.start_at,"
             " (SELECT count(*) FROM {schema}.job_queue AS j WHERE j.run_id = r.id AND j.status = 'scheduled')"
-            " AS scheduled_jobs"
+            " AS scheduled_jobs, r.retry_of_run_id"
             " FROM {schema}.campaign_runs AS r INNER JOIN {schema}.campaigns AS c ON c.id = r.campaign_id"
-            " ORDER BY r.created_at DESC, r.id LIMIT %s",
-            (limit,),
+            " WHERE (%(campaign)s::uuid IS NULL OR r.campaign_id = %(campaign)s)"
+            " AND (%(status)s::text IS NULL OR r.status = %(status)s)"
+            " AND (%(since)s::timestamptz IS NULL OR r.created_at >= %(since)s)"
+            " AND (%(tenant)s::uuid IS NULL OR r.tenant_id = %(tenant)s)"
+            " ORDER BY r.created_at DESC, r.id LIMIT %(limit)s",
+            {"campaign": campaign_id, "status": status, "since": since, "tenant": tenant_id, "limit": limit},
             class_row(RunSummary),
         )
 
