@@ -140,7 +140,7 @@ def cli() -> Callable[..., Result]:
     """Run ``kernel-driver ARGS…`` in-process; bugs surface as tracebacks, not exit codes."""
     runner = CliRunner()
 
-    def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
-        return runner.invoke(main, list(args), env=env, catch_exceptions=False)
+    def invoke(*args: str, env: dict[str, str] | None = None, input: str | None = None) -> Result:
+        return runner.invoke(main, list(args), env=env, input=input, catch_exceptions=False)
 
     return invoke

@@ -16,7 +16,7 @@ from uuid import UUID
 import pytest
 
 from kernel_driver import queries
-from kernel_driver.queries import Kernel, LaunchCheck, QueueDepth, RunSummary, StepRequest
+from kernel_driver.queries import RUN_STATUSES, Kernel, LaunchCheck, QueueDepth, RunSummary, StepRequest
 from kernel_driver.testing.seed import seed_campaign
 from tests.sql.helpers import drain_run
 
@@ -170,3 +170,11 @@ def test_only_queries_calls_the_wrapped_functions(tree):
                    if str(p.relative_to(CHECKOUT)) not in RAW_CALLS_ALLOWED)
     assert paths
     assert [call for path in paths for call in raw_calls(path)] == []
+
+
+def test_the_run_statuses_are_the_kernels(conn, kernel_schema):
+    """`runs list --status` offers RUN_STATUSES: exactly what campaign_runs_status_check allows."""
+    definition = conn.execute(
+        "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'campaign_runs_status_check'"
+        " AND conrelid = %s::regclass", (f"{kernel_schema}.campaign_runs",)).fetchone()[0]
+    assert set(re.findall(r"'(\w+)'::text", definition)) == set(RUN_STATUSES)
