@@ -130,9 +130,10 @@ INSERT INTO kernel.state_transitions (entity, from_status, to_status) VALUES
 
 -- Scheduled jobs come due in run_after order; claims promote them from this index.
 CREATE INDEX job_queue_scheduled_idx ON kernel.job_queue (run_after) WHERE status = 'scheduled';
--- Queued jobs (all due) by tenant and run: the claim walks tenants, then each tenant's runs.
+-- Queued jobs (all due) by tenant, priority and run: the claim walks tenants, then each
+-- tenant's runs in priority order.
 CREATE INDEX job_queue_run_claim_order_idx
-ON kernel.job_queue (tenant_id, run_id, run_after, id) WHERE status = 'queued';
+ON kernel.job_queue (tenant_id, priority DESC, run_id, run_after, id) WHERE status = 'queued';
 DROP INDEX kernel.job_queue_tenant_claim_order_idx;
 
 DROP TRIGGER job_queue_guard_insert ON kernel.job_queue;
@@ -595,12 +596,13 @@ DECLARE
     _taken kernel.job_queue[];
     _exhausted kernel.job_queue;
     -- A daemon given --tenant sees those tenants, a scoped session its own; else every tenant
-    -- with queued jobs, from a random one on (wrapping round), at most 32 per claim; of each,
-    -- at most 8 runs, from a random one on.
+    -- with queued jobs, from a random one on (wrapping round), at most 32 per claim.
     _only uuid[] := CASE WHEN p_tenant_ids IS NOT NULL THEN p_tenant_ids
                          WHEN kernel.current_tenant() IS NOT NULL THEN ARRAY[kernel.current_tenant()] END;
     _start uuid := gen_random_uuid();
     _now timestamptz := kernel.clock();
+    -- Runs looked at per tenant: enough to fill a claim from one-contact runs, at most 64.
+    _runs integer := least(greatest(p_max_jobs, 8), 64);
 BEGIN
     -- Scheduled jobs that came due (a start, a window opening) become queued: at most 1,000
     -- per claim, oldest first; concurrent claimers promote different ones (SKIP LOCKED).
@@ -648,29 +650,48 @@ BEGIN
              WHERE j.status = 'queued' ORDER BY j.tenant_id LIMIT 1)
         ) AS tenant_id) AS x
         WHERE _only IS NULL AND t.n < 32 AND x.tenant_id <> t.first
-    ), runs (tenant_id, run_id, first, n) AS (
-        -- Each tenant's runs with queued jobs, the same way one level down.
-        SELECT t.tenant_id, r.run_id, r.run_id, 1
+    ), runs (tenant_id, priority, run_id, level_first, n) AS (
+        -- Each tenant's runs with queued jobs, in priority order: at the top priority from a
+        -- random run on (wrapping round), then each lower priority from its first run; at
+        -- most _runs per tenant. One probe of job_queue_run_claim_order_idx per run.
+        SELECT t.tenant_id, r.priority, r.run_id, r.run_id, 1
         FROM tenants AS t
-        CROSS JOIN LATERAL (SELECT coalesce(
-            (SELECT j.run_id FROM kernel.job_queue AS j
-             WHERE j.status = 'queued' AND j.tenant_id = t.tenant_id AND j.run_id >= _start
-             ORDER BY j.run_id LIMIT 1),
-            (SELECT j.run_id FROM kernel.job_queue AS j
-             WHERE j.status = 'queued' AND j.tenant_id = t.tenant_id ORDER BY j.run_id LIMIT 1)
-        ) AS run_id) AS r
-        WHERE r.run_id IS NOT NULL
+        CROSS JOIN LATERAL (
+            SELECT j.priority FROM kernel.job_queue AS j
+            WHERE j.status = 'queued' AND j.tenant_id = t.tenant_id
+            ORDER BY j.priority DESC LIMIT 1
+        ) AS top
+        CROSS JOIN LATERAL (
+            SELECT top.priority, coalesce(
+                (SELECT j.run_id FROM kernel.job_queue AS j
+                 WHERE j.status = 'queued' AND j.tenant_id = t.tenant_id AND j.priority = top.priority
+                   AND j.run_id >= _start
+                 ORDER BY j.run_id LIMIT 1),
+                (SELECT j.run_id FROM kernel.job_queue AS j
+                 WHERE j.status = 'queued' AND j.tenant_id = t.tenant_id AND j.priority = top.priority
+                 ORDER BY j.run_id LIMIT 1)
+            ) AS run_id
+        ) AS r
         UNION ALL
-        SELECT r.tenant_id, x.run_id, r.first, r.n + 1
+        SELECT r.tenant_id, x.priority, x.run_id, x.level_first, r.n + 1
         FROM runs AS r
-        CROSS JOIN LATERAL (SELECT coalesce(
-            (SELECT j.run_id FROM kernel.job_queue AS j
-             WHERE j.status = 'queued' AND j.tenant_id = r.tenant_id AND j.run_id > r.run_id
-             ORDER BY j.run_id LIMIT 1),
-            (SELECT j.run_id FROM kernel.job_queue AS j
-             WHERE j.status = 'queued' AND j.tenant_id = r.tenant_id ORDER BY j.run_id LIMIT 1)
-        ) AS run_id) AS x
-        WHERE r.n < 8 AND x.run_id <> r.first
+        CROSS JOIN LATERAL (
+            (SELECT j.priority, j.run_id, r.level_first FROM kernel.job_queue AS j
+             WHERE j.status = 'queued' AND j.tenant_id = r.tenant_id AND j.priority = r.priority
+               AND j.run_id > r.run_id AND (r.run_id >= r.level_first OR j.run_id < r.level_first)
+             ORDER BY j.run_id LIMIT 1)  -- the next run of this priority
+            UNION ALL
+            (SELECT j.priority, j.run_id, r.level_first FROM kernel.job_queue AS j
+             WHERE j.status = 'queued' AND j.tenant_id = r.tenant_id AND j.priority = r.priority
+               AND r.run_id >= r.level_first AND j.run_id < r.level_first
+             ORDER BY j.run_id LIMIT 1)  -- wrapping round to its first
+            UNION ALL
+            (SELECT j.priority, j.run_id, j.run_id FROM kernel.job_queue AS j
+             WHERE j.status = 'queued' AND j.tenant_id = r.tenant_id AND j.priority < r.priority
+             ORDER BY j.priority DESC, j.run_id LIMIT 1)  -- the next lower priority
+            LIMIT 1
+        ) AS x
+        WHERE r.n < _runs
     ), shares AS (
         -- Each tenant's share of the claim, and how many of its jobs are in flight now.
         SELECT t.tenant_id, t.n, ceil(p_max_jobs::numeric / count(*) OVER ())::integer AS share,
@@ -680,17 +701,18 @@ BEGIN
     ), offered AS (
         -- Up to its tenant's share of each run's first jobs, locked as the limit pulls them
         -- (SKIP LOCKED: what another claimer holds is passed over, never waited for).
-        SELECT c.id, s.tenant_id, s.share, s.busy, s.n AS tenant_n, r.run_id, r.n AS run_n, c.priority,
-               c.run_after, row_number() OVER (PARTITION BY r.run_id ORDER BY c.run_after, c.id) AS run_turn,
-               count(*) OVER (PARTITION BY r.run_id) = s.share AS run_filled,
+        SELECT c.id, s.tenant_id, s.share, s.busy, s.n AS tenant_n, r.run_id, r.n AS run_n, r.priority,
+               c.run_after, row_number() OVER (PARTITION BY r.n, r.tenant_id ORDER BY c.run_after, c.id) AS run_turn,
+               count(*) OVER (PARTITION BY r.n, r.tenant_id) = s.share AS run_filled,
                -- A run whose first job has been due 5 minutes ranks as the top priority.
-               CASE WHEN min(c.run_after) OVER (PARTITION BY r.run_id) < _now - interval '5 minutes'
-                    THEN 2147483647 ELSE c.priority END AS rank_priority
+               CASE WHEN min(c.run_after) OVER (PARTITION BY r.n, r.tenant_id) < _now - interval '5 minutes'
+                    THEN 2147483647 ELSE r.priority END AS rank_priority
         FROM shares AS s
         INNER JOIN runs AS r ON s.tenant_id = r.tenant_id
         CROSS JOIN LATERAL (
             SELECT j.id, j.priority, j.run_after FROM kernel.job_queue AS j
-            WHERE j.tenant_id = s.tenant_id AND j.run_id = r.run_id AND j.status = 'queued'
+            WHERE j.tenant_id = s.tenant_id AND j.priority = r.priority AND j.run_id = r.run_id
+              AND j.status = 'queued'
               AND (kernel.current_tenant() IS NULL OR kernel.in_scope(j.tenant_id, j.workspace_id))
               AND (p_tenant_ids IS NULL OR j.tenant_id = ANY (p_tenant_ids))
             ORDER BY j.run_after, j.id
@@ -707,12 +729,13 @@ BEGIN
         -- least busy tenant, walking its jobs past what is offered already.
         SELECT c.id
         FROM (
-            SELECT o.tenant_id, o.run_id FROM offered AS o WHERE o.run_filled
+            SELECT o.tenant_id, o.priority, o.run_id FROM offered AS o WHERE o.run_filled
             ORDER BY o.busy, o.tenant_n, o.rank_priority DESC, o.run_n LIMIT 1
         ) AS t
         CROSS JOIN LATERAL (
             SELECT j.id FROM kernel.job_queue AS j
-            WHERE j.tenant_id = t.tenant_id AND j.run_id = t.run_id AND j.status = 'queued'
+            WHERE j.tenant_id = t.tenant_id AND j.priority = t.priority AND j.run_id = t.run_id
+              AND j.status = 'queued'
               AND (kernel.current_tenant() IS NULL OR kernel.in_scope(j.tenant_id, j.workspace_id))
               AND j.id NOT IN (SELECT o.id FROM offered AS o)
             ORDER BY j.run_after, j.id

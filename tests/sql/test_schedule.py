@@ -131,6 +131,27 @@ def test_low_priority_due_for_five_minutes_takes_turns_with_the_top_priority(con
     assert sorted(str(j["run_id"]) for j in claim(conn, "w1", 2)) == sorted([str(low), str(high)])
 
 
+def test_a_claim_fills_itself_from_many_one_contact_runs_of_a_tenant(conn):
+    # A tenant's transactional messages: one run each. A claim of 16 takes 16 (an early 1.4
+    # walked 8 runs a claim: it took 8, and the daemon then waited a poll interval).
+    first = seed_campaign(conn, 1)
+    runs = [deploy(conn, first.campaign_id)] + [
+        deploy(conn, seed_campaign(conn, 1, tenant_id=first.tenant_id, workspace_id=first.workspace_id).campaign_id)
+        for _ in range(24)]
+    assert len({j["run_id"] for j in claim(conn, "w1", 16)}) == 16
+    assert len(claim(conn, "w1", 16)) == len(runs) - 16
+
+
+def test_the_highest_priority_run_goes_first_among_many(conn):
+    # More runs than a claim looks at: the walk goes in priority order, so the one urgent run
+    # is found whatever the random start.
+    first = seed_campaign(conn, 1)
+    for _ in range(80):
+        deploy(conn, seed_campaign(conn, 1, tenant_id=first.tenant_id, workspace_id=first.workspace_id).campaign_id)
+    urgent = scalar(conn, "SELECT deploy_campaign(%s, NULL, 50)", [first.campaign_id])
+    assert [j["run_id"] for j in claim(conn, "w1", 1)] == [urgent]
+
+
 def test_the_campaign_priority_is_the_default_of_its_runs(conn):
     seed = seed_campaign(conn, 1)
     conn.execute("UPDATE campaigns SET priority = 3 WHERE id = %s", [seed.campaign_id])
