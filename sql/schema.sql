@@ -265,7 +265,7 @@ ALTER TABLE kernel.job_queue ADD CONSTRAINT job_queue_run_id_fkey FOREIGN KEY (r
 ALTER TABLE kernel.job_queue ADD CONSTRAINT job_queue_status_check CHECK ((status = ANY (ARRAY['scheduled'::text, 'queued'::text, 'processing'::text, 'completed'::text, 'failed'::text, 'cancelled'::text])));
 CREATE INDEX job_queue_by_run_status_idx ON kernel.job_queue USING btree (run_id, status);
 CREATE INDEX job_queue_processing_idx ON kernel.job_queue USING btree (id) WHERE (status = 'processing'::text);
-CREATE INDEX job_queue_run_claim_order_idx ON kernel.job_queue USING btree (tenant_id, run_id, run_after, id) WHERE (status = 'queued'::text);
+CREATE INDEX job_queue_run_claim_order_idx ON kernel.job_queue USING btree (tenant_id, priority DESC, run_id, run_after, id) WHERE (status = 'queued'::text);
 CREATE INDEX job_queue_scheduled_idx ON kernel.job_queue USING btree (run_after) WHERE (status = 'scheduled'::text);
 CREATE INDEX job_queue_tenant_processing_idx ON kernel.job_queue USING btree (tenant_id) WHERE (status = 'processing'::text);
 CREATE TRIGGER job_queue_guard_insert BEFORE INSERT ON kernel.job_queue FOR EACH ROW WHEN ((new.status <> ALL (ARRAY['queued'::text, 'scheduled'::text]))) EXECUTE FUNCTION kernel._job_queue_guard();
@@ -596,12 +596,13 @@ DECLARE
     _taken kernel.job_queue[];
     _exhausted kernel.job_queue;
     -- A daemon given --tenant sees those tenants, a scoped session its own; else every tenant
-    -- with queued jobs, from a random one on (wrapping round), at most 32 per claim; of each,
-    -- at most 8 runs, from a random one on.
+    -- with queued jobs, from a random one on (wrapping round), at most 32 per claim.
     _only uuid[] := CASE WHEN p_tenant_ids IS NOT NULL THEN p_tenant_ids
                          WHEN kernel.current_tenant() IS NOT NULL THEN ARRAY[kernel.current_tenant()] END;
     _start uuid := gen_random_uuid();
     _now timestamptz := kernel.clock();
+    -- Runs looked at per tenant: enough to fill a claim from one-contact runs, at most 64.
+    _runs integer := least(greatest(p_max_jobs, 8), 64);
 BEGIN
     -- Scheduled jobs that came due (a start, a window opening) become queued: at most 1,000
     -- per claim, oldest first; concurrent claimers promote different ones (SKIP LOCKED).
@@ -649,29 +650,48 @@ BEGIN
              WHERE j.status = 'queued' ORDER BY j.tenant_id LIMIT 1)
         ) AS tenant_id) AS x
         WHERE _only IS NULL AND t.n < 32 AND x.tenant_id <> t.first
-    ), runs (tenant_id, run_id, first, n) AS (
-        -- Each tenant's runs with queued jobs, the same way one level down.
-        SELECT t.tenant_id, r.run_id, r.run_id, 1
+    ), runs (tenant_id, priority, run_id, level_first, n) AS (
+        -- Each tenant's runs with queued jobs, in priority order: at the top priority from a
+        -- random run on (wrapping round), then each lower priority from its first run; at
+        -- most _runs per tenant. One probe of job_queue_run_claim_order_idx per run.
+        SELECT t.tenant_id, r.priority, r.run_id, r.run_id, 1
         FROM tenants AS t
-        CROSS JOIN LATERAL (SELECT coalesce(
-            (SELECT j.run_id FROM kernel.job_queue AS j
-             WHERE j.status = 'queued' AND j.tenant_id = t.tenant_id AND j.run_id >= _start
-             ORDER BY j.run_id LIMIT 1),
-            (SELECT j.run_id FROM kernel.job_queue AS j
-             WHERE j.status = 'queued' AND j.tenant_id = t.tenant_id ORDER BY j.run_id LIMIT 1)
-        ) AS run_id) AS r
-        WHERE r.run_id IS NOT NULL
+        CROSS JOIN LATERAL (
+            SELECT j.priority FROM kernel.job_queue AS j
+            WHERE j.status = 'queued' AND j.tenant_id = t.tenant_id
+            ORDER BY j.priority DESC LIMIT 1
+        ) AS top
+        CROSS JOIN LATERAL (
+            SELECT top.priority, coalesce(
+                (SELECT j.run_id FROM kernel.job_queue AS j
+                 WHERE j.status = 'queued' AND j.tenant_id = t.tenant_id AND j.priority = top.priority
+                   AND j.run_id >= _start
+                 ORDER BY j.run_id LIMIT 1),
+                (SELECT j.run_id FROM kernel.job_queue AS j
+                 WHERE j.status = 'queued' AND j.tenant_id = t.tenant_id AND j.priority = top.priority
+                 ORDER BY j.run_id LIMIT 1)
+            ) AS run_id
+        ) AS r
         UNION ALL
-        SELECT r.tenant_id, x.run_id, r.first, r.n + 1
+        SELECT r.tenant_id, x.priority, x.run_id, x.level_first, r.n + 1
         FROM runs AS r
-        CROSS JOIN LATERAL (SELECT coalesce(
-            (SELECT j.run_id FROM kernel.job_queue AS j
-             WHERE j.status = 'queued' AND j.tenant_id = r.tenant_id AND j.run_id > r.run_id
-             ORDER BY j.run_id LIMIT 1),
-            (SELECT j.run_id FROM kernel.job_queue AS j
-             WHERE j.status = 'queued' AND j.tenant_id = r.tenant_id ORDER BY j.run_id LIMIT 1)
-        ) AS run_id) AS x
-        WHERE r.n < 8 AND x.run_id <> r.first
+        CROSS JOIN LATERAL (
+            (SELECT j.priority, j.run_id, r.level_first FROM kernel.job_queue AS j
+             WHERE j.status = 'queued' AND j.tenant_id = r.tenant_id AND j.priority = r.priority
+               AND j.run_id > r.run_id AND (r.run_id >= r.level_first OR j.run_id < r.level_first)
+             ORDER BY j.run_id LIMIT 1)  -- the next run of this priority
+            UNION ALL
+            (SELECT j.priority, j.run_id, r.level_first FROM kernel.job_queue AS j
+             WHERE j.status = 'queued' AND j.tenant_id = r.tenant_id AND j.priority = r.priority
+               AND r.run_id >= r.level_first AND j.run_id < r.level_first
+             ORDER BY j.run_id LIMIT 1)  -- wrapping round to its first
+            UNION ALL
+            (SELECT j.priority, j.run_id, j.run_id FROM kernel.job_queue AS j
+             WHERE j.status = 'queued' AND j.tenant_id = r.tenant_id AND j.priority < r.priority
+             ORDER BY j.priority DESC, j.run_id LIMIT 1)  -- the next lower priority
+            LIMIT 1
+        ) AS x
+        WHERE r.n < _runs
     ), shares AS (
         -- Each tenant's share of the claim, and how many of its jobs are in flight now.
         SELECT t.tenant_id, t.n, ceil(p_max_jobs::numeric / count(*) OVER ())::integer AS share,
@@ -681,17 +701,18 @@ BEGIN
     ), offered AS (
         -- Up to its tenant's share of each run's first jobs, locked as the limit pulls them
         -- (SKIP LOCKED: what another claimer holds is passed over, never waited for).
-        SELECT c.id, s.tenant_id, s.share, s.busy, s.n AS tenant_n, r.run_id, r.n AS run_n, c.priority,
-               c.run_after, row_number() OVER (PARTITION BY r.run_id ORDER BY c.run_after, c.id) AS run_turn,
-               count(*) OVER (PARTITION BY r.run_id) = s.share AS run_filled,
+        SELECT c.id, s.tenant_id, s.share, s.busy, s.n AS tenant_n, r.run_id, r.n AS run_n, r.priority,
+               c.run_after, row_number() OVER (PARTITION BY r.n, r.tenant_id ORDER BY c.run_after, c.id) AS run_turn,
+               count(*) OVER (PARTITION BY r.n, r.tenant_id) = s.share AS run_filled,
                -- A run whose first job has been due 5 minutes ranks as the top priority.
-               CASE WHEN min(c.run_after) OVER (PARTITION BY r.run_id) < _now - interval '5 minutes'
-                    THEN 2147483647 ELSE c.priority END AS rank_priority
+               CASE WHEN min(c.run_after) OVER (PARTITION BY r.n, r.tenant_id) < _now - interval '5 minutes'
+                    THEN 2147483647 ELSE r.priority END AS rank_priority
         FROM shares AS s
         INNER JOIN runs AS r ON s.tenant_id = r.tenant_id
         CROSS JOIN LATERAL (
             SELECT j.id, j.priority, j.run_after FROM kernel.job_queue AS j
-            WHERE j.tenant_id = s.tenant_id AND j.run_id = r.run_id AND j.status = 'queued'
+            WHERE j.tenant_id = s.tenant_id AND j.priority = r.priority AND j.run_id = r.run_id
+              AND j.status = 'queued'
               AND (kernel.current_tenant() IS NULL OR kernel.in_scope(j.tenant_id, j.workspace_id))
               AND (p_tenant_ids IS NULL OR j.tenant_id = ANY (p_tenant_ids))
             ORDER BY j.run_after, j.id
@@ -708,12 +729,13 @@ BEGIN
         -- least busy tenant, walking its jobs past what is offered already.
         SELECT c.id
         FROM (
-            SELECT o.tenant_id, o.run_id FROM offered AS o WHERE o.run_filled
+            SELECT o.tenant_id, o.priority, o.run_id FROM offered AS o WHERE o.run_filled
             ORDER BY o.busy, o.tenant_n, o.rank_priority DESC, o.run_n LIMIT 1
         ) AS t
         CROSS JOIN LATERAL (
             SELECT j.id FROM kernel.job_queue AS j
-            WHERE j.tenant_id = t.tenant_id AND j.run_id = t.run_id AND j.status = 'queued'
+            WHERE j.tenant_id = t.tenant_id AND j.priority = t.priority AND j.run_id = t.run_id
+              AND j.status = 'queued'
               AND (kernel.current_tenant() IS NULL OR kernel.in_scope(j.tenant_id, j.workspace_id))
               AND j.id NOT IN (SELECT o.id FROM offered AS o)
             ORDER BY j.run_after, j.id
@@ -843,8 +865,10 @@ AS $function$
 DECLARE
     _jobs integer;
     _window jsonb := p_run.run_config -> 'send_window';
-    _start timestamptz := greatest(coalesce(p_run.start_at, kernel.clock()), kernel.clock());
+    _now timestamptz := kernel.clock();
+    _start timestamptz := greatest(p_run.start_at, _now);
     _zones text[];
+    _batches integer;
 BEGIN
     IF _window IS NOT NULL THEN
         -- Each contact's zone (its own, else its workspace's): batches are cut per zone, so a
@@ -854,6 +878,10 @@ BEGIN
         LEFT JOIN kernel.contacts AS p ON u.contact_id = p.id
         CROSS JOIN kernel.workspaces AS w
         WHERE w.id = p_run.workspace_id;
+        SELECT sum(ceil(z.n::numeric / p_batch_size)) INTO _batches
+        FROM (SELECT count(*) AS n FROM unnest(_zones) AS u (zone) GROUP BY u.zone) AS z;
+    ELSE
+        _batches := ceil(cardinality(p_contacts)::numeric / p_batch_size);
     END IF;
     -- A job is queued when it may go now; else scheduled until its start or its window.
     INSERT INTO kernel.job_queue (
@@ -861,9 +889,9 @@ BEGIN
     )
     SELECT p_run.id, p_run.tenant_id, p_run.workspace_id, b.contact_ids,
            jsonb_build_object('batch_no', row_number() OVER (ORDER BY b.zone, b.batch_no),
-                              'batch_count', count(*) OVER ()),
+                              'batch_count', _batches),
            p_run.priority, b.zone,
-           CASE WHEN d.due > kernel.clock() THEN 'scheduled' ELSE 'queued' END, d.due
+           CASE WHEN d.due > _now THEN 'scheduled' ELSE 'queued' END, d.due
     FROM (
         SELECT z.zone, (z.ord - 1) / p_batch_size AS batch_no, array_agg(z.contact_id ORDER BY z.ord) AS contact_ids
         FROM (
@@ -873,7 +901,10 @@ BEGIN
         GROUP BY z.zone, 2
     ) AS b
     CROSS JOIN LATERAL (
-        SELECT least(kernel.send_window_opens(_window, b.zone, _start), p_run.deadline) AS due
+        SELECT least(
+            CASE WHEN _window IS NULL THEN _start ELSE kernel.send_window_opens(_window, b.zone, _start) END,
+            p_run.deadline
+        ) AS due
     ) AS d
     ORDER BY b.zone, b.batch_no;
     GET DIAGNOSTICS _jobs = ROW_COUNT;
@@ -1558,11 +1589,8 @@ GRANT EXECUTE ON FUNCTION kernel.claim_queued_jobs(p_worker text, p_max_jobs int
 CREATE OR REPLACE FUNCTION kernel.clock()
  RETURNS timestamp with time zone
  LANGUAGE sql
- STABLE
- SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$
-    SELECT coalesce(nullif(current_setting('execution_kernel.clock', true), '')::timestamptz, now())
-$function$;
+ STABLE PARALLEL SAFE
+RETURN COALESCE((NULLIF(current_setting('execution_kernel.clock'::text, true), ''::text))::timestamp with time zone, now());
 COMMENT ON FUNCTION kernel.clock() IS 'The time scheduled starts, send windows and deadlines are judged by: now(), unless the session sets execution_kernel.clock (a timestamptz) to move it, as tests do. Leases always use the real time.';
 ALTER FUNCTION kernel.clock() OWNER TO kernel_owner;
 GRANT EXECUTE ON FUNCTION kernel.clock() TO kernel_app;
@@ -1660,7 +1688,7 @@ CREATE OR REPLACE FUNCTION kernel.deploy_campaign(p_campaign_id uuid)
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 BEGIN
-    RETURN kernel.deploy_campaign(p_campaign_id, 1000);
+    RETURN kernel.deploy_campaign(p_campaign_id, NULL::timestamptz, NULL::integer, NULL::timestamptz, 1000);
 END
 $function$;
 COMMENT ON FUNCTION kernel.deploy_campaign(p_campaign_id uuid) IS 'Seed signature: deploy_campaign with batch jobs of 1,000 contacts.';
@@ -1785,11 +1813,8 @@ GRANT EXECUTE ON FUNCTION kernel.in_scope(p_tenant_id uuid, p_workspace_id uuid)
 CREATE OR REPLACE FUNCTION kernel.is_time_zone(p_zone text)
  RETURNS boolean
  LANGUAGE sql
- IMMUTABLE STRICT
- SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$
-    SELECT (timestamptz '2000-01-01 00:00+00' AT TIME ZONE p_zone) IS NOT NULL
-$function$;
+ IMMUTABLE PARALLEL SAFE STRICT
+RETURN (('2000-01-01 00:00:00+00'::timestamp with time zone AT TIME ZONE p_zone) IS NOT NULL);
 COMMENT ON FUNCTION kernel.is_time_zone(p_zone text) IS 'True for a time zone PostgreSQL knows (an IANA name such as Europe/Paris); raises 22023 for any other.';
 ALTER FUNCTION kernel.is_time_zone(p_zone text) OWNER TO kernel_owner;
 GRANT EXECUTE ON FUNCTION kernel.is_time_zone(p_zone text) TO kernel_app;
