@@ -53,8 +53,8 @@ def test_show_prints_the_run_its_jobs_counts_and_items(runs_cli, finished_run, c
     assert "jobs (2): completed 2" in out
     job_rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.startswith("  ")}
     for (job_id,) in conn.execute("SELECT id FROM job_queue WHERE run_id = %s", (first,)):
-        # attempts, contacts, locked_by, time zone, waits until, error
-        assert job_rows[str(job_id)] == ["completed", "1", "3", "-", "-", "-", "-"]
+        # attempts, contacts, locked_by, lease until, time zone, waits until, error
+        assert job_rows[str(job_id)] == ["completed", "1", "3", "-", "-", "-", "-", "-"]
     assert "items (6): failed 1, sent 3, skipped 2" in out
     assert "first 6 of 6 items:" in out
     rejected = seeded.address(1, "email")
@@ -74,7 +74,7 @@ def test_show_names_the_lineage_of_a_retry(runs_cli, finished_run, conn, db_dsn,
     retry = Kernel(conn, kernel_schema).retry_campaign_run(first)
     run_until_idle(db_dsn, kernel_schema)
 
-    assert "lineage   generation 1 of 2\n" in runs_cli("show", first).output
+    assert f"lineage   generation 1 of 2; retried by {retry}\n" in runs_cli("show", first).output
     out = runs_cli("show", str(retry)).output
     assert f"lineage   generation 2 of 2; retry of {first}; root {first}" in out
     assert "items (1): sent 1" in out
@@ -104,7 +104,7 @@ def test_show_and_list_say_what_a_run_waits_for(runs_cli, conn, kernel_schema):
     assert f"schedule  priority 5; start {start.isoformat()}" in out
     assert f"jobs (2): scheduled 2 (starts {start.isoformat(sep=' ', timespec='seconds')})" in out
     job_lines = [line.split() for line in out.splitlines() if line.startswith("  ") and "scheduled" in line]
-    assert len(job_lines) == 2 and all(line[5:7] == ["-", start.isoformat()] for line in job_lines)
+    assert len(job_lines) == 2 and all(line[6:8] == ["-", start.isoformat()] for line in job_lines)
     out = runs_cli("show", str(waiting)).output
     assert f"send window {opens.isoformat()}-{closes.isoformat()} in each contact's time zone" in out
     assert "jobs (1): scheduled 1 (1 jobs wait for their send window)" in out

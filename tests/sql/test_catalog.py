@@ -89,8 +89,8 @@ def test_every_function_resolves_names_without_the_callers_search_path(conn, ker
     )
     assert unbound == []
     bound = functions_where(conn, kernel_schema, "p.prosqlbody IS NOT NULL")
-    assert sorted(f.split("(")[0].split(".")[-1] for f in bound) == ["clock", "current_tenant", "current_workspace", "in_scope",
-                                                                           "is_time_zone"]
+    assert sorted(f.split("(")[0].split(".")[-1] for f in bound) == [
+        "clock", "current_tenant", "current_workspace", "in_scope", "is_time_zone"]
 
 
 def test_no_function_is_executable_by_public(conn, kernel_schema):
