@@ -601,8 +601,6 @@ DECLARE
                          WHEN kernel.current_tenant() IS NOT NULL THEN ARRAY[kernel.current_tenant()] END;
     _start uuid := gen_random_uuid();
     _now timestamptz := kernel.clock();
-    -- Runs looked at per tenant: enough to fill a claim from one-contact runs, at most 64.
-    _runs integer := least(greatest(p_max_jobs, 8), 64);
 BEGIN
     -- Scheduled jobs that came due (a start, a window opening) become queued: at most 1,000
     -- per claim, oldest first; concurrent claimers promote different ones (SKIP LOCKED).
@@ -652,8 +650,9 @@ BEGIN
         WHERE _only IS NULL AND t.n < 32 AND x.tenant_id <> t.first
     ), runs (tenant_id, priority, run_id, level_first, n) AS (
         -- Each tenant's runs with queued jobs, in priority order: at the top priority from a
-        -- random run on (wrapping round), then each lower priority from its first run; at
-        -- most _runs per tenant. One probe of job_queue_run_claim_order_idx per run.
+        -- random run on (wrapping round), then each lower priority from its first run; as
+        -- many as its share of the claim (so one-contact runs fill it), at least 8 (turns).
+        -- One probe of job_queue_run_claim_order_idx per run.
         SELECT t.tenant_id, r.priority, r.run_id, r.run_id, 1
         FROM tenants AS t
         CROSS JOIN LATERAL (
@@ -691,7 +690,7 @@ BEGIN
              ORDER BY j.priority DESC, j.run_id LIMIT 1)  -- the next lower priority
             LIMIT 1
         ) AS x
-        WHERE r.n < _runs
+        WHERE r.n < greatest(8, ceil(p_max_jobs::numeric / (SELECT count(*) FROM tenants AS c)))
     ), shares AS (
         -- Each tenant's share of the claim, and how many of its jobs are in flight now.
         SELECT t.tenant_id, t.n, ceil(p_max_jobs::numeric / count(*) OVER ())::integer AS share,

@@ -142,6 +142,18 @@ def test_a_claim_fills_itself_from_many_one_contact_runs_of_a_tenant(conn):
     assert len(claim(conn, "w1", 16)) == len(runs) - 16
 
 
+def test_a_large_claim_fills_itself_from_one_contact_runs_too(conn):
+    # A daemon at --concurrency 500 claims hundreds of one-contact jobs at once: the walk looks
+    # at as many runs as the tenant's share (a cap of 64 runs would leave it short and waiting).
+    first = seed_campaign(conn, 1)
+    add = "SELECT deploy_campaign(%s)"
+    scalar(conn, add, [first.campaign_id])
+    for _ in range(149):
+        more = seed_campaign(conn, 1, tenant_id=first.tenant_id, workspace_id=first.workspace_id)
+        scalar(conn, add, [more.campaign_id])
+    assert len(claim(conn, "w1", 150)) == 150
+
+
 def test_the_highest_priority_run_goes_first_among_many(conn):
     # More runs than a claim looks at: the walk goes in priority order, so the one urgent run
     # is found whatever the random start.
