@@ -12,16 +12,26 @@ from kernel_driver.testing.seed import seed_campaign
 from tests.integration.daemon import item_counts, run_status, start_daemon, wait_until
 
 
+def listening(conn) -> bool:
+    """A daemon of this test's database has connected and LISTENs for jobs."""
+    return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE query ILIKE 'LISTEN%%'"
+                        " AND datname = current_database()").fetchone()[0] > 0
+
+
 def test_a_scheduled_run_starts_when_due_across_a_daemon_restart(conn, db_dsn, kernel_schema):
     kernel = Kernel(conn, kernel_schema)
     seeded = seed_campaign(conn, kernel_schema, contacts=3, provider="noop")
-    start_at = datetime.now(UTC) + timedelta(seconds=3)
-    run_id = kernel.deploy_campaign(seeded.campaign_id, start_at=start_at)
     first = start_daemon(db_dsn, kernel_schema, "--poll-interval", "0.2")
-    time.sleep(1)
+    wait_until(lambda: listening(conn))
+    start_at = datetime.now(UTC) + timedelta(seconds=6)
+    run_id = kernel.deploy_campaign(seeded.campaign_id, start_at=start_at)
+    time.sleep(0.5)
     assert run_status(conn, run_id) == "queued" and item_counts(conn, [run_id]) == {}
     first.kill()  # SIGKILL before the start: nothing of the run is in its hands
+    wait_until(lambda: not listening(conn))
     second = start_daemon(db_dsn, kernel_schema, "--poll-interval", "0.2")
+    wait_until(lambda: listening(conn))
+    assert datetime.now(UTC) < start_at, "the second daemon took too long to start for this test"
     wait_until(lambda: run_status(conn, run_id) == "completed", timeout=30)
     second.stop()
     started, first_sent = conn.execute(
@@ -36,12 +46,13 @@ def test_a_job_whose_window_closes_is_paused_and_the_daemon_goes_on(conn, db_dsn
     # 40 contacts in UTC at 2 slots of 200 ms: about 10 a second, 4 s of work; the window
     # (opened an hour ago) closes 1.5 s after the deploy.
     seeded = seed_campaign(conn, kernel_schema, contacts=40, provider="noop", settings={"latency_ms": 200})
+    daemon = start_daemon(db_dsn, kernel_schema, "--concurrency", "2", "--poll-interval", "0.2")
+    wait_until(lambda: listening(conn))  # the window's 1.5 s are not spent starting Python
     now = datetime.now(UTC)
     closes = now + timedelta(seconds=1.5)
     conn.execute("UPDATE campaigns SET send_window_start = %s, send_window_end = %s WHERE id = %s",
                  ((now - timedelta(hours=1)).time(), closes.time(), seeded.campaign_id))
     run_id = kernel.deploy_campaign(seeded.campaign_id)
-    daemon = start_daemon(db_dsn, kernel_schema, "--concurrency", "2", "--poll-interval", "0.2")
     wait_until(lambda: conn.execute("SELECT status FROM job_queue WHERE run_id = %s", (run_id,)).fetchone()[0]
                == "scheduled", timeout=30)
     time.sleep(0.5)  # a daemon that did not let the job go would try to renew or dispatch it
