@@ -90,7 +90,7 @@ def test_show_names_the_lineage_of_a_retry(runs_cli, finished_run, conn, db_dsn,
 def test_show_and_list_say_what_a_run_waits_for(runs_cli, conn, kernel_schema):
     kernel = Kernel(conn, kernel_schema)
     later = seed_campaign(conn, kernel_schema, contacts=2, provider="noop", name="later")
-    start = datetime.now(UTC) + timedelta(days=1)
+    start = (datetime.now(UTC) + timedelta(days=1)).replace(microsecond=0)  # as PostgreSQL prints it
     scheduled = kernel.deploy_campaign(later.campaign_id, 1, start_at=start, priority=5)
     windowed = seed_campaign(conn, kernel_schema, contacts=1, provider="noop", name="windowed")
     # A window that is closed now, wherever the contact is (UTC): it opens in an hour.
