@@ -31,6 +31,8 @@ NOTIFY_CHANNEL = "kernel_jobs"
 TERMINAL_RUN_STATUSES = frozenset({"completed", "partial", "failed", "cancelled"})
 # Every run status, as campaign_runs_status_check has them (tests/integration/test_queries.py).
 RUN_STATUSES = ("queued", "running", "completed", "partial", "failed", "cancelled")
+# Every outbox item status, as channel_outbox_status_check has them (the same test).
+ITEM_STATUSES = ("pending", "sent", "failed", "unknown", "skipped")
 
 
 @dataclass(frozen=True)
@@ -214,6 +216,14 @@ class Kernel:
             {"campaign": campaign_id, "status": status, "since": since, "tenant": tenant_id, "limit": limit},
             class_row(RunSummary),
         )
+
+    def run_items(self, run_id: UUID | str, status: str | None = None, after: UUID | str | None = None,
+                  limit: int = 100) -> list[dict[str, Any]]:
+        """A page of a run's items in id order (of one status when given), after the id `after`;
+        each as run_details lists items (JSON)."""
+        rows = self._call("SELECT to_jsonb(i) FROM {schema}.run_items(%s, %s, %s, %s) AS i",
+                          (run_id, status, after, limit))
+        return [row[0] for row in rows]
 
     def run_details(self, run_id: UUID | str, item_limit: int | None = None) -> dict[str, Any]:
         """The run, its jobs, its first item_limit outbox items (the one-argument form's 1,000

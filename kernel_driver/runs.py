@@ -22,7 +22,7 @@ import click
 from kernel_driver.config import Settings
 from kernel_driver.db import database
 from kernel_driver.errors import BadUsage, ChecksFailed
-from kernel_driver.queries import RUN_STATUSES, TERMINAL_RUN_STATUSES, Kernel
+from kernel_driver.queries import ITEM_STATUSES, RUN_STATUSES, TERMINAL_RUN_STATUSES, Kernel
 
 CELL_WIDTH = 60  # longer cells (errors) are cut, so a row stays one line
 
@@ -108,8 +108,10 @@ def render_run(details: dict[str, Any], event_limit: int = 20) -> str:
         "",
         f"items ({total_items}): {counts_text(details['item_counts'])}",
     ]
+    shown_status = details.get("item_status")
     if items:
-        lines.append(f"first {len(items)} of {total_items} items:")
+        of = details["item_counts"].get(shown_status, 0) if shown_status else total_items
+        lines.append(f"first {len(items)} of {of} {shown_status + ' ' if shown_status else ''}items:")
         lines += table(
             ("CONTACT", "STATUS", "RECIPIENT", "PROVIDER_MESSAGE_ID", "ERROR"),
             [(item["contact_id"], item["status"], item["recipient"], item["provider_message_id"],
@@ -158,13 +160,15 @@ def runs() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print run_details as JSON instead of tables.")
 @click.option("--items", "item_limit", type=click.IntRange(0, 100000), default=20, show_default=True,
               help="How many outbox items to list.")
+@click.option("--item-status", type=click.Choice(ITEM_STATUSES),
+              help="List only the items in this status (their first --items, in id order).")
 @click.option("--events", "event_limit", type=click.IntRange(0, 200), default=20, show_default=True,
               help="How many of the latest state changes to list.")
 @click.option("--watch", is_flag=True, help="Redraw every --interval seconds until the run ends.")
 @click.option("--interval", type=click.FloatRange(0.1, 3600), default=1.0, show_default=True)
 @click.pass_obj
-def show(settings: Settings, run_id: str, as_json: bool, item_limit: int, event_limit: int, watch: bool,
-         interval: float) -> None:
+def show(settings: Settings, run_id: str, as_json: bool, item_limit: int, item_status: str | None,
+         event_limit: int, watch: bool, interval: float) -> None:
     """Show a run: status, lineage, schedule, jobs, item counts, its first items and its
     latest state changes."""
 
@@ -172,7 +176,10 @@ def show(settings: Settings, run_id: str, as_json: bool, item_limit: int, event_
     with database(settings) as conn:
         kernel = Kernel(conn, settings.schema)
         while True:
-            details = kernel.run_details(run_uuid, item_limit)
+            details = kernel.run_details(run_uuid, 0 if item_status else item_limit)
+            if item_status:
+                details["items"] = kernel.run_items(run_uuid, item_status, None, item_limit) if item_limit else []
+                details["item_status"] = item_status
             if watch:
                 click.clear()
             click.echo(json.dumps(details, indent=2) if as_json else render_run(details, event_limit))

@@ -2352,6 +2352,43 @@ GRANT EXECUTE ON FUNCTION kernel.run_details(p_run_id uuid, p_item_limit integer
 GRANT EXECUTE ON FUNCTION kernel.run_details(p_run_id uuid, p_item_limit integer) TO kernel_reader;
 GRANT EXECUTE ON FUNCTION kernel.run_details(p_run_id uuid, p_item_limit integer) TO kernel_worker;
 
+-- FUNCTION kernel.run_items(p_run_id uuid, p_status text, p_after uuid, p_limit integer)
+
+CREATE OR REPLACE FUNCTION kernel.run_items(p_run_id uuid, p_status text DEFAULT NULL::text, p_after uuid DEFAULT NULL::uuid, p_limit integer DEFAULT 100)
+ RETURNS SETOF kernel.channel_outbox
+ LANGUAGE plpgsql
+ STABLE SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    _run kernel.campaign_runs;
+BEGIN
+    PERFORM kernel._require(p_run_id, 'run_id');
+    IF p_limit IS NULL OR p_limit NOT BETWEEN 1 AND 10000 THEN
+        RAISE EXCEPTION 'limit must be between 1 and 10000, got %', p_limit USING ERRCODE = 'KE008';
+    END IF;
+    IF p_status NOT IN ('pending', 'sent', 'failed', 'unknown', 'skipped') THEN
+        RAISE EXCEPTION 'status % is not an item status (pending, sent, failed, unknown, skipped)',
+            p_status USING ERRCODE = 'KE008';
+    END IF;
+    SELECT * INTO _run FROM kernel.campaign_runs WHERE id = p_run_id;
+    PERFORM kernel._assert_scope(_run.tenant_id, _run.workspace_id, 'run', p_run_id);
+    -- Keyset pages in id order: the next page starts after the last id of this one.
+    RETURN QUERY
+    SELECT * FROM kernel.channel_outbox AS o
+    WHERE o.run_id = p_run_id AND (p_status IS NULL OR o.status = p_status)
+      AND (p_after IS NULL OR o.id > p_after)
+    ORDER BY o.id
+    LIMIT p_limit;
+END
+$function$;
+COMMENT ON FUNCTION kernel.run_items(p_run_id uuid, p_status text, p_after uuid, p_limit integer) IS 'A page of a run''s outbox items in id order, of one status when given, after the id p_after (keyset: pass the last id of the previous page). KE002 for another tenant''s run, KE008 for a bad status or limit.';
+ALTER FUNCTION kernel.run_items(p_run_id uuid, p_status text, p_after uuid, p_limit integer) OWNER TO kernel_owner;
+GRANT EXECUTE ON FUNCTION kernel.run_items(p_run_id uuid, p_status text, p_after uuid, p_limit integer) TO kernel_app;
+GRANT EXECUTE ON FUNCTION kernel.run_items(p_run_id uuid, p_status text, p_after uuid, p_limit integer) TO kernel_operator;
+GRANT EXECUTE ON FUNCTION kernel.run_items(p_run_id uuid, p_status text, p_after uuid, p_limit integer) TO kernel_reader;
+GRANT EXECUTE ON FUNCTION kernel.run_items(p_run_id uuid, p_status text, p_after uuid, p_limit integer) TO kernel_worker;
+
 -- FUNCTION kernel.scope(p_tenant_id uuid, p_workspace_id uuid)
 
 CREATE OR REPLACE FUNCTION kernel.scope(p_tenant_id uuid, p_workspace_id uuid DEFAULT NULL::uuid)

@@ -1287,6 +1287,45 @@ COMMENT ON FUNCTION kernel.worker_step(text, numeric, uuid[], uuid[], text[], te
 'The 1.3 form of worker_step: one tenant (or NULL: every tenant in scope).';
 
 
+-- Items of a run, a page at a time (issue 11: runs show --item-status) ----------------------
+
+CREATE FUNCTION kernel.run_items(
+    p_run_id uuid,
+    p_status text DEFAULT NULL,
+    p_after uuid DEFAULT NULL,
+    p_limit integer DEFAULT 100
+)
+RETURNS SETOF kernel.channel_outbox
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    _run kernel.campaign_runs;
+BEGIN
+    PERFORM kernel._require(p_run_id, 'run_id');
+    IF p_limit IS NULL OR p_limit NOT BETWEEN 1 AND 10000 THEN
+        RAISE EXCEPTION 'limit must be between 1 and 10000, got %', p_limit USING ERRCODE = 'KE008';
+    END IF;
+    IF p_status NOT IN ('pending', 'sent', 'failed', 'unknown', 'skipped') THEN
+        RAISE EXCEPTION 'status % is not an item status (pending, sent, failed, unknown, skipped)',
+            p_status USING ERRCODE = 'KE008';
+    END IF;
+    SELECT * INTO _run FROM kernel.campaign_runs WHERE id = p_run_id;
+    PERFORM kernel._assert_scope(_run.tenant_id, _run.workspace_id, 'run', p_run_id);
+    -- Keyset pages in id order: the next page starts after the last id of this one.
+    RETURN QUERY
+    SELECT * FROM kernel.channel_outbox AS o
+    WHERE o.run_id = p_run_id AND (p_status IS NULL OR o.status = p_status)
+      AND (p_after IS NULL OR o.id > p_after)
+    ORDER BY o.id
+    LIMIT p_limit;
+END
+$$;
+COMMENT ON FUNCTION kernel.run_items(uuid, text, uuid, integer) IS
+'A page of a run''s outbox items in id order, of one status when given, after the id p_after (keyset: pass the last id of the previous page). KE002 for another tenant''s run, KE008 for a bad status or limit.';
+GRANT EXECUTE ON FUNCTION kernel.run_items(uuid, text, uuid, integer)
+TO kernel_app, kernel_operator, kernel_reader, kernel_worker;
+
 -- The version ---------------------------------------------------------------------
 
 CREATE OR REPLACE FUNCTION kernel.kernel_version() RETURNS text

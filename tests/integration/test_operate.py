@@ -137,6 +137,10 @@ def test_retry_creates_a_linked_run_that_show_names(kd, conn, kernel_schema, see
     assert str(run_row(conn, retry)[4]) == str(run_id)
     shown = kd("runs", "show", str(run_id)).output
     assert f"retried by {retry}" in shown
+    only_failed = kd("runs", "show", str(run_id), "--item-status", "failed").output
+    assert "first 1 of 1 failed items:" in only_failed
+    item_lines = only_failed.split("failed items:")[1].split("timeline")[0].strip().splitlines()[1:]
+    assert [line.split()[1] for line in item_lines] == ["failed"]
     timeline = shown.split("timeline (last")[1].splitlines()[1:]
     assert ["processing", "completed"] in [line.split()[3:5] for line in timeline]
 

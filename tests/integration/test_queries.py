@@ -16,7 +16,7 @@ from uuid import UUID
 import pytest
 
 from kernel_driver import queries
-from kernel_driver.queries import RUN_STATUSES, Kernel, LaunchCheck, QueueDepth, RunSummary, StepRequest
+from kernel_driver.queries import ITEM_STATUSES, RUN_STATUSES, Kernel, LaunchCheck, QueueDepth, RunSummary, StepRequest
 from kernel_driver.testing.seed import seed_campaign
 from tests.sql.helpers import drain_run
 
@@ -66,6 +66,10 @@ def test_retry_both_forms_and_run_details_both_forms(conn, kernel_schema):
     details = kernel.run_details(first)
     assert details["item_counts"] == {"sent": 1, "failed": 1, "unknown": 1}
     assert len(details["items"]) == 3 and len(kernel.run_details(first, 1)["items"]) == 1
+    [failed] = kernel.run_items(first, "failed")
+    assert failed["status"] == "failed" and failed["run_id"] == str(first)
+    page = kernel.run_items(first, None, None, 2)
+    assert len(page) == 2 and len(kernel.run_items(first, after=page[-1]["id"], limit=2)) == 1
 
     def targeted(run_id: UUID) -> int:
         return int(conn.execute(
@@ -178,3 +182,7 @@ def test_the_run_statuses_are_the_kernels(conn, kernel_schema):
         "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'campaign_runs_status_check'"
         " AND conrelid = %s::regclass", (f"{kernel_schema}.campaign_runs",)).fetchone()[0]
     assert set(re.findall(r"'(\w+)'::text", definition)) == set(RUN_STATUSES)
+    definition = conn.execute(
+        "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'channel_outbox_status_check'"
+        " AND conrelid = %s::regclass", (f"{kernel_schema}.channel_outbox",)).fetchone()[0]
+    assert set(re.findall(r"'(\w+)'::text", definition)) == set(ITEM_STATUSES)

@@ -216,6 +216,7 @@ DEFINER_CALLS = {
     "cancel_campaign_run(uuid)": ("app", "SELECT cancel_campaign_run('{B_queued_run}')", "KE002"),
     "run_details(uuid)": ("reader", "SELECT run_details('{B_run}')", "KE002"),
     "run_details(uuid,integer)": ("reader", "SELECT run_details('{B_run}', 10)", "KE002"),
+    "run_items(uuid,text,uuid,integer)": ("reader", "SELECT * FROM run_items('{B_run}')", "KE002"),
     "queue_stats()": ("reader", "SELECT * FROM queue_stats()", None),
     "claim_queued_jobs(text,integer)": ("worker", "SELECT * FROM claim_queued_jobs('intruder', 0)", "KE008"),
     "heartbeat_job(uuid,text)": ("worker", "SELECT heartbeat_job('{job}', 'intruder')", "KE005"),

@@ -95,6 +95,8 @@ FOREIGN_CALLS = {
     "retry-unknown": ("SELECT retry_campaign_run(%s, true)", "run"),
     "run_details": ("SELECT run_details(%s)", "run"),
     "run_details-limited": ("SELECT run_details(%s, 5)", "run"),
+    "run_items": ("SELECT * FROM run_items(%s)", "run"),
+    "deploy-scheduled": ("SELECT deploy_campaign(%s, now() + interval '1 day')", "campaign"),
     "check_prerequisites": ("SELECT * FROM check_campaign_launch_prerequisites(%s, '{workspace}')", "campaign"),
 }
 
