@@ -339,16 +339,23 @@ DECLARE
     _now timestamptz := kernel.clock();
     _start timestamptz := greatest(p_run.start_at, _now);
     _zones text[];
+    _zone_ords bigint[];
     _batches integer;
 BEGIN
     IF _window IS NOT NULL THEN
-        -- Each contact's zone (its own, else its workspace's): batches are cut per zone, so a
-        -- job's contacts share one window.
-        SELECT array_agg(coalesce(p.time_zone, w.time_zone) ORDER BY u.ord) INTO _zones
-        FROM unnest(p_contacts) WITH ORDINALITY AS u (contact_id, ord)
-        LEFT JOIN kernel.contacts AS p ON u.contact_id = p.id
-        CROSS JOIN kernel.workspaces AS w
-        WHERE w.id = p_run.workspace_id;
+        -- Each contact's zone (its own, else its workspace's) and its place among the contacts
+        -- of that zone: batches are cut per zone, so a job's contacts share one window. Only a
+        -- windowed run pays for this (a plain 1,000,000-contact deploy sorts nothing here).
+        SELECT array_agg(z.zone ORDER BY z.ord), array_agg(z.zone_ord ORDER BY z.ord)
+        INTO _zones, _zone_ords
+        FROM (
+            SELECT u.ord, coalesce(p.time_zone, w.time_zone) AS zone,
+                   row_number() OVER (PARTITION BY coalesce(p.time_zone, w.time_zone) ORDER BY u.ord) AS zone_ord
+            FROM unnest(p_contacts) WITH ORDINALITY AS u (contact_id, ord)
+            LEFT JOIN kernel.contacts AS p ON u.contact_id = p.id
+            CROSS JOIN kernel.workspaces AS w
+            WHERE w.id = p_run.workspace_id
+        ) AS z;
         SELECT sum(ceil(z.n::numeric / p_batch_size)) INTO _batches
         FROM (SELECT count(*) AS n FROM unnest(_zones) AS u (zone) GROUP BY u.zone) AS z;
     ELSE
@@ -364,12 +371,10 @@ BEGIN
            p_run.priority, b.zone,
            CASE WHEN d.due > _now THEN 'scheduled' ELSE 'queued' END, d.due
     FROM (
-        SELECT z.zone, (z.ord - 1) / p_batch_size AS batch_no, array_agg(z.contact_id ORDER BY z.ord) AS contact_ids
-        FROM (
-            SELECT u.contact_id, u.zone, row_number() OVER (PARTITION BY u.zone ORDER BY u.ord) AS ord
-            FROM unnest(p_contacts, _zones) WITH ORDINALITY AS u (contact_id, zone, ord)
-        ) AS z
-        GROUP BY z.zone, 2
+        SELECT u.zone, (coalesce(u.zone_ord, u.ord) - 1) / p_batch_size AS batch_no,
+               array_agg(u.contact_id ORDER BY u.ord) AS contact_ids
+        FROM unnest(p_contacts, _zones, _zone_ords) WITH ORDINALITY AS u (contact_id, zone, zone_ord, ord)
+        GROUP BY u.zone, 2
     ) AS b
     CROSS JOIN LATERAL (
         SELECT least(
