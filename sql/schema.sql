@@ -17,7 +17,8 @@ GRANT USAGE ON SCHEMA kernel TO kernel_worker;
 --   0003 0003_kernel_1_2
 --   0004 0004_kernel_1_3
 --   0005 0005_kernel_1_4
--- kernel_version() = 1.4.0
+--   0006 0006_kernel_1_5
+-- kernel_version() = 1.5.0
 
 -- SEQUENCE kernel.job_events_id_seq
 
@@ -71,16 +72,16 @@ CREATE TABLE kernel.campaign_runs (
     start_at timestamp with time zone,
     deadline timestamp with time zone
 );
-ALTER TABLE kernel.campaign_runs ADD CONSTRAINT campaign_runs_campaign_id_fkey FOREIGN KEY (campaign_id) REFERENCES kernel.campaigns(id);
+ALTER TABLE kernel.campaign_runs ADD CONSTRAINT campaign_runs_campaign_id_fkey FOREIGN KEY (campaign_id, tenant_id) REFERENCES kernel.campaigns(id, tenant_id);
 ALTER TABLE kernel.campaign_runs ADD CONSTRAINT campaign_runs_deadline_after_start CHECK ((deadline > start_at));
 ALTER TABLE kernel.campaign_runs ADD CONSTRAINT campaign_runs_lineage_check CHECK ((((retry_of_run_id IS NULL) AND (root_run_id = id) AND (generation = 1)) OR ((retry_of_run_id IS NOT NULL) AND (root_run_id <> id) AND (generation > 1))));
-ALTER TABLE kernel.campaign_runs ADD CONSTRAINT campaign_runs_pkey PRIMARY KEY (id);
+ALTER TABLE kernel.campaign_runs ADD CONSTRAINT campaign_runs_pkey PRIMARY KEY (id, tenant_id);
 ALTER TABLE kernel.campaign_runs ADD CONSTRAINT campaign_runs_priority_in_range CHECK (((priority >= '-1000'::integer) AND (priority <= 1000)));
-ALTER TABLE kernel.campaign_runs ADD CONSTRAINT campaign_runs_retry_of_run_id_fkey FOREIGN KEY (retry_of_run_id) REFERENCES kernel.campaign_runs(id);
-ALTER TABLE kernel.campaign_runs ADD CONSTRAINT campaign_runs_root_run_id_fkey FOREIGN KEY (root_run_id) REFERENCES kernel.campaign_runs(id);
+ALTER TABLE kernel.campaign_runs ADD CONSTRAINT campaign_runs_retry_of_run_id_fkey FOREIGN KEY (retry_of_run_id, tenant_id) REFERENCES kernel.campaign_runs(id, tenant_id);
+ALTER TABLE kernel.campaign_runs ADD CONSTRAINT campaign_runs_root_run_id_fkey FOREIGN KEY (root_run_id, tenant_id) REFERENCES kernel.campaign_runs(id, tenant_id);
 ALTER TABLE kernel.campaign_runs ADD CONSTRAINT campaign_runs_status_check CHECK ((status = ANY (ARRAY['queued'::text, 'running'::text, 'completed'::text, 'partial'::text, 'failed'::text, 'cancelled'::text])));
 CREATE INDEX campaign_runs_lineage_idx ON kernel.campaign_runs USING btree (root_run_id, generation);
-CREATE UNIQUE INDEX campaign_runs_one_active_per_campaign ON kernel.campaign_runs USING btree (campaign_id) WHERE (status = ANY (ARRAY['queued'::text, 'running'::text]));
+CREATE UNIQUE INDEX campaign_runs_one_active_per_campaign ON kernel.campaign_runs USING btree (campaign_id, tenant_id) WHERE (status = ANY (ARRAY['queued'::text, 'running'::text]));
 CREATE TRIGGER campaign_runs_created AFTER INSERT ON kernel.campaign_runs REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION kernel._campaign_runs_moves();
 CREATE TRIGGER campaign_runs_guard_insert BEFORE INSERT ON kernel.campaign_runs FOR EACH ROW WHEN ((new.status <> 'queued'::text)) EXECUTE FUNCTION kernel._campaign_runs_guard();
 CREATE TRIGGER campaign_runs_moves AFTER UPDATE ON kernel.campaign_runs REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION kernel._campaign_runs_moves();
@@ -109,6 +110,7 @@ CREATE TABLE kernel.campaigns (
     send_window_start time without time zone,
     send_window_end time without time zone
 );
+ALTER TABLE kernel.campaigns ADD CONSTRAINT campaigns_id_tenant_id_key UNIQUE (id, tenant_id);
 ALTER TABLE kernel.campaigns ADD CONSTRAINT campaigns_pkey PRIMARY KEY (id);
 ALTER TABLE kernel.campaigns ADD CONSTRAINT campaigns_priority_in_range CHECK (((priority >= '-1000'::integer) AND (priority <= 1000)));
 ALTER TABLE kernel.campaigns ADD CONSTRAINT campaigns_send_window_check CHECK ((((send_window_start IS NULL) AND (send_window_end IS NULL)) OR ((send_window_start IS NOT NULL) AND (send_window_end IS NOT NULL) AND (send_window_start <> send_window_end))));
@@ -154,9 +156,9 @@ CREATE TABLE kernel.channel_outbox (
     sent_at timestamp with time zone,
     completed_at timestamp with time zone
 );
-ALTER TABLE kernel.channel_outbox ADD CONSTRAINT channel_outbox_idempotency_key UNIQUE (idempotency_key);
-ALTER TABLE kernel.channel_outbox ADD CONSTRAINT channel_outbox_job_of_run_fkey FOREIGN KEY (job_id, run_id) REFERENCES kernel.job_queue(id, run_id);
-ALTER TABLE kernel.channel_outbox ADD CONSTRAINT channel_outbox_pkey PRIMARY KEY (id);
+ALTER TABLE kernel.channel_outbox ADD CONSTRAINT channel_outbox_idempotency_key UNIQUE (idempotency_key, tenant_id);
+ALTER TABLE kernel.channel_outbox ADD CONSTRAINT channel_outbox_job_of_run_fkey FOREIGN KEY (job_id, run_id, tenant_id) REFERENCES kernel.job_queue(id, run_id, tenant_id);
+ALTER TABLE kernel.channel_outbox ADD CONSTRAINT channel_outbox_pkey PRIMARY KEY (id, tenant_id);
 ALTER TABLE kernel.channel_outbox ADD CONSTRAINT channel_outbox_sent_has_provider_id CHECK (((status <> 'sent'::text) OR (provider_message_id IS NOT NULL)));
 ALTER TABLE kernel.channel_outbox ADD CONSTRAINT channel_outbox_sent_was_dispatched CHECK (((status <> ALL (ARRAY['sent'::text, 'unknown'::text])) OR (dispatched_at IS NOT NULL)));
 ALTER TABLE kernel.channel_outbox ADD CONSTRAINT channel_outbox_skipped_status_check CHECK (((skipped = (status = 'skipped'::text)) AND (skipped = (skip_reason IS NOT NULL))));
@@ -220,7 +222,7 @@ CREATE TABLE kernel.job_events (
     detail text
 );
 ALTER TABLE kernel.job_events ADD CONSTRAINT job_events_entity_check CHECK ((entity = ANY (ARRAY['run'::text, 'job'::text])));
-ALTER TABLE kernel.job_events ADD CONSTRAINT job_events_pkey PRIMARY KEY (id);
+ALTER TABLE kernel.job_events ADD CONSTRAINT job_events_pkey PRIMARY KEY (id, tenant_id);
 CREATE INDEX job_events_by_run_idx ON kernel.job_events USING btree (run_id, occurred_at);
 ALTER TABLE kernel.job_events ENABLE ROW LEVEL SECURITY;
 CREATE POLICY job_events_operator_reads ON kernel.job_events AS PERMISSIVE FOR SELECT TO kernel_operator USING (true);
@@ -256,12 +258,12 @@ CREATE TABLE kernel.job_queue (
     time_zone text
 );
 ALTER TABLE kernel.job_queue ADD CONSTRAINT job_queue_attempts_in_range CHECK (((attempts >= 0) AND (max_attempts >= 1)));
-ALTER TABLE kernel.job_queue ADD CONSTRAINT job_queue_id_run_id_key UNIQUE (id, run_id);
+ALTER TABLE kernel.job_queue ADD CONSTRAINT job_queue_id_run_id_key UNIQUE (id, run_id, tenant_id);
 ALTER TABLE kernel.job_queue ADD CONSTRAINT job_queue_job_type_check CHECK ((job_type = 'send_batch'::text));
 ALTER TABLE kernel.job_queue ADD CONSTRAINT job_queue_lease_held_while_processing CHECK (((status = 'processing'::text) = ((locked_by IS NOT NULL) AND (lease_expires_at IS NOT NULL))));
-ALTER TABLE kernel.job_queue ADD CONSTRAINT job_queue_pkey PRIMARY KEY (id);
+ALTER TABLE kernel.job_queue ADD CONSTRAINT job_queue_pkey PRIMARY KEY (id, tenant_id);
 ALTER TABLE kernel.job_queue ADD CONSTRAINT job_queue_reserved_count_in_range CHECK (((reserved_count >= 0) AND (reserved_count <= cardinality(contact_ids))));
-ALTER TABLE kernel.job_queue ADD CONSTRAINT job_queue_run_id_fkey FOREIGN KEY (run_id) REFERENCES kernel.campaign_runs(id);
+ALTER TABLE kernel.job_queue ADD CONSTRAINT job_queue_run_id_fkey FOREIGN KEY (run_id, tenant_id) REFERENCES kernel.campaign_runs(id, tenant_id);
 ALTER TABLE kernel.job_queue ADD CONSTRAINT job_queue_status_check CHECK ((status = ANY (ARRAY['scheduled'::text, 'queued'::text, 'processing'::text, 'completed'::text, 'failed'::text, 'cancelled'::text])));
 CREATE INDEX job_queue_by_run_status_idx ON kernel.job_queue USING btree (run_id, status);
 CREATE INDEX job_queue_processing_idx ON kernel.job_queue USING btree (id) WHERE (status = 'processing'::text);
@@ -309,9 +311,10 @@ CREATE TABLE kernel.rate_buckets (
     workspace_id uuid NOT NULL,
     provider text NOT NULL,
     tokens double precision NOT NULL,
-    refreshed_at timestamp with time zone NOT NULL
+    refreshed_at timestamp with time zone NOT NULL,
+    tenant_id uuid NOT NULL
 );
-ALTER TABLE kernel.rate_buckets ADD CONSTRAINT rate_buckets_pkey PRIMARY KEY (workspace_id, provider);
+ALTER TABLE kernel.rate_buckets ADD CONSTRAINT rate_buckets_pkey PRIMARY KEY (workspace_id, provider, tenant_id);
 ALTER TABLE kernel.rate_buckets ENABLE ROW LEVEL SECURITY;
 CREATE POLICY rate_buckets_operator_reads ON kernel.rate_buckets AS PERMISSIVE FOR SELECT TO kernel_operator USING (true);
 COMMENT ON TABLE kernel.rate_buckets IS 'Token buckets behind take_rate_tokens: one per workspace and provider, shared by every daemon.';
@@ -1046,7 +1049,7 @@ BEGIN
                         WHEN a.recipient IS NULL THEN 'no_address' END AS reason
         ) AS s
         ORDER BY u.ord
-        ON CONFLICT (idempotency_key) DO NOTHING
+        ON CONFLICT (idempotency_key, tenant_id) DO NOTHING
         RETURNING status
     )
     SELECT count(*) FILTER (WHERE status = 'pending') INTO _pending FROM inserted;
@@ -1362,27 +1365,29 @@ CREATE OR REPLACE FUNCTION kernel._take_rate_tokens(p_workspace_id uuid, p_provi
 AS $function$
 DECLARE
     _rate numeric;
+    _tenant uuid;
     _bucket kernel.rate_buckets;
     _tokens double precision;
 BEGIN
-    SELECT min(max_per_second) INTO _rate FROM kernel.provider_configs
-    WHERE workspace_id = p_workspace_id AND provider = p_provider;
+    SELECT min(c.max_per_second), (array_agg(c.tenant_id))[1] INTO _rate, _tenant
+    FROM kernel.provider_configs AS c
+    WHERE c.workspace_id = p_workspace_id AND c.provider = p_provider;
     wait_seconds := 0;
     IF _rate IS NULL THEN
         granted := p_wanted;  -- no limit configured
         RETURN;
     END IF;
-    INSERT INTO kernel.rate_buckets (workspace_id, provider, tokens, refreshed_at)
-    VALUES (p_workspace_id, p_provider, greatest(_rate, 1), clock_timestamp())
-    ON CONFLICT (workspace_id, provider) DO NOTHING;
+    INSERT INTO kernel.rate_buckets (workspace_id, provider, tenant_id, tokens, refreshed_at)
+    VALUES (p_workspace_id, p_provider, _tenant, greatest(_rate, 1), clock_timestamp())
+    ON CONFLICT (workspace_id, provider, tenant_id) DO NOTHING;
     SELECT * INTO _bucket FROM kernel.rate_buckets
-    WHERE workspace_id = p_workspace_id AND provider = p_provider FOR UPDATE;
+    WHERE workspace_id = p_workspace_id AND provider = p_provider AND tenant_id = _tenant FOR UPDATE;
     -- Refill at the configured rate; the burst is one second's worth.
     _tokens := least(greatest(_rate, 1),
                      _bucket.tokens + _rate * extract(EPOCH FROM clock_timestamp() - _bucket.refreshed_at));
     granted := least(p_wanted, floor(_tokens))::integer;
     UPDATE kernel.rate_buckets SET tokens = _tokens - granted, refreshed_at = clock_timestamp()
-    WHERE workspace_id = p_workspace_id AND provider = p_provider;
+    WHERE workspace_id = p_workspace_id AND provider = p_provider AND tenant_id = _tenant;
     IF granted = 0 AND p_wanted > 0 THEN
         wait_seconds := (1 - _tokens) / _rate;
     END IF;
@@ -1777,6 +1782,64 @@ ALTER FUNCTION kernel.deploy_campaign(p_campaign_id uuid, p_start_at timestamp w
 GRANT EXECUTE ON FUNCTION kernel.deploy_campaign(p_campaign_id uuid, p_start_at timestamp with time zone, p_priority integer, p_deadline timestamp with time zone, p_batch_size integer) TO kernel_app;
 GRANT EXECUTE ON FUNCTION kernel.deploy_campaign(p_campaign_id uuid, p_start_at timestamp with time zone, p_priority integer, p_deadline timestamp with time zone, p_batch_size integer) TO kernel_operator;
 
+-- FUNCTION kernel.distribution_violations()
+
+CREATE OR REPLACE FUNCTION kernel.distribution_violations()
+ RETURNS TABLE(table_name regclass, object_name name, problem text)
+ LANGUAGE plpgsql
+ STABLE
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+    RETURN QUERY
+    WITH kernel_table AS (
+        SELECT c.oid, a.attnum AS tenant_attnum, coalesce(a.attnotnull, false) AS tenant_not_null,
+               c.oid IN ('kernel.state_transitions'::regclass, 'kernel.schema_migrations'::regclass)
+                   AS is_reference
+        FROM pg_class AS c
+        LEFT JOIN pg_attribute AS a
+            ON a.attrelid = c.oid AND a.attname = 'tenant_id' AND NOT a.attisdropped
+        WHERE c.relkind IN ('r', 'p')
+          AND c.relnamespace = (SELECT r.relnamespace FROM pg_class AS r
+                                WHERE r.oid = 'kernel.schema_migrations'::regclass)
+    )
+    SELECT t.oid::regclass, NULL::name,
+           'has no tenant_id column: it can be neither distributed by tenant nor a reference table'
+    FROM kernel_table AS t WHERE t.tenant_attnum IS NULL AND NOT t.is_reference
+    UNION ALL
+    SELECT t.oid::regclass, NULL::name, 'tenant_id may be NULL: a distribution column may not'
+    FROM kernel_table AS t WHERE t.tenant_attnum IS NOT NULL AND NOT t.tenant_not_null
+    UNION ALL
+    SELECT t.oid::regclass, x.relname,
+           'unique without tenant_id: a distributed table''s unique keys must include it'
+    FROM kernel_table AS t
+    JOIN pg_index AS i ON i.indrelid = t.oid AND i.indisunique
+    JOIN pg_class AS x ON x.oid = i.indexrelid
+    WHERE t.tenant_attnum IS NOT NULL AND NOT t.tenant_attnum = ANY (i.indkey::int2[])
+    UNION ALL
+    SELECT f.conrelid::regclass, f.conname,
+           CASE WHEN src.is_reference
+                THEN 'a reference table may not refer to a distributed one'
+                WHEN src.oid IS NULL
+                THEN format('refers to %s without its tenant_id: re-point it to (id, tenant_id)',
+                            f.confrelid::regclass)
+                ELSE format('does not pair tenant_id with tenant_id of %s', f.confrelid::regclass) END
+    FROM pg_constraint AS f
+    JOIN kernel_table AS dst ON dst.oid = f.confrelid AND dst.tenant_attnum IS NOT NULL
+    LEFT JOIN kernel_table AS src ON src.oid = f.conrelid
+    WHERE f.contype = 'f'
+      AND (src.is_reference
+           OR NOT EXISTS (
+               SELECT 1 FROM unnest(f.conkey, f.confkey) AS k (mine, theirs)
+               WHERE k.theirs = dst.tenant_attnum
+                 AND (src.oid IS NULL OR k.mine = src.tenant_attnum)));
+END
+$function$;
+COMMENT ON FUNCTION kernel.distribution_violations() IS 'What in this database breaks the rules for distributing the kernel''s tables by tenant_id (Citus): a unique key without tenant_id, a foreign key that does not pair it, a table without it. Empty when the schema is ready (docs/scale-out.md).';
+ALTER FUNCTION kernel.distribution_violations() OWNER TO kernel_owner;
+GRANT EXECUTE ON FUNCTION kernel.distribution_violations() TO kernel_operator;
+GRANT EXECUTE ON FUNCTION kernel.distribution_violations() TO kernel_reader;
+
 -- FUNCTION kernel.heartbeat_job(p_job_id uuid, p_worker text)
 
 CREATE OR REPLACE FUNCTION kernel.heartbeat_job(p_job_id uuid, p_worker text)
@@ -1864,7 +1927,7 @@ CREATE OR REPLACE FUNCTION kernel.kernel_version()
  IMMUTABLE
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
-    SELECT '1.4.0'::text
+    SELECT '1.5.0'::text
 $function$;
 COMMENT ON FUNCTION kernel.kernel_version() IS 'The installed kernel version; every version bump replaces it.';
 ALTER FUNCTION kernel.kernel_version() OWNER TO kernel_owner;
@@ -2187,7 +2250,7 @@ BEGIN
     LIMIT p_max_items;
 END
 $function$;
-COMMENT ON FUNCTION kernel.reserve_outbox_items(p_job_id uuid, p_worker text, p_max_items integer) IS 'Returns up to max_items pending, undispatched items of a job, inserting items for the next contacts of its snapshot first (ON CONFLICT (idempotency_key) DO NOTHING). Unreachable contacts become skipped items. Nothing once the run is cancelled, past its deadline, or outside the job''s send window.';
+COMMENT ON FUNCTION kernel.reserve_outbox_items(p_job_id uuid, p_worker text, p_max_items integer) IS 'Returns up to max_items pending, undispatched items of a job, inserting items for the next contacts of its snapshot first (ON CONFLICT (idempotency_key, tenant_id) DO NOTHING). Unreachable contacts become skipped items. Nothing once the run is cancelled, past its deadline, or outside the job''s send window.';
 ALTER FUNCTION kernel.reserve_outbox_items(p_job_id uuid, p_worker text, p_max_items integer) OWNER TO kernel_owner;
 GRANT EXECUTE ON FUNCTION kernel.reserve_outbox_items(p_job_id uuid, p_worker text, p_max_items integer) TO kernel_worker;
 
@@ -2896,7 +2959,7 @@ BEGIN
                    CASE WHEN t.reason IS NOT NULL THEN clock_timestamp() END
             FROM taken AS t
             ORDER BY t.rank, t.ord
-            ON CONFLICT (idempotency_key) DO NOTHING
+            ON CONFLICT (idempotency_key, tenant_id) DO NOTHING
             RETURNING o.job_id, o.run_id, o.id, o.idempotency_key, o.recipient, o.contact_id, o.status
         ), advanced AS (
             UPDATE kernel.job_queue AS j SET reserved_count = j.reserved_count + n.taken

@@ -23,7 +23,7 @@ def outbox_summary(cert: Certification, run_id: str) -> dict[str, int]:
 
 def reinsert_outbox_rows(cert: Certification, run_id: str) -> int:
     """Insert every item of the run again, as a repeated reservation would, then roll back:
-    `ON CONFLICT (idempotency_key) DO NOTHING` must insert none of them."""
+    `ON CONFLICT (idempotency_key, tenant_id) DO NOTHING` must insert none of them."""
     with cert.conn.transaction(force_rollback=True):
         return cert.conn.execute(
             sql.SQL(
@@ -31,7 +31,7 @@ def reinsert_outbox_rows(cert: Certification, run_id: str) -> int:
                 " provider, idempotency_key, contact_id, recipient, root_run_id, generation)"
                 " SELECT run_id, job_id, tenant_id, workspace_id, channel, provider, idempotency_key,"
                 " contact_id, recipient, root_run_id, generation FROM {schema}.channel_outbox"
-                " WHERE run_id = %s ON CONFLICT (idempotency_key) DO NOTHING"
+                " WHERE run_id = %s ON CONFLICT (idempotency_key, tenant_id) DO NOTHING"
             ).format(schema=sql.Identifier(cert.schema)),
             [run_id],
         ).rowcount

@@ -114,6 +114,7 @@ NOT_CALLED = {
     "clock": "the time schedules are judged by, read in SQL (a session may move it: tests)",
     "is_time_zone": "the time zone constraint of contacts and workspaces",
     "send_window_opens": "deploys and worker_step compute windows with it; an application may ask it",
+    "distribution_violations": "a DBA's catalog report before distributing by tenant, from psql (docs/scale-out.md)",
 }
 DAEMON_CALLS = {"worker_step", "release_jobs"}
 

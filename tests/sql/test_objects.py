@@ -96,15 +96,17 @@ def test_outbox_constraints_have_their_seed_names(conn, kernel_schema):
     assert {n: found.get(n) for n in SEED_CONSTRAINTS} == SEED_CONSTRAINTS
 
 
-def test_idempotency_key_constraint_is_unique_on_the_key_alone(conn, kernel_schema):
+def test_idempotency_key_constraint_is_unique_on_the_key_within_its_tenant(conn, kernel_schema):
+    """Since 1.5 with tenant_id (a distributed table's unique keys must include it): the key
+    begins with the lineage's root run, which belongs to one tenant, so no two rows share a key."""
     cols = scalar(
         conn,
-        "SELECT array_agg(a.attname::text) FROM pg_constraint c"
+        "SELECT array_agg(a.attname::text ORDER BY a.attname) FROM pg_constraint c"
         " JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = ANY (c.conkey)"
         " WHERE c.conname = 'channel_outbox_idempotency_key' AND c.conrelid = %s::regclass",
         [f"{kernel_schema}.channel_outbox"],
     )
-    assert cols == ["idempotency_key"]
+    assert cols == ["idempotency_key", "tenant_id"]
 
 
 @pytest.fixture
