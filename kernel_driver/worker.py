@@ -654,9 +654,16 @@ def _deduplicates(provider: str) -> bool:
 def stop_on_signals(stop: Callable[[], None]) -> Iterator[None]:
     """SIGTERM/SIGINT call `stop` (drain, release, exit 0); the old handlers come back after."""
 
-    def handler(signum: int, _frame: object) -> None:
-        log.info("signal %s: finishing in-flight calls, then stopping", signal.Signals(signum).name)
+    def stop_for(name: str) -> None:
+        log.info("signal %s: finishing in-flight calls, then stopping", name)
         stop()
+
+    def handler(signum: int, _frame: object) -> None:
+        # The handler runs in the main thread between two bytecodes, maybe while the loop holds
+        # the lock of the Event that `stop` sets (inside _wake.clear() or _wake.wait()): setting
+        # it, or logging, from here could wait for this very thread. A thread of its own cannot.
+        name = signal.Signals(signum).name
+        threading.Thread(target=stop_for, args=(name,), name=f"stop-on-{name}", daemon=True).start()
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:

@@ -125,8 +125,8 @@ BEGIN
            CASE WHEN src.is_reference
                 THEN 'a reference table may not refer to a distributed one'
                 WHEN src.oid IS NULL
-                THEN format('refers to %s without its tenant_id: re-point it to (id, tenant_id)',
-                            f.confrelid::regclass)
+                THEN format('refers to %s by a key without tenant_id: a foreign key to a '
+                            'distributed table must include it', f.confrelid::regclass)
                 ELSE format('does not pair tenant_id with tenant_id of %s', f.confrelid::regclass) END
     FROM pg_constraint AS f
     JOIN kernel_table AS dst ON dst.oid = f.confrelid AND dst.tenant_attnum IS NOT NULL
@@ -162,9 +162,11 @@ DECLARE
     _bucket kernel.rate_buckets;
     _tokens double precision;
 BEGIN
-    SELECT min(c.max_per_second), (array_agg(c.tenant_id))[1] INTO _rate, _tenant
+    -- One group: a workspace belongs to one tenant (provider_configs_workspace_owner_fkey).
+    SELECT c.tenant_id, min(c.max_per_second) INTO _tenant, _rate
     FROM kernel.provider_configs AS c
-    WHERE c.workspace_id = p_workspace_id AND c.provider = p_provider;
+    WHERE c.workspace_id = p_workspace_id AND c.provider = p_provider
+    GROUP BY c.tenant_id;
     wait_seconds := 0;
     IF _rate IS NULL THEN
         granted := p_wanted;  -- no limit configured

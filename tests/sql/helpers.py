@@ -244,6 +244,43 @@ def refused(conn: psycopg.Connection, sqlstate: str, *mentions: Any, case: str =
         yield caught
 
 
+@dataclass
+class Explained:
+    """One statement as auto_explain logged it."""
+
+    where: str  # the innermost PL/pgSQL function that ran it ("kernel.worker_step line 61 at …"), or "top level"
+    plan: str  # auto_explain's message: the duration, then the plan (text or JSON)
+
+
+@contextlib.contextmanager
+def explained(conn: psycopg.Connection, plan_format: str = "text") -> Iterator[list[Explained]]:
+    """Every statement run meanwhile, those inside functions too: auto_explain, whose LOG lines
+    come to this session as notices. Skips on a server without it (the embedded PostgreSQL of a
+    machine with no system one)."""
+    try:
+        conn.execute("LOAD 'auto_explain'")
+    except psycopg.errors.UndefinedFile:
+        pytest.skip("this PostgreSQL has no auto_explain (contrib)")
+    found: list[Explained] = []
+
+    def keep(notice: psycopg.errors.Diagnostic) -> None:
+        frames = [line for line in (notice.context or "").splitlines() if line.startswith("PL/pgSQL")]
+        found.append(Explained(frames[0].removeprefix("PL/pgSQL function ") if frames else "top level",
+                               notice.message_primary or ""))
+
+    conn.add_notice_handler(keep)
+    settings = {"auto_explain.log_min_duration": "0", "auto_explain.log_nested_statements": "on",
+                "auto_explain.log_format": plan_format, "client_min_messages": "log"}
+    for name, value in settings.items():
+        conn.execute("SELECT set_config(%s, %s, false)", [name, value])
+    try:
+        yield found
+    finally:
+        for name in settings:
+            conn.execute(sql.SQL("RESET {}").format(sql.Identifier(*name.split("."))))
+        conn.remove_notice_handler(keep)
+
+
 def set_setting(conn: psycopg.Connection, name: str, value: Any) -> None:
     conn.execute("SELECT set_config(%s, %s, false)", [name, "" if value is None else str(value)])
 

@@ -10,13 +10,9 @@ recording's plan from auto_explain.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
-import psycopg
 import pytest
 
-from tests.sql.helpers import add_contacts, deploy, scalar, seed_campaign, sent, step
+from tests.sql.helpers import add_contacts, deploy, explained, scalar, seed_campaign, sent, step
 
 BACKLOG = 3000
 
@@ -43,29 +39,6 @@ def test_a_claim_takes_the_first_queued_jobs_without_reading_the_backlog(conn, o
     assert read < 50, read
 
 
-@contextmanager
-def nested_plans(conn) -> Iterator[list[str]]:
-    """The plans of every statement run meanwhile, those inside functions too: auto_explain,
-    whose LOG lines come to this session as notices. Skips on a server without it (the embedded
-    PostgreSQL of a machine with no system one)."""
-    try:
-        conn.execute("LOAD 'auto_explain'")
-    except psycopg.errors.UndefinedFile:
-        pytest.skip("this PostgreSQL has no auto_explain (contrib)")
-    plans: list[str] = []
-    handler = lambda notice: plans.append(notice.message_primary or "")  # noqa: E731
-    conn.add_notice_handler(handler)
-    for name, value in (("auto_explain.log_min_duration", "0"), ("auto_explain.log_nested_statements", "on"),
-                        ("client_min_messages", "log")):
-        conn.execute("SELECT set_config(%s, %s, false)", [name, value])
-    try:
-        yield plans
-    finally:
-        conn.execute("RESET client_min_messages")
-        conn.execute("RESET auto_explain.log_min_duration")
-        conn.remove_notice_handler(handler)
-
-
 def test_recording_joins_results_and_rows_by_hash_not_by_a_nested_loop(conn):
     seeded = seed_campaign(conn, 5)
     add_contacts(conn, seeded.campaign_id, 495)
@@ -73,10 +46,11 @@ def test_recording_joins_results_and_rows_by_hash_not_by_a_nested_loop(conn):
     out = step(conn, claim=1, want=500)
     job_id, items = out["job"][0]["job_id"], out["item"]
 
-    with nested_plans(conn) as plans:
+    with explained(conn) as logged:
         for first in range(0, 500, 100):  # as a daemon records, step after step
             step(conn, held=[job_id], results=sent(items[first:first + 100]))
 
+    plans = [e.plan for e in logged]
     recording = [plan for plan in plans if "Update on channel_outbox" in plan and "unnest(p_result_ids" in plan]
     assert len(recording) == 5, plans
     # 1.2 let the planner nest a loop comparing every result with every row of a fresh outbox
@@ -94,8 +68,8 @@ def test_a_claim_is_never_jit_compiled(conn):
     for _ in range(3):
         deploy(conn, seed_campaign(conn, 2).campaign_id, 1)
     conn.execute("SET jit_above_cost = 0")  # JIT for every statement the claim does not guard
-    with nested_plans(conn) as plans:
+    with explained(conn) as logged:
         conn.execute("SET auto_explain.log_analyze = on")
         assert len(step(conn, claim=2)["job"]) == 2
-    claims = [plan for plan in plans if "WITH RECURSIVE expired" in plan]
+    claims = [e.plan for e in logged if "WITH RECURSIVE expired" in e.plan]
     assert claims and not [plan for plan in claims if "JIT:" in plan], claims
