@@ -1038,7 +1038,7 @@ BEGIN
                s.reason IS NOT NULL, s.reason, u.contact_id, s.recipient, p_run.root_run_id, p_run.generation
         FROM unnest(p_job.contact_ids[p_job.reserved_count + 1:p_job.reserved_count + p_count])
             WITH ORDINALITY AS u (contact_id, ord)
-        LEFT JOIN kernel.contacts AS p ON u.contact_id = p.id AND p.tenant_id = p_job.tenant_id
+        LEFT JOIN kernel.contacts AS p ON u.contact_id = p.id
         CROSS JOIN LATERAL (
             SELECT nullif(btrim(CASE p_run.channel WHEN 'email' THEN p.email ELSE p.phone END), '') AS recipient
         ) AS a
@@ -2879,8 +2879,8 @@ BEGIN
         WHERE j.id = ANY (_dispatchable) AND _want > 0
           AND EXISTS (
               SELECT 1 FROM kernel.provider_configs AS p
-              WHERE p.workspace_id = j.workspace_id AND p.tenant_id = j.tenant_id
-                AND p.provider = r.run_config ->> 'provider' AND p.max_per_second IS NOT NULL
+              WHERE p.workspace_id = j.workspace_id AND p.provider = r.run_config ->> 'provider'
+                AND p.max_per_second IS NOT NULL
           )
         ORDER BY j.locked_at, j.id
     LOOP
@@ -2924,7 +2924,7 @@ BEGIN
             CROSS JOIN LATERAL unnest(
                 h.contact_ids[h.reserved_count + 1:h.reserved_count + least(h.remaining, _want + 16)]
             ) WITH ORDINALITY AS u (contact_id, ord)
-            LEFT JOIN kernel.contacts AS p ON u.contact_id = p.id AND p.tenant_id = h.tenant_id
+            LEFT JOIN kernel.contacts AS p ON u.contact_id = p.id
             CROSS JOIN LATERAL (
                 SELECT nullif(btrim(CASE h.channel WHEN 'email' THEN p.email ELSE p.phone END), '') AS recipient
             ) AS a

@@ -112,7 +112,9 @@ UNPINNED = {
     "run_items: channel_outbox",
     "worker_step: campaign_runs",
     "worker_step: channel_outbox",
+    "worker_step: contacts",
     "worker_step: job_queue",
+    "worker_step: provider_configs",
 }
 
 

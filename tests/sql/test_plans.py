@@ -73,3 +73,19 @@ def test_a_claim_is_never_jit_compiled(conn):
         assert len(step(conn, claim=2)["job"]) == 2
     claims = [e.plan for e in logged if "WITH RECURSIVE expired" in e.plan]
     assert claims and not [plan for plan in claims if "JIT:" in plan], claims
+
+
+def test_dispatch_finds_a_jobs_contacts_by_their_primary_key(conn):
+    # A draft of 1.5.0 joined them on (id, tenant_id) while contacts were keyed by id alone: the
+    # planner then walked the tenant's contacts_by_tenant_workspace_idx, every contact of the
+    # tenant for each dispatch (one-contact campaigns 25 % slower, docs/scale-out.md).
+    seeded = seed_campaign(conn, 1)
+    for _ in range(300):
+        extra = seed_campaign(conn, 1, tenant_id=seeded.tenant_id, workspace_id=seeded.workspace_id)
+        deploy(conn, extra.campaign_id)
+    with explained(conn) as logged:
+        assert len(step(conn, claim=16, want=16)["item"]) == 16
+    dispatch = [e.plan for e in logged if "worker_step" in e.where and "on contacts p" in e.plan]
+    assert dispatch, [e.plan for e in logged]
+    for plan in dispatch:
+        assert "using contacts_pkey on contacts p" in plan, plan
