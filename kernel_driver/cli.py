@@ -73,18 +73,23 @@ LAZY_COMMANDS = {
     "demo": "kernel_driver.demo",
     "freeze": "kernel_driver.freeze",
     "runs": "kernel_driver.runs",
+    "ui": "kernel_driver.console",
 }
+# The extra whose libraries a lazy command needs, when it is not the testing extra.
+EXTRAS = {"ui": "ui"}
 
 
-def needs_testing_extra(name: str, missing: ModuleNotFoundError) -> click.Command:
-    """Stands in for a command whose libraries come with the testing extra (certify, demo)."""
-    message = (f"kernel-driver {name} needs {missing.name}, which comes with the testing extra:"
-               " pip install 'kernel-driver[testing]'")
+def needs_extra(name: str, missing: ModuleNotFoundError) -> click.Command:
+    """Stands in for a command whose libraries come with an extra (certify and demo: testing;
+    ui: ui)."""
+    extra = EXTRAS.get(name, "testing")
+    message = (f"kernel-driver {name} needs {missing.name}, which comes with the {extra} extra:"
+               f" pip install 'kernel-driver[{extra}]'")
 
     def refuse(**_: Any) -> None:
         raise BadUsage(message)
 
-    return click.Command(name, callback=refuse, help=message, short_help="(needs kernel-driver[testing])",
+    return click.Command(name, callback=refuse, help=message, short_help=f"(needs kernel-driver[{extra}])",
                          context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 
 
@@ -99,7 +104,7 @@ class KernelGroup(click.Group):
             try:
                 command = getattr(importlib.import_module(LAZY_COMMANDS[cmd_name]), cmd_name)
             except ModuleNotFoundError as exc:
-                return needs_testing_extra(cmd_name, exc)
+                return needs_extra(cmd_name, exc)
             assert isinstance(command, click.Command)
             return command
         return super().get_command(ctx, cmd_name)
