@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # Reinstall when the dependencies change; otherwise `make venv` costs nothing.
 STAMP := $(VENV)/.installed
 
-.PHONY: venv lint schema migration test test-slow demo test-kernel freeze bench bench-smoke bench-deps
+.PHONY: venv lint schema migration test test-slow demo test-kernel freeze bench bench-smoke bench-deps screenshots
 
 venv: $(STAMP)
 
@@ -40,6 +40,10 @@ test: venv lint
 # The long runs: the scale test with a million contacts (make test runs it with 50,000).
 test-slow: venv
 	KERNEL_TEST_SCALE_CONTACTS=1000000 $(BIN)/pytest tests/integration/test_scale.py
+
+# The console's screenshots in docs/img (README), made by its browser test in Debian's Chromium.
+screenshots: venv
+	KERNEL_TEST_SCREENSHOTS=docs/img $(BIN)/pytest tests/console/test_browser.py
 
 # The whole kernel on this machine: KERNEL_DSN, else an embedded PostgreSQL kept in .demo/.
 demo: venv

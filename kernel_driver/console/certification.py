@@ -7,6 +7,7 @@ own, and a failed check must not take the console down with it.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -43,7 +44,7 @@ class Certifier:
         self.settings = settings
         self.latest: CertificationRun | None = None
         self._lock = threading.Lock()
-        self._directory = Path(tempfile.mkdtemp(prefix="kernel-console-"))
+        self._directory: Path | None = None  # made by the first run, removed by close()
 
     def start(self, checks: list[str]) -> CertificationRun:
         """Start a run of `checks` (ids from kernel_driver.frozen.CHECK_IDS); refused while one runs."""
@@ -51,6 +52,8 @@ class Certifier:
             if self.latest is not None and self.latest.running:
                 raise RuntimeError("a certification is running already: wait for it to end")
             run = self.latest = CertificationRun(checks, datetime.now(UTC))
+            if self._directory is None:
+                self._directory = Path(tempfile.mkdtemp(prefix="kernel-console-"))
         out = self._directory / f"evidence-{run.started_at:%Y%m%dT%H%M%S}.json"
         command = [sys.executable, "-m", "kernel_driver", "--dsn", require_dsn(self.settings),
                    "--schema", self.settings.schema, "certify", "--only", ",".join(checks), "--out", str(out)]
@@ -65,3 +68,8 @@ class Certifier:
         code = process.wait()
         run.evidence = out if out.exists() else None
         run.exit_code = code
+
+    def close(self) -> None:
+        """Remove the evidence files (the console is stopping)."""
+        if self._directory is not None:
+            shutil.rmtree(self._directory, ignore_errors=True)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import signal
+import sys
 from pathlib import Path
 
 import click
@@ -21,8 +23,8 @@ DEFAULT_BIND = "127.0.0.1:8700"
 
 def parse_bind(bind: str) -> tuple[str, int]:
     host, _, port = bind.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise BadUsage(f"--bind {bind!r} is not HOST:PORT (e.g. {DEFAULT_BIND})")
+    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise BadUsage(f"--bind {bind!r} is not HOST:PORT (e.g. {DEFAULT_BIND}; port 0: any free one)")
     return host.strip("[]"), int(port)
 
 
@@ -50,12 +52,22 @@ def ui(settings: Settings, bind: str, tokens_file: Path | None, threads: int) ->
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     pool = ConnectionPool(require_dsn(settings), min_size=1, max_size=threads, open=True,
                           kwargs={"autocommit": True, "prepare_threshold": None})
+    console = Console(settings, Tokens(grants), pool)
+    # SIGTERM ends the server like Ctrl-C does, through the finally below.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        app = create_app(Console(settings, Tokens(grants), pool))
-        address = f"http://{host if ':' not in host else f'[{host}]'}:{port}/"
+        try:
+            server = waitress.create_server(create_app(console), host=host, port=port, threads=threads,
+                                            ident="kernel-console")
+        except OSError as exc:
+            raise BadUsage(f"cannot listen on {bind}: {exc.strerror}") from None
+        address = f"http://{host if ':' not in host else f'[{host}]'}:{server.effective_port}/"
         click.echo(f"console: {address} (kernel {version}, schema {settings.schema})")
         if tokens_file is None:
             click.echo(f"sign in with: {address}login?token={grants[0][0]}")
-        waitress.serve(app, host=host, port=port, threads=threads, ident="kernel-console", _quiet=True)
+        server.run()
+    except KeyboardInterrupt:
+        pass
     finally:
+        console.certifier.close()
         pool.close()
