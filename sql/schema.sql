@@ -18,7 +18,8 @@ GRANT USAGE ON SCHEMA kernel TO kernel_worker;
 --   0004 0004_kernel_1_3
 --   0005 0005_kernel_1_4
 --   0006 0006_kernel_1_5
--- kernel_version() = 1.5.0
+--   0007 0007_kernel_1_6
+-- kernel_version() = 1.6.0
 
 -- SEQUENCE kernel.job_events_id_seq
 
@@ -167,6 +168,9 @@ ALTER TABLE kernel.channel_outbox ADD CONSTRAINT channel_outbox_terminal_has_com
 CREATE INDEX channel_outbox_by_job_idx ON kernel.channel_outbox USING btree (job_id);
 CREATE INDEX channel_outbox_by_run_idx ON kernel.channel_outbox USING btree (run_id);
 CREATE INDEX channel_outbox_lineage_contact_idx ON kernel.channel_outbox USING btree (root_run_id, contact_id, generation);
+CREATE TRIGGER channel_outbox_counts_delete AFTER DELETE ON kernel.channel_outbox REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION kernel._channel_outbox_counts();
+CREATE TRIGGER channel_outbox_counts_insert AFTER INSERT ON kernel.channel_outbox REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION kernel._channel_outbox_counts();
+CREATE TRIGGER channel_outbox_counts_update AFTER UPDATE ON kernel.channel_outbox REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION kernel._channel_outbox_counts();
 CREATE TRIGGER channel_outbox_guard_insert BEFORE INSERT ON kernel.channel_outbox FOR EACH ROW WHEN ((new.status <> 'pending'::text)) EXECUTE FUNCTION kernel._channel_outbox_guard();
 CREATE TRIGGER channel_outbox_guard_update BEFORE UPDATE ON kernel.channel_outbox FOR EACH ROW WHEN (((old.status <> 'pending'::text) OR (new.status = 'skipped'::text) OR ((new.status <> 'pending'::text) AND (new.completed_at IS NULL)))) EXECUTE FUNCTION kernel._channel_outbox_guard();
 ALTER TABLE kernel.channel_outbox ENABLE ROW LEVEL SECURITY;
@@ -232,6 +236,28 @@ ALTER TABLE kernel.job_events OWNER TO kernel_owner;
 GRANT SELECT ON TABLE kernel.job_events TO kernel_app;
 GRANT SELECT ON TABLE kernel.job_events TO kernel_operator;
 GRANT SELECT ON TABLE kernel.job_events TO kernel_reader;
+
+-- TABLE kernel.job_item_counts
+
+CREATE TABLE kernel.job_item_counts (
+    job_id uuid NOT NULL,
+    run_id uuid NOT NULL,
+    tenant_id uuid NOT NULL,
+    workspace_id uuid NOT NULL,
+    status text NOT NULL,
+    items bigint NOT NULL
+);
+ALTER TABLE kernel.job_item_counts ADD CONSTRAINT job_item_counts_job_id_fkey FOREIGN KEY (job_id, run_id, tenant_id) REFERENCES kernel.job_queue(id, run_id, tenant_id) ON DELETE CASCADE;
+ALTER TABLE kernel.job_item_counts ADD CONSTRAINT job_item_counts_pkey PRIMARY KEY (job_id, status, tenant_id);
+CREATE INDEX job_item_counts_by_run_idx ON kernel.job_item_counts USING btree (run_id, status, job_id);
+ALTER TABLE kernel.job_item_counts ENABLE ROW LEVEL SECURITY;
+CREATE POLICY job_item_counts_operator_reads ON kernel.job_item_counts AS PERMISSIVE FOR SELECT TO kernel_operator USING (true);
+CREATE POLICY job_item_counts_tenant_isolation ON kernel.job_item_counts AS PERMISSIVE FOR SELECT TO kernel_app, kernel_reader USING (kernel.in_scope(tenant_id, workspace_id));
+COMMENT ON TABLE kernel.job_item_counts IS 'How many outbox items each job has per status, kept exact by the channel_outbox_counts triggers; a run''s counts are the sums over its jobs.';
+ALTER TABLE kernel.job_item_counts OWNER TO kernel_owner;
+GRANT SELECT ON TABLE kernel.job_item_counts TO kernel_app;
+GRANT SELECT ON TABLE kernel.job_item_counts TO kernel_operator;
+GRANT SELECT ON TABLE kernel.job_item_counts TO kernel_reader;
 
 -- TABLE kernel.job_queue
 
@@ -544,6 +570,54 @@ END
 $function$;
 COMMENT ON FUNCTION kernel._campaign_runs_moves() IS 'Statement triggers: refuse illegal run transitions (KE004) and record each new run and each move in job_events.';
 ALTER FUNCTION kernel._campaign_runs_moves() OWNER TO kernel_owner;
+
+-- FUNCTION kernel._channel_outbox_counts()
+
+CREATE OR REPLACE FUNCTION kernel._channel_outbox_counts()
+ RETURNS trigger
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+    -- A statement's transition tables exist only for its own event, hence one statement per
+    -- event. Rows go in key order, so two statements counting for the same jobs lock their
+    -- counters in the same order. (No CHECK (items >= 0): INSERT checks the row it proposes,
+    -- a negative change, before ON CONFLICT adds it; the tests compare counts with the items.)
+    IF tg_op = 'INSERT' THEN
+        INSERT INTO kernel.job_item_counts AS c (job_id, run_id, tenant_id, workspace_id, status, items)
+        SELECT n.job_id, n.run_id, n.tenant_id, n.workspace_id, n.status, count(*)
+        FROM new_rows AS n
+        GROUP BY n.job_id, n.status, n.tenant_id, n.run_id, n.workspace_id
+        ORDER BY n.job_id, n.status, n.tenant_id
+        ON CONFLICT (job_id, status, tenant_id) DO UPDATE SET items = c.items + excluded.items;
+    ELSIF tg_op = 'UPDATE' THEN
+        -- +1 for each new row, -1 for each old one: a statement that changes no status
+        -- (marking items dispatched) nets to zero everywhere and writes nothing.
+        WITH moves AS (
+            SELECT n.job_id, n.run_id, n.tenant_id, n.workspace_id, n.status, 1 AS n FROM new_rows AS n
+            UNION ALL
+            SELECT o.job_id, o.run_id, o.tenant_id, o.workspace_id, o.status, -1 AS n FROM old_rows AS o
+        )
+        INSERT INTO kernel.job_item_counts AS c (job_id, run_id, tenant_id, workspace_id, status, items)
+        SELECT m.job_id, m.run_id, m.tenant_id, m.workspace_id, m.status, sum(m.n)
+        FROM moves AS m
+        GROUP BY m.job_id, m.status, m.tenant_id, m.run_id, m.workspace_id
+        HAVING sum(m.n) <> 0
+        ORDER BY m.job_id, m.status, m.tenant_id
+        ON CONFLICT (job_id, status, tenant_id) DO UPDATE SET items = c.items + excluded.items;
+    ELSE
+        UPDATE kernel.job_item_counts AS c SET items = c.items - d.n
+        FROM (
+            SELECT o.job_id, o.status, o.tenant_id, count(*) AS n FROM old_rows AS o
+            GROUP BY o.job_id, o.status, o.tenant_id
+        ) AS d
+        WHERE c.job_id = d.job_id AND c.status = d.status AND c.tenant_id = d.tenant_id;
+    END IF;
+    RETURN NULL;
+END
+$function$;
+COMMENT ON FUNCTION kernel._channel_outbox_counts() IS 'Keeps job_item_counts equal to the items of each job per status (statement triggers on channel_outbox).';
+ALTER FUNCTION kernel._channel_outbox_counts() OWNER TO kernel_owner;
 
 -- FUNCTION kernel._channel_outbox_guard()
 
@@ -1929,7 +2003,7 @@ CREATE OR REPLACE FUNCTION kernel.kernel_version()
  IMMUTABLE
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
-    SELECT '1.5.0'::text
+    SELECT '1.6.0'::text
 $function$;
 COMMENT ON FUNCTION kernel.kernel_version() IS 'The installed kernel version; every version bump replaces it.';
 ALTER FUNCTION kernel.kernel_version() OWNER TO kernel_owner;
@@ -2393,7 +2467,9 @@ BEGIN
         ), '{}'),
         'item_counts', coalesce((
             SELECT jsonb_object_agg(s.status, s.n)
-            FROM (SELECT status, count(*) AS n FROM kernel.channel_outbox WHERE run_id = p_run_id GROUP BY status) AS s
+            FROM (SELECT status, sum(items) AS n FROM kernel.job_item_counts
+                  WHERE run_id = p_run_id AND tenant_id = _run.tenant_id
+                  GROUP BY status HAVING sum(items) > 0) AS s
         ), '{}'),
         'items', coalesce((
             SELECT jsonb_agg(to_jsonb(o) ORDER BY o.created_at, o.id)

@@ -31,6 +31,7 @@ from pytest_postgresql.janitor import DatabaseJanitor
 
 from kernel_driver import db, migrate
 from kernel_driver.cli import main
+from tests.sql.helpers import assert_item_counts_exact
 
 # The driver reads KERNEL_DSN, KERNEL_SCHEMA, …: a developer's shell must not steer the tests.
 for _name in list(os.environ):
@@ -103,6 +104,7 @@ def db_dsn(cluster: Cluster, kernel_template: migrate.ScratchKernel) -> Iterator
     """A fresh database with the kernel installed, cloned from the session's template."""
     with cluster.database(template=kernel_template.database) as dsn:
         yield dsn
+        assert_item_counts_exact(dsn, kernel_template.schema)
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import hmac
 import logging
 import secrets
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
@@ -142,7 +142,7 @@ def create_app(console: Console) -> Flask:
         campaign = optional_uuid(request.args.get("campaign"), "campaign")
         # A tenant's token gets no tenant condition here: row-level security alone hides the rest.
         tenant = optional_uuid(request.args.get("tenant"), "tenant") if g.access.is_admin else None
-        before = cursor(request.args.get("before"), uuid.UUID)
+        before = cursor(request.args.get("before"), datetime.fromisoformat, uuid.UUID)
         with console.session(g.access) as (_, reads):
             page = reads.runs(status=status, campaign_id=campaign, tenant_id=tenant, before=before)
             counts = reads.run_status_counts(tenant)
@@ -156,18 +156,24 @@ def create_app(console: Console) -> Flask:
     @app.get("/runs/<uuid:run_id>")
     def run(run_id: uuid.UUID) -> Any:
         item_status = choice(request.args.get("items"), ITEM_STATUSES, "items")
-        after_item = optional_uuid(request.args.get("after"), "after")
-        after_job = cursor(request.args.get("jobs_after"), uuid.UUID)
-        before_event = cursor(request.args.get("events_before"), int)
+        after_job = cursor(request.args.get("jobs_after"), datetime.fromisoformat, uuid.UUID)
+        before_event = cursor(request.args.get("events_before"), datetime.fromisoformat, int)
         with console.session(g.access) as (kernel, reads):
             found = reads.run(run_id)
             if found is None:
                 raise NotFound(f"run {run_id} not found")
+            # All items in id order (run_items, by the primary key), or one status by job.
+            if item_status is None:
+                items = kernel.run_items(run_id, None, optional_uuid(request.args.get("after"), "after"), PAGE)
+                next_items = items[-1]["id"] if len(items) == PAGE else None
+            else:
+                items = reads.items_of_status(run_id, item_status,
+                                              cursor(request.args.get("after"), uuid.UUID, uuid.UUID))
+                next_items = f"{items[-1]['job_id']}|{items[-1]['id']}" if len(items) == PAGE else None
             context = {
                 "run": found, "lineage": reads.lineage(found["root_run_id"]),
-                "job_counts": reads.counts("job_queue", run_id), "item_counts": reads.counts("channel_outbox", run_id),
-                "jobs": reads.jobs(run_id, after_job),
-                "items": kernel.run_items(run_id, item_status, after_item, PAGE),
+                "job_counts": reads.job_counts(run_id), "item_counts": reads.item_counts(run_id),
+                "jobs": reads.jobs(run_id, after_job), "items": items, "next_items": next_items,
                 "events": reads.events(run_id, before_event),
                 "item_status": item_status, "page": PAGE,
                 "terminal": found["status"] in TERMINAL_RUN_STATUSES,
@@ -187,7 +193,7 @@ def create_app(console: Console) -> Flask:
             found = reads.run(run_id)
             if found is None:
                 raise NotFound(f"run {run_id} not found")
-            counts = reads.counts("channel_outbox", run_id)
+            counts = reads.item_counts(run_id)
         return render_template("confirm.html", run=found, action="retry", counts=counts)
 
     @app.route("/runs/<uuid:run_id>/cancel", methods=["GET", "POST"])
@@ -200,7 +206,7 @@ def create_app(console: Console) -> Flask:
             found = reads.run(run_id)
             if found is None:
                 raise NotFound(f"run {run_id} not found")
-            counts = reads.counts("channel_outbox", run_id)
+            counts = reads.item_counts(run_id)
         return render_template("confirm.html", run=found, action="cancel", counts=counts)
 
     # --- campaigns: the launch checklist and deploy ---------------------------------------
@@ -328,13 +334,13 @@ def optional_uuid(value: str | None, name: str) -> uuid.UUID | None:
         abort(400, f"{name} {value[:80]!r} is not a uuid")
 
 
-def cursor(value: str | None, id_type: type[Any]) -> tuple[datetime, Any] | None:
-    """A keyset cursor `TIME|ID` from a page's next or older link."""
+def cursor(value: str | None, first: Callable[[str], Any], second: Callable[[str], Any]) -> tuple[Any, Any] | None:
+    """A keyset cursor `A|B` from a page's own next or older link."""
     if not value:
         return None
     try:
-        at, _, key = value.partition("|")
-        return datetime.fromisoformat(at), id_type(key)
+        a, _, b = value.partition("|")
+        return first(a), second(b)
     except ValueError:
         abort(400, "the page cursor is malformed: follow the page's own links")
 

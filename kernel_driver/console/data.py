@@ -71,13 +71,41 @@ class Reads:
             {"root": root_run_id},
         )
 
-    def counts(self, table: str, run_id: uuid.UUID) -> dict[str, int]:
-        """Rows of the run per status, in job_queue or channel_outbox."""
+    def job_counts(self, run_id: uuid.UUID) -> dict[str, int]:
+        rows = self._rows("SELECT status, count(*) AS n FROM {schema}.job_queue WHERE run_id = %(run)s GROUP BY status",
+                          {"run": run_id})
+        return {row["status"]: row["n"] for row in rows}
+
+    def item_counts(self, run_id: uuid.UUID) -> dict[str, int]:
+        """From the kernel's counters (job_item_counts, 1.6): a few rows per job, not every item."""
         rows = self._rows(
-            f"SELECT status, count(*) AS n FROM {{schema}}.{table} WHERE run_id = %(run)s GROUP BY status",
+            "SELECT status, sum(items) AS n FROM {schema}.job_item_counts WHERE run_id = %(run)s"
+            " GROUP BY status HAVING sum(items) > 0",
             {"run": run_id},
         )
-        return {row["status"]: row["n"] for row in rows}
+        return {row["status"]: int(row["n"]) for row in rows}
+
+    def items_of_status(self, run_id: uuid.UUID, status: str,
+                        after: tuple[uuid.UUID, uuid.UUID] | None) -> list[dict[str, Any]]:
+        """A page of the run's items in one status, in (job, id) order after the cursor: only
+        the jobs whose counters have such items are read, so a rare status is found at once."""
+        # PAGE + 1 jobs hold a page: each but the first (read from the cursor on) has one at
+        # least. Chosen first and apart (MATERIALIZED): under row-level security the planner
+        # cannot estimate the rows and would otherwise read every job's items before sorting.
+        return self._rows(
+            "WITH jobs AS MATERIALIZED (SELECT job_id, tenant_id, status FROM {schema}.job_item_counts"
+            "   WHERE run_id = %(run)s AND status = %(status)s AND items > 0"
+            "   AND (%(after_job)s::uuid IS NULL OR job_id >= %(after_job)s)"
+            "   ORDER BY job_id LIMIT %(page)s + 1)"
+            " SELECT o.* FROM jobs AS c"
+            " CROSS JOIN LATERAL (SELECT * FROM {schema}.channel_outbox AS i"
+            "   WHERE i.job_id = c.job_id AND i.tenant_id = c.tenant_id AND i.status = c.status"
+            "   AND (%(after_job)s::uuid IS NULL OR (i.job_id, i.id) > (%(after_job)s, %(after_id)s::uuid))"
+            "   ORDER BY i.id LIMIT %(page)s) AS o"
+            " ORDER BY c.job_id, o.id LIMIT %(page)s",
+            {"run": run_id, "status": status, "page": PAGE, "after_job": after[0] if after else None,
+             "after_id": after[1] if after else None},
+        )
 
     def jobs(self, run_id: uuid.UUID, after: tuple[datetime, uuid.UUID] | None) -> list[dict[str, Any]]:
         return self._rows(

@@ -155,22 +155,35 @@ def test_the_drawer_shows_jobs_items_with_errors_timeline_and_lineage(client, wo
     assert only_failed.split('id="items"')[1].split("</table>")[0].count('class="status ') == 1
 
 
-def test_items_come_in_keyset_pages(conn, kernel_schema):
-    big = seed_campaign(conn, kernel_schema, contacts=PAGE * 2 + 7, provider="noop", name="big")
-    run_id = drain_run(conn, Kernel(conn, kernel_schema).deploy_campaign(big.campaign_id), "sent")
-    tokens = Tokens([("big-tenant-token-0123456789", Access(big.tenant_id))])
+def all_pages(client, token, url):
+    """Follow a drawer's `Next items` links from `url`; every item id seen, in order."""
     seen: list[str] = []
-    url = f"/runs/{run_id}"
+    while url:
+        html = page(client, url, token)
+        items = html.split('id="items"')[1].split("</table>")[0]
+        seen += re.findall(r'<tr><td class="mono">([0-9a-f-]{36})</td>', items)
+        following = re.search(r'id="next-items" href="([^"]+)"', html)
+        url = following.group(1).replace("&amp;", "&").replace("%7C", "|") if following else None
+    return seen
+
+
+def test_items_come_in_keyset_pages_of_all_or_of_one_status(conn, kernel_schema):
+    big = seed_campaign(conn, kernel_schema, contacts=PAGE * 3 + 7, provider="noop", name="big")
+    contacts = iter(range(10**6))
+    run_id = drain_run(conn, Kernel(conn, kernel_schema).deploy_campaign(big.campaign_id, 40),
+                       lambda item: "failed" if next(contacts) % 3 else "sent")
+    token = "big-tenant-token-0123456789"
     with ConnectionPool(conn.info.dsn, min_size=1, max_size=1, kwargs={"autocommit": True}) as pool:
-        client = create_app(Console(Settings(dsn=conn.info.dsn, schema=kernel_schema), tokens, pool)).test_client()
-        while url:
-            html = page(client, url, "big-tenant-token-0123456789")
-            items = html.split('id="items"')[1].split("</table>")[0]
-            seen += re.findall(r'<tr><td class="mono">([0-9a-f-]{36})</td>', items)
-            following = re.search(r'id="next-items" href="([^"]+)"', html)
-            url = following.group(1).replace("&amp;", "&") if following else None
-    assert len(seen) == PAGE * 2 + 7 == len(set(seen))
-    assert seen == sorted(seen)  # id order, as run_items pages them
+        client = create_app(Console(Settings(dsn=conn.info.dsn, schema=kernel_schema),
+                                    Tokens([(token, Access(big.tenant_id))]), pool)).test_client()
+        every = all_pages(client, token, f"/runs/{run_id}")
+        failed = all_pages(client, token, f"/runs/{run_id}?items=failed")
+    assert len(every) == PAGE * 3 + 7 == len(set(every))
+    assert every == sorted(every)  # id order, as run_items pages them
+    real_failed = {str(i) for (i,) in conn.execute(
+        "SELECT id FROM channel_outbox WHERE run_id = %s AND status = 'failed'", (run_id,))}
+    assert len(real_failed) > PAGE * 2  # several pages, from several jobs
+    assert len(failed) == len(set(failed)) and set(failed) == real_failed
 
 
 def test_retry_asks_first_then_makes_a_linked_run(client, world, conn):

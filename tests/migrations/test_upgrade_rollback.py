@@ -31,6 +31,7 @@ from kernel_driver.testing.seed import SeededCampaign, seed_campaign
 from kernel_driver.testing.sinks import SmtpSink
 from tests.integration.daemon import item_counts, run_until_idle
 from tests.migrations.conftest import Bench
+from tests.sql.helpers import wrong_item_counts
 
 TERMINAL_ITEMS = ("sent", "failed", "unknown", "skipped")
 TERMINAL_JOBS = ("completed", "failed", "cancelled")
@@ -216,6 +217,8 @@ def test_upgrade_from_first_release_keeps_in_flight_work(
 
         after = snapshot(conn)
         assert broken_invariants(conn) == {}
+        assert wrong_item_counts(conn, kernel_schema) == []  # 1.6 counted the items already there
+        assert conn.execute("SELECT count(*) FROM job_item_counts").fetchone()[0] > 0
         for table, rows in before.items():
             assert after[table].keys() == rows.keys(), f"{table}: rows lost or added by the upgrade"
             changed = [row_id for row_id, row in rows.items() if as_before(row, after[table][row_id]) != row]
@@ -232,6 +235,7 @@ def test_upgrade_from_first_release_keeps_in_flight_work(
 
     finished = snapshot(conn)
     assert broken_invariants(conn) == {}
+    assert wrong_item_counts(conn, kernel_schema) == []
     terminal_before = terminal_rows(before)
     terminal_now = terminal_rows(finished)
     assert {key: as_before(row, terminal_now[key]) for key, row in terminal_before.items()} == terminal_before

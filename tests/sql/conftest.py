@@ -17,10 +17,12 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from tests.sql.helpers import assert_item_counts_exact
+
 # Every table that tests write to, in an order DELETE can empty them in (state_transitions and
 # schema_migrations hold the migration's own rows and are left alone).
 DATA_TABLES = (
-    "channel_outbox", "job_events", "job_queue", "campaign_runs", "rate_buckets",
+    "job_item_counts", "channel_outbox", "job_events", "job_queue", "campaign_runs", "rate_buckets",
     "campaign_audience", "provider_configs", "contacts", "campaigns", "workspaces",
 )
 
@@ -36,6 +38,7 @@ def module_database(cluster: Any, kernel_template: Any) -> Iterator[str]:
 def db_dsn(module_database: str, kernel_schema: str) -> Iterator[str]:
     """The module's database, emptied after the test (see the module docstring)."""
     yield module_database
+    assert_item_counts_exact(module_database, kernel_schema)
     with psycopg.connect(module_database, autocommit=True) as admin:
         admin.execute("SET lock_timeout = '10s'")  # a leaked session holding locks fails loudly
         with admin.transaction():

@@ -27,7 +27,7 @@ from tests.sql.helpers import (
     step,
 )
 
-KERNEL_TABLES = {"campaign_runs", "job_queue", "channel_outbox", "job_events", "rate_buckets"}
+KERNEL_TABLES = {"campaign_runs", "job_queue", "channel_outbox", "job_events", "rate_buckets", "job_item_counts"}
 CONDITIONS = ("Index Cond", "Filter", "Recheck Cond", "Hash Cond", "Merge Cond", "Join Filter", "TID Cond")
 
 
@@ -57,7 +57,7 @@ def test_every_key_of_the_kernels_tables_includes_tenant_id(conn, kernel_schema)
         [kernel_schema],
     )
     kernel_keys = [k for k in keys if k["tbl"].split(".")[-1] in KERNEL_TABLES]
-    assert len(kernel_keys) == 12
+    assert len(kernel_keys) == 14
     assert [k["conname"] for k in kernel_keys if "tenant_id" not in k["cols"]] == []
 
 
