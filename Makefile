@@ -72,7 +72,7 @@ bench-deps: $(BENCH_STAMP) $(NODE_STAMP)
 
 $(BENCH_STAMP): bench/requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(BENCH_VENV)
-	$(BENCH_VENV)/bin/pip install --quiet --disable-pip-version-check -r bench/requirements.txt -e '.[testing]'
+	$(BENCH_VENV)/bin/pip install --quiet --disable-pip-version-check -r bench/requirements.txt -e '.[testing,ui]'
 	touch $@
 
 $(NODE_STAMP): bench/peers/node/package.json bench/peers/node/package-lock.json

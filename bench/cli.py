@@ -26,7 +26,7 @@ from bench.config import Sizes, server_dsn, sizes
 from bench.pg import ROOT, server_version
 from bench.targets import evaluate
 
-SCENARIOS = ("floor", "noop", "peers", "latency", "small", "growth", "fair", "pickup", "profile")
+SCENARIOS = ("floor", "noop", "peers", "latency", "small", "growth", "fair", "pickup", "console", "profile")
 
 
 @dataclass(frozen=True)

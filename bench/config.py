@@ -26,6 +26,7 @@ class Sizes:
     fair: int  # tenant A's contacts in the fair-claims scenario
     pickup: int
     seed: int
+    console: int  # items of the run whose console pages are timed
 
 
 # noop runs at --concurrency 500, the batch of its neighbours in the table: the floor writes 500
@@ -33,10 +34,10 @@ class Sizes:
 # crash window too (at most 500 items end unknown after a kill -9); a row at 16 stays beside it.
 FULL = dict(n="20000", concurrency="500", profile_n="30000", latency_n="5000", latency_seconds="10",
             latency_concurrency="16,64,256", small_campaigns="2000", growth="10000,100000,1000000",
-            fair="1000000", pickup="200", seed="1")
+            fair="1000000", pickup="200", seed="1", console="1000000")
 SMOKE = dict(n="2000", concurrency="500", profile_n="2000", latency_n="300", latency_seconds="0",
              latency_concurrency="16,64,256", small_campaigns="200", growth="2000,10000",
-             fair="20000", pickup="30", seed="1")
+             fair="20000", pickup="30", seed="1", console="2000")
 
 
 def sizes(smoke: bool, environ: dict[str, str] | None = None) -> Sizes:
@@ -48,7 +49,7 @@ def sizes(smoke: bool, environ: dict[str, str] | None = None) -> Sizes:
         latency_n=int(value["latency_n"]), latency_seconds=int(value["latency_seconds"]),
         latency_concurrency=_ints(value["latency_concurrency"]),
         small_campaigns=int(value["small_campaigns"]), growth=_ints(value["growth"]), fair=int(value["fair"]),
-        pickup=int(value["pickup"]), seed=int(value["seed"]),
+        pickup=int(value["pickup"]), seed=int(value["seed"]), console=int(value["console"]),
     )
 
 

@@ -129,6 +129,16 @@ def render(results: dict[str, Any]) -> str:
                              fmt(r["peak_rss_mib"], 1), fmt(r["table_bytes"] / 2**20, 1),
                              fmt(r["index_bytes"] / 2**20, 1), fmt(r["dead_tuples"])]))
 
+    console = s.get("console") or {}
+    if console.get("pages"):
+        out += ["", f"#### Console pages (one run of {fmt(console['n'])} items)", "",
+                f"Server time of `kernel-driver ui`'s pages through Flask's test client, median and worst of "
+                f"{console['repeats']}.", "",
+                "| page | as | median ms | max ms | bytes |", "|---|---|---:|---:|---:|"]
+        out += [_row([p["page"], p["as"], fmt(p["median_ms"], 1), fmt(p["max_ms"], 1), fmt(p["bytes"])])
+                for p in console["pages"]]
+    elif console:
+        out += ["", "#### Console pages", "", _status(console)]
     fair = s.get("fair") or {}
     if fair.get("shared"):
         shared, alone = fair["shared"], fair["alone"]

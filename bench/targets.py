@@ -1,4 +1,5 @@
-"""Issue 8 item 7's targets (and issue 10's fair claims), evaluated against a result document (pure: no database)."""
+"""Issue 8 item 7's targets (and issue 10's fair claims, issue 11's console pages), evaluated
+against a result document (pure: no database)."""
 
 from __future__ import annotations
 
@@ -55,6 +56,14 @@ def _growth(results: dict[str, Any]) -> tuple[float | None, str]:
     return runs[-1]["msgs_per_s"] / runs[0]["msgs_per_s"], f"{runs[-1]['n']:,} vs {runs[0]['n']:,} contacts"
 
 
+def _slowest_page(results: dict[str, Any]) -> float | None:
+    """The worst median of the console's pages (issue 11), when they were timed at a million items."""
+    if (_get(results, "console", "n") or 0) < 1_000_000:
+        return None
+    medians = [p.get("median_ms") for p in _get(results, "console", "pages") or []]
+    return max(medians) if medians and all(isinstance(m, (int, float)) for m in medians) else None
+
+
 def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per target: name, what it needs, the measured value, and ok (True, False, or None
     when the scenario was not measured)."""
@@ -77,6 +86,7 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
          _get(results, "fair", "throughput_ratio"), "×"),
         ("pick-up p99, deploy → first provider call (ms)", "<", 100,
          _get(results, "pickup", "to_first_call_p99_ms"), " ms"),
+        ("console: slowest page on a run of 1,000,000 items, median (ms)", "<", 100, _slowest_page(results), " ms"),
     ]
     out = []
     for name, op, threshold, value, unit in rows:

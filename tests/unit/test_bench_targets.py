@@ -21,7 +21,7 @@ def by_name(rows):
 
 def test_every_target_is_not_measured_without_results():
     rows = evaluate(results())
-    assert len(rows) == 12
+    assert len(rows) == 13
     assert all(row["ok"] is None and row["value"] is None for row in rows)
 
 
@@ -64,6 +64,15 @@ def test_fair_claims_targets():
     named = {row["target"].split(":")[0] + ":" + row["target"].split(":")[1][:18]: row for row in rows
              if row["target"].startswith("fair")}
     assert [(row["value"], row["ok"]) for row in named.values()] == [(40.0, True), (0.85, False)]
+
+
+def test_the_console_target_counts_only_a_million_items_and_its_slowest_page():
+    pages = [{"median_ms": 12.0}, {"median_ms": 120.0}, {"median_ms": 30.0}]
+    target = "console: slowest page on a run of 1,000,000 items, median (ms)"
+    big = {row["target"]: row for row in evaluate(results(console={"n": 1_000_000, "pages": pages}))}[target]
+    assert (big["value"], big["ok"]) == (120.0, False)
+    small = {row["target"]: row for row in evaluate(results(console={"n": 2000, "pages": pages}))}[target]
+    assert small["ok"] is None  # the smoke run's sizes prove nothing about a million
 
 
 def test_latency_runs_last_long_enough_at_the_ideal_rate():
