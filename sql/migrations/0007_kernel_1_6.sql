@@ -22,9 +22,7 @@ CREATE TABLE kernel.job_item_counts (
     workspace_id uuid NOT NULL,
     status text NOT NULL,
     items bigint NOT NULL,
-    CONSTRAINT job_item_counts_pkey PRIMARY KEY (job_id, status, tenant_id),
-    CONSTRAINT job_item_counts_job_id_fkey FOREIGN KEY (job_id, run_id, tenant_id)
-    REFERENCES kernel.job_queue (id, run_id, tenant_id) ON DELETE CASCADE
+    CONSTRAINT job_item_counts_pkey PRIMARY KEY (job_id, status, tenant_id)
 );
 
 -- A run's counts, and its jobs that have items of one status, in job order.
@@ -50,6 +48,15 @@ BEGIN
     -- event. Rows go in key order, so two statements counting for the same jobs lock their
     -- counters in the same order. (No CHECK (items >= 0): INSERT checks the row it proposes,
     -- a negative change, before ON CONFLICT adds it; the tests compare counts with the items.)
+    -- Most statements of a daemon's step touch no item at all: leave at once (7 of 12 µs).
+    IF tg_op = 'INSERT' THEN
+        PERFORM FROM new_rows LIMIT 1;
+    ELSE
+        PERFORM FROM old_rows LIMIT 1;
+    END IF;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
     IF tg_op = 'INSERT' THEN
         INSERT INTO kernel.job_item_counts AS c (job_id, run_id, tenant_id, workspace_id, status, items)
         SELECT n.job_id, n.run_id, n.tenant_id, n.workspace_id, n.status, count(*)
@@ -79,6 +86,11 @@ BEGIN
             GROUP BY o.job_id, o.status, o.tenant_id
         ) AS d
         WHERE c.job_id = d.job_id AND c.status = d.status AND c.tenant_id = d.tenant_id;
+        -- No foreign key to the job (its check cost a look-up per new counter on the hot
+        -- path): a job's items go before the job can, and their counters go with them.
+        DELETE FROM kernel.job_item_counts AS c
+        USING (SELECT DISTINCT o.job_id, o.tenant_id FROM old_rows AS o) AS d
+        WHERE c.job_id = d.job_id AND c.tenant_id = d.tenant_id AND c.items = 0;
     END IF;
     RETURN NULL;
 END

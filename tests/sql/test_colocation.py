@@ -57,7 +57,7 @@ def test_every_key_of_the_kernels_tables_includes_tenant_id(conn, kernel_schema)
         [kernel_schema],
     )
     kernel_keys = [k for k in keys if k["tbl"].split(".")[-1] in KERNEL_TABLES]
-    assert len(kernel_keys) == 14
+    assert len(kernel_keys) == 13
     assert [k["conname"] for k in kernel_keys if "tenant_id" not in k["cols"]] == []
 
 
