@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -126,6 +127,33 @@ def finished_items(kernel: Kernel, runs: list[DemoRun]) -> int:
     return done
 
 
+@contextmanager
+def console_for(dsn: str, schema: str, tenant_id: UUID, data_dir: Path) -> Iterator[str | None]:
+    """`kernel-driver ui` over the demo's database while the demo runs: the sign-in address of
+    the demo tenant's token, or None when the ui extra is not installed."""
+    try:
+        import flask  # noqa: F401  (the ui extra)
+    except ModuleNotFoundError:
+        yield None
+        return
+    token = secrets.token_urlsafe(24)
+    tokens = data_dir / "console-tokens"
+    tokens.write_text(f"admin {secrets.token_urlsafe(24)}\ntenant {tenant_id} {token}\n")
+    tokens.chmod(0o600)
+    command = [sys.executable, "-m", "kernel_driver", "ui", "--bind", "127.0.0.1:0", "--tokens", str(tokens),
+               "--threads", "4"]
+    with (data_dir / "console.log").open("wb") as log:
+        console = subprocess.Popen(command, env={**os.environ, "KERNEL_DSN": dsn, "KERNEL_SCHEMA": schema},
+                                   stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        assert console.stdout is not None
+        first = console.stdout.readline()  # "console: http://127.0.0.1:PORT/ (kernel …)"
+        yield f"{first.split()[1]}login?token={token}" if first.startswith("console: ") else None
+    finally:
+        console.terminate()
+        console.wait(10)
+
+
 def certify_into(evidence: Path, dsn: str, schema: str) -> dict[str, Any]:
     """`kernel-driver certify` (its progress lines show); the evidence it wrote."""
     env = {**os.environ, "KERNEL_DSN": dsn, "KERNEL_SCHEMA": schema}
@@ -177,8 +205,10 @@ def summary(kernel: Kernel, runs: list[DemoRun], sinks: dict[str, int], daemon_s
 @click.command()
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=Path(".demo"),
               show_default=True, help="Where the embedded database, the daemon log and the evidence go.")
+@click.option("--keep-console", is_flag=True, help="Keep the web console (and the embedded database) up after"
+              " the demo, until Ctrl-C.")
 @click.pass_obj
-def demo(settings: Settings, data_dir: Path) -> None:
+def demo(settings: Settings, data_dir: Path, keep_console: bool) -> None:
     """Run the kernel end to end here: migrate, seed, send 1,050 items to local servers, certify.
 
     Uses KERNEL_DSN when set, else an embedded PostgreSQL kept in DATA_DIR/pgdata. Every run
@@ -186,12 +216,12 @@ def demo(settings: Settings, data_dir: Path) -> None:
     """
 
     try:
-        run_demo(settings, data_dir)
+        run_demo(settings, data_dir, keep_console)
     except DemoFailed as exc:
         raise ChecksFailed(str(exc)) from exc
 
 
-def run_demo(settings: Settings, data_dir: Path) -> None:
+def run_demo(settings: Settings, data_dir: Path, keep_console: bool = False) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     evidence_path = data_dir / "evidence.json"
     with demo_database(settings.dsn, data_dir) as (dsn, where), connect(dsn, autocommit=True) as conn:
@@ -209,12 +239,29 @@ def run_demo(settings: Settings, data_dir: Path) -> None:
                 f"contacts ({email.campaign.reachable} reachable), voice campaign of {voice_run.campaign.contacts}"
             )
             click.echo(f"sinks:     SMTP at {smtp.url}, voice at {voice.url}")
-            daemon_s = run_daemon(settings, dsn, email.campaign.tenant_id,
-                                  {"VOICE_SINK_AUTH_TOKEN": voice.auth_token}, data_dir / "daemon.log", kernel, runs)
-            sinks = {"SMTP messages received": len(smtp.messages), "voice calls received": len(voice.calls)}
-        click.echo(f"certifying into {evidence_path} (Q1-Q3, E1, V1, UX1, UX2) …")
-        evidence = certify_into(evidence_path, dsn, settings.schema)
-        text, problems = summary(kernel, runs, sinks, daemon_s, evidence_path, evidence)
-    click.echo(text)
+            with console_for(dsn, settings.schema, email.campaign.tenant_id, data_dir) as console:
+                if console is None:
+                    click.echo("console:   pip install '.[ui]' to watch the demo in a browser")
+                else:
+                    click.echo(f"console:   {console} (the demo tenant's runs, live, while the demo runs)")
+                env = {"VOICE_SINK_AUTH_TOKEN": voice.auth_token}
+                daemon_s = run_daemon(settings, dsn, email.campaign.tenant_id, env, data_dir / "daemon.log",
+                                      kernel, runs)
+                sinks = {"SMTP messages received": len(smtp.messages), "voice calls received": len(voice.calls)}
+                click.echo(f"certifying into {evidence_path} (Q1-Q3, E1, V1, UX1, UX2) …")
+                evidence = certify_into(evidence_path, dsn, settings.schema)
+                text, problems = summary(kernel, runs, sinks, daemon_s, evidence_path, evidence)
+                click.echo(text)
+                if keep_console and console:
+                    click.echo(f"console:   still at {console}; Ctrl-C ends it")
+                    wait_for_interrupt()
     if problems:
         raise DemoFailed("the demo did not fully work: " + "; ".join(problems))
+
+
+def wait_for_interrupt() -> None:
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        click.echo("")

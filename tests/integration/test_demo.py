@@ -6,7 +6,11 @@ import json
 import os
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
+
+import pytest
 
 from kernel_driver.certify import CHECK_IDS
 from kernel_driver.demo import EMAIL_CONTACTS, VOICE_CONTACTS
@@ -26,10 +30,27 @@ def summary_row(stdout: str, channel: str) -> list[str]:
 
 
 def test_demo_sends_everything_and_certifies(db_dsn: str, kernel_schema: str, tmp_path: Path) -> None:
-    demo = run_demo(db_dsn, kernel_schema, tmp_path)
-
-    assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
-    out = demo.stdout
+    env = {**os.environ, "KERNEL_DSN": db_dsn, "KERNEL_SCHEMA": kernel_schema}
+    demo = subprocess.Popen([sys.executable, "-m", "kernel_driver", "demo", "--data-dir", str(tmp_path)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert demo.stdout is not None
+    lines = []
+    for line in demo.stdout:  # the console is up while the demo runs: sign in and look
+        lines.append(line)
+        if line.startswith("console:   http://"):
+            address = line.split()[1]
+            browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+            with browser.open(address, timeout=10) as page:
+                assert page.status == 200 and "demo e-mail" in page.read().decode()
+            break
+    else:
+        raise AssertionError("no console address: " + "".join(lines))
+    rest, errors = demo.communicate(timeout=120)
+    assert demo.returncode == 0, rest[-3000:] + errors[-3000:]
+    out = "".join(lines) + rest
+    assert (tmp_path / "console-tokens").stat().st_mode & 0o777 == 0o600
+    with pytest.raises(urllib.error.URLError):  # and gone once it ended
+        urllib.request.urlopen(address, timeout=5)
     assert "kernel:    " in out and "(already migrated)" in out
     # RUN ID STATUS SENT SKIPPED FAILED UNKNOWN PENDING ITEMS ITEMS/S
     email, voice = summary_row(out, "email"), summary_row(out, "voice")
