@@ -57,10 +57,10 @@ def _growth(results: dict[str, Any]) -> tuple[float | None, str]:
 
 
 def _slowest_page(results: dict[str, Any]) -> float | None:
-    """The worst median of the console's pages (issue 11), when they were timed at a million items."""
+    """The worst median of the console's pages of a run (issue 11), when timed at a million items."""
     if (_get(results, "console", "n") or 0) < 1_000_000:
         return None
-    medians = [p.get("median_ms") for p in _get(results, "console", "pages") or []]
+    medians = [p.get("median_ms") for p in _get(results, "console", "pages") or [] if p.get("run_page", True)]
     return max(medians) if medians and all(isinstance(m, (int, float)) for m in medians) else None
 
 
@@ -86,7 +86,7 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
          _get(results, "fair", "throughput_ratio"), "×"),
         ("pick-up p99, deploy → first provider call (ms)", "<", 100,
          _get(results, "pickup", "to_first_call_p99_ms"), " ms"),
-        ("console: slowest page on a run of 1,000,000 items, median (ms)", "<", 100, _slowest_page(results), " ms"),
+        ("console: slowest page of a run of 1,000,000 items, median (ms)", "<", 100, _slowest_page(results), " ms"),
     ]
     out = []
     for name, op, threshold, value, unit in rows:

@@ -178,9 +178,13 @@ def create_app(console: Console) -> Flask:
                 "item_status": item_status, "page": PAGE,
                 "terminal": found["status"] in TERMINAL_RUN_STATUSES,
             }
-        if request.args.get("fragment") == "summary":
-            return render_template("_run_summary.html", **context)
-        return render_template("run.html", **context)
+            if request.args.get("fragment") == "summary":
+                return render_template("_run_summary.html", **context)
+            # The drawer opens over the runs list, as the list's first page shows it.
+            behind = {"runs": reads.runs(status=None, campaign_id=None, tenant_id=None, before=None),
+                      "counts": reads.run_status_counts(None), "status": None, "campaign": None, "tenant": None,
+                      "older": None, "filters": {}}
+        return render_template("run.html", **context, **behind)
 
     @app.route("/runs/<uuid:run_id>/retry", methods=["GET", "POST"])
     def retry(run_id: uuid.UUID) -> Any:

@@ -66,9 +66,10 @@ def test_fair_claims_targets():
     assert [(row["value"], row["ok"]) for row in named.values()] == [(40.0, True), (0.85, False)]
 
 
-def test_the_console_target_counts_only_a_million_items_and_its_slowest_page():
-    pages = [{"median_ms": 12.0}, {"median_ms": 120.0}, {"median_ms": 30.0}]
-    target = "console: slowest page on a run of 1,000,000 items, median (ms)"
+def test_the_console_target_counts_only_a_million_items_and_its_slowest_run_page():
+    pages = [{"median_ms": 12.0, "run_page": True}, {"median_ms": 120.0, "run_page": True},
+             {"median_ms": 900.0, "run_page": False}, {"median_ms": 30.0, "run_page": True}]
+    target = "console: slowest page of a run of 1,000,000 items, median (ms)"
     big = {row["target"]: row for row in evaluate(results(console={"n": 1_000_000, "pages": pages}))}[target]
     assert (big["value"], big["ok"]) == (120.0, False)
     small = {row["target"]: row for row in evaluate(results(console={"n": 2000, "pages": pages}))}[target]
