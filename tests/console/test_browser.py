@@ -19,7 +19,7 @@ import pytest
 
 from kernel_driver.queries import Kernel
 from tests.console.conftest import ADMIN_TOKEN, TENANT_A_TOKEN, TENANT_B_TOKEN, World
-from tests.sql.helpers import drain_run
+from tests.sql.helpers import claim, drain_run, reserve
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 
@@ -95,7 +95,7 @@ def screenshot(page, shots: Path, name: str) -> None:
     assert path.stat().st_size > 10_000  # a rendered page, not a blank one
 
 
-def test_runs_drawer_retry_and_cancel(browser, served, world, shots):
+def test_runs_drawer_retry_and_cancel(browser, served, world, shots, conn, kernel_schema):
     page = signed_in(browser, served, TENANT_A_TOKEN)
     expect = playwright_api.expect
     runs = page.locator("#runs")
@@ -121,10 +121,19 @@ def test_runs_drawer_retry_and_cancel(browser, served, world, shots):
     retry_run = page.url.rsplit("/", 1)[1]
     assert retry_run != str(world.partly_failed_run)
 
+    # A daemon holds the queued run's job (claimed, one item reserved): the run is running.
+    # (Tenant B's run is cancelled first, so the claim can only take that job.)
+    Kernel(conn, kernel_schema).cancel_campaign_run(world.other_run)
+    (job,) = claim(conn, "w1", 1)
+    assert job["run_id"] == world.queued_run
+    reserve(conn, job["id"], "w1", 1)
     page.goto(f"{served}/runs/{world.queued_run}")
+    expect(page.locator("#run-status")).to_have_text("running")
+    expect(page.locator("#jobs tbody tr").first).to_contain_text("w1")  # the lock holder
     page.click("#cancel")
     page.click("#confirm")
     expect(page.locator("#run-status")).to_contain_text("cancelled")
+    expect(page.locator("#item-counts")).to_contain_text("skipped")  # its reserved item never went out
     page.goto(served)
     expect(page.locator(f'tr[data-run="{retry_run}"] .status')).to_have_text("queued")
     expect(page.locator('a[data-status="cancelled"] .count')).to_have_text("1")
