@@ -2586,14 +2586,27 @@ CREATE OR REPLACE FUNCTION kernel.send_window_opens(p_window jsonb, p_zone text,
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 DECLARE
-    _start time := (p_window ->> 'start')::time;
-    _end time := (p_window ->> 'end')::time;
-    _local timestamp := p_at AT TIME ZONE p_zone;
+    _start time;
+    _end time;
+    _local timestamp;
     _opens timestamptz;
 BEGIN
     IF p_window IS NULL OR p_zone IS NULL THEN
         RETURN p_at;
     END IF;
+    IF p_at IS NULL THEN  -- not kernel._require: this function runs as its caller
+        RAISE EXCEPTION 'at must not be NULL' USING ERRCODE = 'KE008';
+    END IF;
+    IF jsonb_typeof(p_window) IS DISTINCT FROM 'object'
+       OR NOT coalesce(p_window ->> 'start' ~ '^(([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9](\.[0-9]+)?)?|24:00(:00)?)$', FALSE)
+       OR NOT coalesce(p_window ->> 'end' ~ '^(([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9](\.[0-9]+)?)?|24:00(:00)?)$', FALSE)
+    THEN
+        RAISE EXCEPTION 'send window must be {"start": "HH:MM", "end": "HH:MM"}, got %', p_window
+            USING ERRCODE = 'KE008';
+    END IF;
+    _start := (p_window ->> 'start')::time;
+    _end := (p_window ->> 'end')::time;
+    _local := p_at AT TIME ZONE p_zone;
     IF (_start < _end AND _local::time >= _start AND _local::time < _end)
        OR (_start > _end AND (_local::time >= _start OR _local::time < _end)) THEN
         RETURN p_at;

@@ -125,6 +125,51 @@ SELECT
 FROM kernel.channel_outbox
 GROUP BY job_id, status, tenant_id, run_id, workspace_id;
 
+-- send_window_opens refuses a window it cannot read with KE008 (it answered {"start": false}
+-- with 22007 from the cast, and a window that is not an object with NULL, as if it had no
+-- opening: tests/sql/test_properties.py found both). Copied from 0005; the checks are new.
+CREATE OR REPLACE FUNCTION kernel.send_window_opens(p_window jsonb, p_zone text, p_at timestamptz)
+RETURNS timestamptz
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    _start time;
+    _end time;
+    _local timestamp;
+    _opens timestamptz;
+BEGIN
+    IF p_window IS NULL OR p_zone IS NULL THEN
+        RETURN p_at;
+    END IF;
+    IF p_at IS NULL THEN  -- not kernel._require: this function runs as its caller
+        RAISE EXCEPTION 'at must not be NULL' USING ERRCODE = 'KE008';
+    END IF;
+    IF jsonb_typeof(p_window) IS DISTINCT FROM 'object'
+       OR NOT coalesce(p_window ->> 'start' ~ '^(([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9](\.[0-9]+)?)?|24:00(:00)?)$', FALSE)
+       OR NOT coalesce(p_window ->> 'end' ~ '^(([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9](\.[0-9]+)?)?|24:00(:00)?)$', FALSE)
+    THEN
+        RAISE EXCEPTION 'send window must be {"start": "HH:MM", "end": "HH:MM"}, got %', p_window
+            USING ERRCODE = 'KE008';
+    END IF;
+    _start := (p_window ->> 'start')::time;
+    _end := (p_window ->> 'end')::time;
+    _local := p_at AT TIME ZONE p_zone;
+    IF (_start < _end AND _local::time >= _start AND _local::time < _end)
+       OR (_start > _end AND (_local::time >= _start OR _local::time < _end)) THEN
+        RETURN p_at;
+    END IF;
+    -- Outside: the next start in local time (today's if still ahead), read back through the
+    -- zone, so that a DST change between now and then is applied. A start that falls in a
+    -- spring-forward gap comes out an hour later, as local clocks show it.
+    _opens := (_local::date + _start) AT TIME ZONE p_zone;
+    IF _opens <= p_at THEN
+        _opens := (_local::date + 1 + _start) AT TIME ZONE p_zone;
+    END IF;
+    RETURN _opens;
+END
+$$;
+
 -- run_details (so `runs show`) takes its item counts from them, on the run's tenant: copied
 -- from 0001, only item_counts changed.
 CREATE OR REPLACE FUNCTION kernel.run_details(p_run_id uuid, p_item_limit integer) RETURNS jsonb

@@ -30,6 +30,13 @@ CASES = {
         ("SELECT deploy_campaign(%s, -1)", ["campaign"], "KE008", "batch_size"),
         ("SELECT deploy_campaign(%s, 100001)", ["campaign"], "KE008", "batch_size"),
     ],
+    "send_window_opens": [
+        ("""SELECT send_window_opens('{"start": false, "end": "21:00"}', 'UTC', now())""", [], "KE008", "start"),
+        ("""SELECT send_window_opens('{"start": "8", "end": "21:00"}', 'UTC', now())""", [], "KE008", "HH:MM"),
+        ("""SELECT send_window_opens('{"start": "25:00", "end": "21:00"}', 'UTC', now())""", [], "KE008", "HH:MM"),
+        ("""SELECT send_window_opens('[1, 2]', 'UTC', now())""", [], "KE008", "send window"),
+        ("""SELECT send_window_opens('{"start": "08:00", "end": "21:00"}', 'UTC', NULL)""", [], "KE008", "at"),
+    ],
     "claim_queued_jobs": [
         ("SELECT claim_queued_jobs(NULL, 1)", [], "KE008", "worker"),
         ("SELECT claim_queued_jobs('w1', NULL)", [], "KE008", "max_jobs"),
