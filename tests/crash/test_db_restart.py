@@ -1,0 +1,77 @@
+"""A database blip costs no certainty (issue 12, item 2): the PostgreSQL server is restarted in
+immediate mode (a crash: no checkpoint, every connection cut) three times under a running daemon
+that sends 1,500 e-mails to a real SMTP server. The daemon is never restarted. Every call was
+answered, so none may end `unknown`: the daemon keeps the outcomes it has seen and records them
+once it is connected again, while it still holds the lease. And no contact gets a message twice.
+
+The server is a cluster of the test's own (an embedded PostgreSQL), since it is crashed."""
+
+from __future__ import annotations
+
+import time
+
+import psycopg
+import pytest
+
+from kernel_driver import migrate
+from kernel_driver.queries import Kernel
+from kernel_driver.testing.postgres import embedded_postgres
+from kernel_driver.testing.seed import seed_campaign
+from kernel_driver.testing.sinks import SmtpSink
+from tests.integration.daemon import item_counts, start_daemon
+
+RESTARTS = 3
+
+
+def restart_immediately(dsn: str) -> None:
+    """pg_ctl restart -m immediate on the embedded cluster behind `dsn`, as its own user."""
+    from pgserver._commands import pg_ctl
+    from pgserver.postgres_server import PostgresServer
+
+    (server,) = [s for s in PostgresServer._instances.values() if s.get_uri() == dsn]
+    pg_ctl(["-w", "-m", "immediate", "restart"], pgdata=server.pgdata, user=server.system_user, timeout=60)
+
+
+def connected(dsn: str) -> psycopg.Connection:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return psycopg.connect(dsn, autocommit=True, options="-c search_path=kernel")
+        except psycopg.OperationalError:
+            assert time.monotonic() < deadline, "the server did not come back within 30 s"
+            time.sleep(0.2)
+
+
+@pytest.fixture
+def own_cluster() -> object:
+    with embedded_postgres() as dsn:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            list(migrate.migrate(conn, "kernel", migrate.load_migrations()))
+        yield dsn
+
+
+def test_immediate_restarts_under_a_running_daemon_lose_no_outcome(own_cluster):
+    dsn = own_cluster
+    with SmtpSink() as sink:  # the SMTP server stays up all along
+        with connected(dsn) as conn:
+            seeded = seed_campaign(conn, "kernel", contacts=1500, provider="smtp",
+                                   settings=sink.provider_settings())
+            run_id = Kernel(conn, "kernel").deploy_campaign(seeded.campaign_id, 250)
+        daemon = start_daemon(dsn, "kernel", "--concurrency", "8", "--lease-seconds", "30", "--until-idle")
+        sent_at_restarts = []
+        for _ in range(RESTARTS):
+            time.sleep(1.0)
+            with connected(dsn) as conn:
+                sent_at_restarts.append(item_counts(conn, [run_id]).get("sent", 0))
+            assert sent_at_restarts[-1] < seeded.reachable, "the run ended before the restarts: make it longer"
+            restart_immediately(dsn)
+        output = daemon.finish(180)
+        received = sink.count_by_recipient()
+    with connected(dsn) as conn:
+        counts = item_counts(conn, [run_id])
+        status = conn.execute("SELECT status FROM kernel.campaign_runs WHERE id = %s", (run_id,)).fetchone()[0]
+    assert sent_at_restarts == sorted(sent_at_restarts)
+    assert output.count("database connection lost, reconnecting") >= RESTARTS, output[-3000:]
+    assert set(received.values()) == {1}  # nobody twice
+    assert counts == {"sent": seeded.reachable}, counts  # every answered call recorded: none unknown
+    assert status == "completed"
