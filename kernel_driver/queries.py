@@ -157,6 +157,18 @@ class Kernel:
             "SELECT {schema}.release_jobs(%s, %s::uuid[], %s)", (worker, list(job_ids), reason)
         ))
 
+    def undispatch_items(self, worker: str, job_ids: Sequence[str | UUID],
+                         known_item_ids: Iterable[str | UUID]) -> list[tuple[str, str, str, str, str, str]]:
+        """After a lost connection: the items of held jobs marked dispatched that the daemon
+        never handed to a provider, back to undispatched; each as (job, run, item, key,
+        recipient, contact), ids as text."""
+        return self._call(
+            "SELECT job_id, run_id, id, idempotency_key, recipient, contact_id"
+            " FROM {schema}.undispatch_items(%s, %s::uuid[], %s::uuid[])",
+            (worker, uuid_array(job_ids), uuid_array(known_item_ids)),
+            uuid_as_text=True,
+        )
+
     def queue_stats(self) -> list[QueueDepth]:
         return self._call(
             "SELECT status, jobs, oldest_age_seconds FROM {schema}.queue_stats()",

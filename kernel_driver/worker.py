@@ -131,6 +131,7 @@ class HeldJob:
     cancelled: bool = False
     in_flight: int = 0
     waiting: dict[Id, tuple[Item, float]] = field(default_factory=dict)  # item -> (item, ready at)
+    handed: set[Id] = field(default_factory=set)  # items this daemon took to send, while holding the job
     submitted: int = 0  # results of this job in steps not answered yet
     ending: bool = False  # a step not answered yet asks to complete or fail it
     complete_asked: bool = False
@@ -249,17 +250,38 @@ class Worker:
     def _serve(self) -> None:
         """Step until done; a lost connection is reopened, keeping every outcome seen so far
         (the next step records it, fenced, if the lease is still held)."""
+        lost = False
         while True:
             try:
                 with connect(self.config.dsn, autocommit=True) as conn:
-                    if self._loop(Kernel(conn, self.config.schema)):
+                    kernel = Kernel(conn, self.config.schema)
+                    if lost:
+                        self._take_back_undispatched(kernel)
+                    if self._loop(kernel):
                         return
             except (psycopg.OperationalError, DatabaseUnreachable) as exc:
+                lost = True
                 if self._stop_expired():
                     log.error("database unreachable while stopping: %s", exc)
                     return
                 log.error("database connection lost, reconnecting: %s", exc)
                 time.sleep(min(self.config.poll_interval, 0.5))
+
+    def _take_back_undispatched(self, kernel: Kernel) -> None:
+        """A step lost with the connection may have committed, marking items dispatched that
+        this daemon never saw, so never sent: the kernel puts them back, and they go out now
+        instead of ending unknown when the job is claimed again."""
+        if not self._jobs:
+            return
+        known = [item_id for job in self._jobs.values() for item_id in (*job.handed, *job.waiting)]
+        now = time.monotonic()
+        rows = kernel.undispatch_items(self.config.worker_id, list(self._jobs), known)
+        for row in rows:
+            item = Item(*row)
+            self._jobs[item.job_id].waiting[item.id] = (item, now)
+        if rows:
+            log.warning("%d items marked dispatched by a step whose answer was lost were never sent:"
+                        " sending them now", len(rows))
 
     def _listen(self) -> None:
         """Set the wake-up on every NOTIFY; reconnects by itself. Polling covers the gaps."""
@@ -568,6 +590,7 @@ class Worker:
             log.log(level, "job claimed job=%s run=%s attempt=%s", job.id, job.run_id, job.attempt, extra=_fields(job))
 
     def _dispatch(self, job: HeldJob, item: Item) -> None:
+        job.handed.add(item.id)
         if job.error is not None:
             # Dispatched by the same step that claimed the job, but never sent.
             self._unrecorded.append((job, Result(item.id, "failed", None, None, job.error)))

@@ -1445,6 +1445,10 @@ END
 $function$;
 COMMENT ON FUNCTION kernel._setting_problem(p_kind text, p_value jsonb) IS 'What is wrong with one provider setting value of a kind (text, tcp_port, positive_number, non_negative_number, boolean, env_name, email_address, http_url), or NULL.';
 ALTER FUNCTION kernel._setting_problem(p_kind text, p_value jsonb) OWNER TO kernel_owner;
+GRANT EXECUTE ON FUNCTION kernel._setting_problem(p_kind text, p_value jsonb) TO kernel_app;
+GRANT EXECUTE ON FUNCTION kernel._setting_problem(p_kind text, p_value jsonb) TO kernel_operator;
+GRANT EXECUTE ON FUNCTION kernel._setting_problem(p_kind text, p_value jsonb) TO kernel_reader;
+GRANT EXECUTE ON FUNCTION kernel._setting_problem(p_kind text, p_value jsonb) TO kernel_worker;
 
 -- FUNCTION kernel._take_rate_tokens(p_workspace_id uuid, p_provider text, p_wanted integer, OUT granted integer, OUT wait_seconds double precision)
 
@@ -2648,6 +2652,50 @@ $function$;
 COMMENT ON FUNCTION kernel.take_rate_tokens(p_workspace_id uuid, p_provider text, p_wanted integer) IS 'Shared token bucket (provider_configs.max_per_second, burst of one second): how many of p_wanted sends may start now, across every daemon.';
 ALTER FUNCTION kernel.take_rate_tokens(p_workspace_id uuid, p_provider text, p_wanted integer) OWNER TO kernel_owner;
 GRANT EXECUTE ON FUNCTION kernel.take_rate_tokens(p_workspace_id uuid, p_provider text, p_wanted integer) TO kernel_worker;
+
+-- FUNCTION kernel.undispatch_items(p_worker text, p_job_ids uuid[], p_known_item_ids uuid[])
+
+CREATE OR REPLACE FUNCTION kernel.undispatch_items(p_worker text, p_job_ids uuid[], p_known_item_ids uuid[])
+ RETURNS TABLE(job_id uuid, run_id uuid, id uuid, idempotency_key text, recipient text, contact_id uuid)
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    _strays uuid[];
+BEGIN
+    PERFORM kernel._require(p_worker, 'worker');
+    PERFORM kernel._require(p_job_ids, 'job_ids');
+    PERFORM kernel._require(p_known_item_ids, 'known_item_ids');
+    SELECT coalesce(array_agg(j.id), '{}') INTO _strays
+    FROM kernel.job_queue AS j
+    WHERE j.status = 'processing' AND j.locked_by = p_worker AND j.lease_expires_at > now()
+      AND j.id <> ALL (p_job_ids);
+    RETURN QUERY
+    WITH held AS (
+        SELECT j.id, j.tenant_id FROM kernel.job_queue AS j
+        WHERE j.id = ANY (p_job_ids || _strays) AND j.status = 'processing'
+          AND j.locked_by = p_worker AND j.lease_expires_at > now()
+        ORDER BY j.id
+        FOR NO KEY UPDATE
+    ), back AS (
+        UPDATE kernel.channel_outbox AS o
+        SET dispatched_at = NULL, dispatch_count = o.dispatch_count - 1
+        FROM held AS h
+        WHERE o.job_id = h.id AND o.tenant_id = h.tenant_id AND o.status = 'pending'
+          AND o.dispatched_at IS NOT NULL AND (o.job_id = ANY (_strays) OR o.id <> ALL (p_known_item_ids))
+        RETURNING o.job_id, o.run_id, o.id, o.idempotency_key, o.recipient, o.contact_id
+    )
+    SELECT b.job_id, b.run_id, b.id, b.idempotency_key, b.recipient, b.contact_id
+    FROM back AS b WHERE b.job_id <> ALL (_strays);
+    IF cardinality(_strays) > 0 THEN
+        PERFORM kernel.release_jobs(p_worker, _strays, 'claimed by a step whose answer was lost with the connection');
+    END IF;
+END
+$function$;
+COMMENT ON FUNCTION kernel.undispatch_items(p_worker text, p_job_ids uuid[], p_known_item_ids uuid[]) IS 'After a lost connection: items of the jobs p_job_ids that p_worker holds, marked dispatched but not among p_known_item_ids (the ones it handed to a provider), go back to undispatched and are returned for it to send; a job it holds that is not in p_job_ids has its dispatched items put back and is released. Fenced: only jobs whose lease p_worker holds.';
+ALTER FUNCTION kernel.undispatch_items(p_worker text, p_job_ids uuid[], p_known_item_ids uuid[]) OWNER TO kernel_owner;
+GRANT EXECUTE ON FUNCTION kernel.undispatch_items(p_worker text, p_job_ids uuid[], p_known_item_ids uuid[]) TO kernel_worker;
 
 -- FUNCTION kernel.worker_step(p_worker text, p_lease_seconds numeric, p_held uuid[], p_result_ids uuid[], p_result_outcomes text[], p_result_provider_ids text[], p_result_responses text[], p_result_errors text[], p_complete uuid[], p_fail uuid[], p_fail_errors text[], p_redispatch uuid[], p_want integer, p_claim integer, p_deduplicating text[], p_tenant_id uuid)
 

@@ -170,6 +170,65 @@ BEGIN
 END
 $$;
 
+-- provider_settings_problems runs as its caller and calls _setting_problem for each setting
+-- of a known kind, which only the owner could execute: an application asking about a setting
+-- of the wrong type got 42501 (tests/sql/test_properties.py found it). Both are pure.
+GRANT EXECUTE ON FUNCTION kernel._setting_problem(text, jsonb)
+TO kernel_app, kernel_operator, kernel_reader, kernel_worker;
+
+-- A database blip costs no certainty (issue 12): when the connection drops while a step is in
+-- flight, the step may have committed (items marked dispatched, even jobs claimed) without its
+-- answer reaching the daemon, which then never hands those items to a provider. Re-claimed
+-- after the lease, they ended `unknown` though nobody had called anyone. Once connected again,
+-- the daemon names the jobs it knows it holds and every item it did hand out: the other items
+-- of those jobs go back to undispatched, for it to send now; a job it holds without knowing
+-- (claimed by the lost step) has all its dispatched items put back and is released. Fenced
+-- like every worker write: only jobs whose lease p_worker holds.
+CREATE FUNCTION kernel.undispatch_items(p_worker text, p_job_ids uuid[], p_known_item_ids uuid[])
+RETURNS TABLE (
+    job_id uuid, run_id uuid, id uuid, idempotency_key text, recipient text, contact_id uuid
+)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    _strays uuid[];
+BEGIN
+    PERFORM kernel._require(p_worker, 'worker');
+    PERFORM kernel._require(p_job_ids, 'job_ids');
+    PERFORM kernel._require(p_known_item_ids, 'known_item_ids');
+    SELECT coalesce(array_agg(j.id), '{}') INTO _strays
+    FROM kernel.job_queue AS j
+    WHERE j.status = 'processing' AND j.locked_by = p_worker AND j.lease_expires_at > now()
+      AND j.id <> ALL (p_job_ids);
+    RETURN QUERY
+    WITH held AS (
+        SELECT j.id, j.tenant_id FROM kernel.job_queue AS j
+        WHERE j.id = ANY (p_job_ids || _strays) AND j.status = 'processing'
+          AND j.locked_by = p_worker AND j.lease_expires_at > now()
+        ORDER BY j.id
+        FOR NO KEY UPDATE
+    ), back AS (
+        UPDATE kernel.channel_outbox AS o
+        SET dispatched_at = NULL, dispatch_count = o.dispatch_count - 1
+        FROM held AS h
+        WHERE o.job_id = h.id AND o.tenant_id = h.tenant_id AND o.status = 'pending'
+          AND o.dispatched_at IS NOT NULL AND (o.job_id = ANY (_strays) OR o.id <> ALL (p_known_item_ids))
+        RETURNING o.job_id, o.run_id, o.id, o.idempotency_key, o.recipient, o.contact_id
+    )
+    SELECT b.job_id, b.run_id, b.id, b.idempotency_key, b.recipient, b.contact_id
+    FROM back AS b WHERE b.job_id <> ALL (_strays);
+    IF cardinality(_strays) > 0 THEN
+        PERFORM kernel.release_jobs(p_worker, _strays, 'claimed by a step whose answer was lost with the connection');
+    END IF;
+END
+$$;
+
+COMMENT ON FUNCTION kernel.undispatch_items(text, uuid[], uuid[]) IS
+'After a lost connection: items of the jobs p_job_ids that p_worker holds, marked dispatched but not among p_known_item_ids (the ones it handed to a provider), go back to undispatched and are returned for it to send; a job it holds that is not in p_job_ids has its dispatched items put back and is released. Fenced: only jobs whose lease p_worker holds.';
+
+GRANT EXECUTE ON FUNCTION kernel.undispatch_items(text, uuid[], uuid[]) TO kernel_worker;
+
 -- run_details (so `runs show`) takes its item counts from them, on the run's tenant: copied
 -- from 0001, only item_counts changed.
 CREATE OR REPLACE FUNCTION kernel.run_details(p_run_id uuid, p_item_limit integer) RETURNS jsonb

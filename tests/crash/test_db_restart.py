@@ -73,5 +73,7 @@ def test_immediate_restarts_under_a_running_daemon_lose_no_outcome(own_cluster):
     assert sent_at_restarts == sorted(sent_at_restarts)
     assert output.count("database connection lost, reconnecting") >= RESTARTS, output[-3000:]
     assert set(received.values()) == {1}  # nobody twice
-    assert counts == {"sent": seeded.reachable}, counts  # every answered call recorded: none unknown
+    # Every answered call recorded, and what a lost step had marked dispatched sent after all:
+    # none unknown.
+    assert counts == {"sent": seeded.reachable}, (counts, output[-5000:])
     assert status == "completed"

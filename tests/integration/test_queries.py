@@ -100,6 +100,34 @@ def test_daemon_step_release_and_queue_stats(conn, kernel_schema):
     assert [(q.status, q.jobs) for q in kernel.queue_stats()] == [("queued", 1)]
 
 
+def test_undispatch_gives_back_only_what_the_daemon_never_sent_of_jobs_it_holds(conn, kernel_schema):
+    kernel = Kernel(conn, kernel_schema)
+    seeded = seed_campaign(conn, kernel_schema, contacts=3, provider="noop")
+    kernel.deploy_campaign(seeded.campaign_id)
+    rows = kernel.worker_step(StepRequest(worker="w1", lease_seconds=30, tenant_ids=None, claim=1, want=3))
+    (job_id,) = {row.job_id for row in rows if row.kind == "job"}
+    items = [row.item_id for row in rows if row.kind == "item"]
+    assert len(items) == 3  # all three marked dispatched; say the answer never came for two
+    assert kernel.undispatch_items("w2", [job_id], []) == []  # fenced: w2 holds nothing
+    back = kernel.undispatch_items("w1", [job_id], items[:1])
+    assert sorted(row[2] for row in back) == sorted(items[1:]) and {row[0] for row in back} == {job_id}
+    assert conn.execute("SELECT count(*) FILTER (WHERE dispatched_at IS NULL), sum(dispatch_count)"
+                        " FROM channel_outbox WHERE job_id = %s", (job_id,)).fetchone() == (2, 1)
+    assert kernel.undispatch_items("w1", [job_id], items[:1]) == []  # nothing dispatched is left
+
+    # A job claimed by a step whose answer never came: the daemon does not know it holds it.
+    other = seed_campaign(conn, kernel_schema, contacts=2, provider="noop")
+    kernel.deploy_campaign(other.campaign_id)
+    rows = kernel.worker_step(StepRequest(worker="w1", lease_seconds=30, tenant_ids=None, held=[job_id],
+                                          claim=1, want=2))
+    (stray,) = {row.job_id for row in rows if row.kind == "job"}
+    assert kernel.undispatch_items("w1", [job_id], items[:1]) == []  # its items are not the daemon's to send
+    released = conn.execute("SELECT status, locked_by FROM job_queue WHERE id = %s", (stray,)).fetchone()
+    assert released == ("queued", None)
+    assert conn.execute("SELECT count(*) FROM channel_outbox WHERE job_id = %s AND dispatched_at IS NOT NULL",
+                        (stray,)).fetchone()[0] == 0  # sent by whoever claims it next, not ended unknown
+
+
 # The functions an application or an operator may execute that the driver does not call, each
 # with why. Every other one, and the daemon's worker_step and release_jobs, must be called by a
 # Kernel wrapper in every one of its forms.
@@ -111,12 +139,13 @@ NOT_CALLED = {
     "scope": "an application scopes its own transactions; the driver passes the tenant as an argument",
     "kernel_version": "kernel_driver.migrate reads it, where no kernel may be installed yet",
     "provider_settings_problems": "the launch checks run it (provider_settings_valid)",
+    "_setting_problem": "provider_settings_problems calls it as its caller, so its callers may execute it",
     "clock": "the time schedules are judged by, read in SQL (a session may move it: tests)",
     "is_time_zone": "the time zone constraint of contacts and workspaces",
     "send_window_opens": "deploys and worker_step compute windows with it; an application may ask it",
     "distribution_violations": "a DBA's catalog report before distributing by tenant, from psql (docs/scale-out.md)",
 }
-DAEMON_CALLS = {"worker_step", "release_jobs"}
+DAEMON_CALLS = {"worker_step", "release_jobs", "undispatch_items"}
 
 
 def wrapped_calls() -> set[tuple[str, int]]:

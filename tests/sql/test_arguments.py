@@ -30,6 +30,11 @@ CASES = {
         ("SELECT deploy_campaign(%s, -1)", ["campaign"], "KE008", "batch_size"),
         ("SELECT deploy_campaign(%s, 100001)", ["campaign"], "KE008", "batch_size"),
     ],
+    "undispatch_items": [
+        ("SELECT * FROM undispatch_items(NULL, '{}'::uuid[], '{}'::uuid[])", [], "KE008", "worker"),
+        ("SELECT * FROM undispatch_items('w1', NULL, '{}'::uuid[])", [], "KE008", "job_ids"),
+        ("SELECT * FROM undispatch_items('w1', '{}'::uuid[], NULL)", [], "KE008", "known_item_ids"),
+    ],
     "send_window_opens": [
         ("""SELECT send_window_opens('{"start": false, "end": "21:00"}', 'UTC', now())""", [], "KE008", "start"),
         ("""SELECT send_window_opens('{"start": "8", "end": "21:00"}', 'UTC', now())""", [], "KE008", "HH:MM"),

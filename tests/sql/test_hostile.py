@@ -252,6 +252,8 @@ DEFINER_CALLS = {
         None,
     ),
     "release_jobs(text,uuid[],text)": ("worker", "SELECT release_jobs('intruder', ARRAY['{job}']::uuid[], 'x')", None),
+    "undispatch_items(text,uuid[],uuid[])": (
+        "worker", "SELECT * FROM undispatch_items('intruder', ARRAY['{job}']::uuid[], '{{}}'::uuid[])", None),
 }
 
 

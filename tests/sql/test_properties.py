@@ -155,3 +155,12 @@ def test_any_argument_is_answered_or_refused_and_touches_no_one_else(conn, kerne
         finally:
             caller.close()
     assert len(seen) >= len(functions) // 2, seen  # the draws reached most functions
+
+
+def test_an_application_asking_about_a_setting_of_the_wrong_type_gets_the_problem(conn, kernel_schema):
+    """What the generated calls found: this answered 42501 (a private function it calls was the
+    owner's alone) until 1.6."""
+    with login_role(conn, kernel_schema, "app") as user, psycopg.connect(conn.info.dsn, user=user) as app:
+        problems = app.execute(sql.SQL("SELECT {}.provider_settings_problems('smtp', 'email', %s)").format(
+            sql.Identifier(kernel_schema)), [Jsonb({"host": False, "port": "25"})]).fetchone()[0]
+    assert any("host" in problem for problem in problems), problems
