@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # Reinstall when the dependencies change; otherwise `make venv` costs nothing.
 STAMP := $(VENV)/.installed
 
-.PHONY: venv lint schema migration test test-slow demo test-kernel freeze bench bench-smoke bench-deps screenshots
+.PHONY: venv lint schema migration test test-slow demo test-kernel freeze bench bench-smoke bench-deps screenshots soak
 
 venv: $(STAMP)
 
@@ -40,6 +40,12 @@ test: venv lint
 # The long runs: the scale test with a million contacts (make test runs it with 50,000).
 test-slow: venv
 	KERNEL_TEST_SCALE_CONTACTS=1000000 $(BIN)/pytest tests/integration/test_scale.py
+
+# The soak (issue 12, docs/reliability.md): DURATION seconds of campaigns under random faults
+# on a cluster of its own, then every invariant; 24 hours: make soak DURATION=86400.
+DURATION ?= 120
+soak: venv
+	$(BIN)/python -m tests.soak.run --duration $(DURATION) $(if $(SOAK_REPORT),--report $(SOAK_REPORT))
 
 # The console's screenshots in docs/img (README), made by its browser test in Debian's Chromium.
 screenshots: venv

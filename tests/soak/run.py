@@ -1,0 +1,273 @@
+"""`make soak DURATION=…` (issue 12, item 1): campaigns deployed continuously across three
+tenants while faults are injected at random, with the invariants checked while it runs and at
+the end. Everything is real: a PostgreSQL cluster of its own (embedded, so it can be crashed),
+two `kernel-driver run` processes, an SMTP server and HTTP receivers for voice and webhooks.
+
+Faults: a daemon SIGKILLed (and started again), a daemon SIGSTOPped past its lease and resumed,
+the server restarted in immediate mode, the daemons' connections terminated, receivers
+answering 500, timing out, resetting mid-reply, refusing connections or answering slowly, the
+SMTP server failing temporarily. Campaigns: e-mail, voice and webhook, some with a priority,
+some starting a few seconds later, some with a send window.
+
+Invariants, while running and at the end: nobody receives an e-mail or a call twice, and a
+webhook key is processed once; at the end every item, job and run is terminal, every run has
+one item per contact, the kernel's item counts equal the items, and `unknown` is never more
+than the items that were in flight when a fault struck. The report (JSON, and a table) says
+how many faults of each kind were survived and how much was delivered.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import sys
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import click
+import psycopg
+
+from kernel_driver import migrate
+from kernel_driver.queries import Kernel
+from kernel_driver.testing.postgres import embedded_postgres
+from kernel_driver.testing.seed import seed_campaign
+from kernel_driver.testing.sinks import SmtpSink, VoiceSink, WebhookSink
+from tests.crash.test_db_restart import restart_immediately
+from tests.integration.daemon import Daemon, start_daemon
+
+SCHEMA = "kernel"
+LEASE_S = 3
+DAEMON_ARGS = ("--concurrency", "8", "--lease-seconds", str(LEASE_S), "--poll-interval", "0.2",
+               "--grace-seconds", "2", "--log-level", "WARNING")
+TERMINAL_RUNS = ("completed", "partial", "failed", "cancelled")
+
+
+@dataclass
+class Soak:
+    dsn: str
+    smtp: SmtpSink
+    voice: VoiceSink
+    webhook: WebhookSink
+    rng: random.Random
+    tenants: list[uuid.UUID] = field(default_factory=list)
+    daemons: list[Daemon] = field(default_factory=list)
+    runs: dict[Any, dict[str, Any]] = field(default_factory=dict)  # run id -> channel, contacts
+    faults: Counter[str] = field(default_factory=Counter)
+    in_flight_at_faults: set[Any] = field(default_factory=set)
+    checks: int = 0
+
+    def connect(self) -> psycopg.Connection:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                return psycopg.connect(self.dsn, autocommit=True, options=f"-c search_path={SCHEMA}")
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.3)
+
+    # --- work ------------------------------------------------------------------------------
+
+    def deploy_one(self) -> None:
+        channel = self.rng.choice(["email", "email", "voice", "webhook"])
+        provider, settings = {
+            "email": ("smtp", self.smtp.provider_settings()),
+            "voice": ("twilio", self.voice.provider_settings()),
+            "webhook": ("webhook", self.webhook.provider_settings()),
+        }[channel]
+        tenant = self.rng.choice(self.tenants)
+        contacts = self.rng.randint(5, 60)
+        with self.connect() as conn:
+            seeded = seed_campaign(conn, SCHEMA, contacts=contacts, channel="voice" if channel == "voice" else "email",
+                                   provider=provider, settings=settings, tenant_id=tenant, name=f"soak {channel}")
+            if self.rng.random() < 0.2:  # a send window open now, in UTC
+                now = datetime.now(UTC)
+                conn.execute("UPDATE campaigns SET send_window_start = %s, send_window_end = %s WHERE id = %s",
+                             ((now - timedelta(hours=1)).time(), (now + timedelta(hours=2)).time(),
+                              seeded.campaign_id))
+            start = datetime.now(UTC) + timedelta(seconds=3) if self.rng.random() < 0.2 else None
+            priority = self.rng.choice([None, None, 10, -5])
+            run_id = Kernel(conn, SCHEMA).deploy_campaign(seeded.campaign_id, self.rng.choice([None, 10, 25]),
+                                                          start_at=start, priority=priority)
+        self.runs[run_id] = {"channel": channel, "contacts": contacts, "reachable": seeded.reachable}
+
+    def start_daemons(self) -> None:
+        self.daemons = [d for d in self.daemons if d.poll() is None]
+        while len(self.daemons) < 2:
+            self.daemons.append(start_daemon(self.dsn, SCHEMA, *DAEMON_ARGS,
+                                             env={"VOICE_SINK_AUTH_TOKEN": self.voice.auth_token}))
+
+    # --- faults ----------------------------------------------------------------------------
+
+    def note_in_flight(self) -> None:
+        with self.connect() as conn:
+            self.in_flight_at_faults |= {row[0] for row in conn.execute(
+                "SELECT id FROM channel_outbox WHERE status = 'pending' AND dispatched_at IS NOT NULL")}
+
+    def fault(self) -> None:
+        """One fault. The items in flight are noted before it, while it lasts and after it
+        (once the database answers again): those are the only ones that may end unknown."""
+        kind = self.rng.choice(["sigkill", "sigstop", "restart", "terminate", "receivers", "smtp"])
+        self.note_in_flight()
+        self.inject(kind)
+        self.note_in_flight()
+
+    def inject(self, kind: str) -> None:
+        if kind == "sigkill":
+            self.rng.choice(self.daemons).kill()
+            self.start_daemons()
+        elif kind == "sigstop":
+            daemon = self.rng.choice(self.daemons)
+            daemon.send_signal(signal.SIGSTOP)
+            time.sleep(LEASE_S + 1)
+            self.note_in_flight()
+            daemon.send_signal(signal.SIGCONT)
+        elif kind == "restart":
+            restart_immediately(self.dsn)
+        elif kind == "terminate":
+            with self.connect() as conn:
+                conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                             " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                             " AND backend_type = 'client backend'")
+        elif kind == "receivers":
+            sink = self.rng.choice([self.voice, self.webhook])
+            how = self.rng.choice(["500", "timeout", "reset", "refuse", "slow"])
+            if how == "500":
+                sink.force_status = 500
+            elif how == "timeout":
+                sink.timeout_first_n = 2
+            elif how == "reset":
+                sink.reset_first_n = 2
+            elif how == "refuse":
+                sink.refuse()
+            else:
+                sink.slow_ms = 800
+            time.sleep(2)
+            self.note_in_flight()  # calls hanging on it now
+            sink.force_status, sink.timeout_first_n, sink.reset_first_n, sink.slow_ms = None, 0, 0, 0
+            if how == "refuse":
+                sink.start()
+            kind = f"receiver {how}"
+        else:
+            self.smtp.temp_fail = True
+            time.sleep(2)
+            self.smtp.temp_fail = False
+            kind = "smtp temporary failure"
+        self.faults[kind] += 1
+
+    # --- invariants --------------------------------------------------------------------------
+
+    def duplicates(self) -> dict[str, int]:
+        """Deliveries twice to one contact of one run. Recipients are unique per campaign (each
+        has a workspace of its own); calls carry the item's idempotency key; the webhook sink
+        processes a key once, and a key names its lineage, contact and generation."""
+        emails = Counter(rcpt for message in self.smtp.messages for rcpt in message.rcpt_tos)
+        calls = Counter(call.idempotency_token for call in self.voice.calls)
+        hooks = Counter(key.rsplit(":", 1)[0] for key in self.webhook.deliveries_by_key)
+        return {"e-mails received twice": sum(1 for n in emails.values() if n > 1),
+                "calls made twice": sum(1 for n in calls.values() if n > 1),
+                "webhook contacts processed twice": sum(1 for n in hooks.values() if n > 1)}
+
+    def check_while_running(self) -> dict[str, int]:
+        self.checks += 1
+        return {name: n for name, n in self.duplicates().items() if n}
+
+    def check_at_the_end(self) -> dict[str, Any]:
+        with self.connect() as conn:
+            pending = conn.execute("SELECT count(*) FROM channel_outbox WHERE status = 'pending'").fetchone()[0]
+            open_jobs = conn.execute("SELECT count(*) FROM job_queue WHERE status NOT IN"
+                                     " ('completed', 'failed', 'cancelled')").fetchone()[0]
+            open_runs = conn.execute("SELECT count(*) FROM campaign_runs WHERE status <> ALL (%s)",
+                                     [list(TERMINAL_RUNS)]).fetchone()[0]
+            items = dict(conn.execute("SELECT run_id, count(*) FROM channel_outbox GROUP BY run_id").fetchall())
+            statuses = dict(conn.execute("SELECT status, count(*) FROM channel_outbox GROUP BY status").fetchall())
+            # Two ways to end unknown: the daemon was lost after dispatching (a kill, a pause
+            # past the lease: the item was in flight at that fault), or the provider never
+            # answered a call (a receiver that timed out or reset: its answer never came).
+            lost = {row[0] for row in conn.execute(
+                "SELECT id FROM channel_outbox WHERE status = 'unknown' AND error LIKE 'worker lost%'")}
+            unanswered = conn.execute("SELECT count(*) FROM channel_outbox WHERE status = 'unknown'"
+                                      " AND error NOT LIKE 'worker lost%'").fetchone()[0]
+            unknown_why = dict(conn.execute("SELECT provider || ': ' || coalesce(error, '?'), count(*)"
+                                            " FROM channel_outbox WHERE status = 'unknown' GROUP BY 1").fetchall())
+            wrong_counts = conn.execute(
+                "SELECT count(*) FROM job_item_counts AS c FULL JOIN (SELECT job_id, status, count(*) AS items"
+                " FROM channel_outbox GROUP BY 1, 2) AS o USING (job_id, status)"
+                " WHERE coalesce(c.items, 0) <> coalesce(o.items, 0)").fetchone()[0]
+        short = {run: info["contacts"] - items.get(run, 0) for run, info in self.runs.items()
+                 if items.get(run, 0) != info["contacts"]}
+        problems = {
+            "items not terminal": pending, "jobs not terminal": open_jobs, "runs not terminal": open_runs,
+            "runs without one item per contact": len(short), "job counts not equal to the items": wrong_counts,
+            "unknown items of a lost daemon that were not in flight at a fault": len(lost - self.in_flight_at_faults),
+            "unknown items without a receiver that failed to answer": unanswered if not any(
+                kind in self.faults for kind in ("receiver timeout", "receiver reset", "receiver slow")) else 0,
+            **self.duplicates(),
+        }
+        return {"problems": problems, "items": statuses, "unknown": len(lost) + unanswered, "unknown_why": unknown_why}
+
+
+def wait_until_done(soak: Soak, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        soak.start_daemons()
+        with soak.connect() as conn:
+            open_runs = conn.execute("SELECT count(*) FROM campaign_runs WHERE status <> ALL (%s)",
+                                     [list(TERMINAL_RUNS)]).fetchone()[0]
+        if open_runs == 0:
+            return
+        time.sleep(0.5)
+
+
+@click.command()
+@click.option("--duration", type=click.FloatRange(10), default=120, show_default=True, help="Seconds of faults.")
+@click.option("--seed", type=int, help="Random seed (printed, to run the same soak again).")
+@click.option("--report", type=click.Path(dir_okay=False, path_type=Path), help="Write the report JSON here.")
+def main(duration: float, seed: int | None, report: Path | None) -> None:
+    seed = seed if seed is not None else random.randrange(2**31)
+    click.echo(f"soak: {duration:.0f} s of faults, seed {seed}")
+    started = time.monotonic()
+    with (embedded_postgres() as dsn, SmtpSink() as smtp, VoiceSink() as voice, WebhookSink() as webhook):
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            list(migrate.migrate(conn, SCHEMA, migrate.load_migrations()))
+        soak = Soak(dsn, smtp, voice, webhook, random.Random(seed))
+        soak.tenants = [uuid.UUID(int=soak.rng.getrandbits(128)) for _ in range(3)]
+        soak.start_daemons()
+        next_fault = time.monotonic() + soak.rng.uniform(2, 5)
+        while time.monotonic() - started < duration:
+            soak.deploy_one()
+            if time.monotonic() >= next_fault:
+                soak.fault()
+                soak.start_daemons()
+                next_fault = time.monotonic() + soak.rng.uniform(2, 6)
+            if broken := soak.check_while_running():
+                click.echo(f"soak: stopping early, an invariant broke: {broken}", err=True)
+                break
+            time.sleep(soak.rng.uniform(0.1, 0.6))
+        wait_until_done(soak, timeout=300)
+        result = soak.check_at_the_end()
+        for daemon in soak.daemons:
+            daemon.stop()
+        delivered = {"e-mails": len(smtp.messages), "calls": len(voice.calls),
+                     "webhooks": len(webhook.deliveries_by_key)}
+    summary = {"seed": seed, "duration_s": round(time.monotonic() - started, 1), "campaigns": len(soak.runs),
+               "faults": dict(soak.faults), "delivered": delivered, "checks_while_running": soak.checks,
+               "items_in_flight_at_faults": len(soak.in_flight_at_faults), **result}
+    click.echo(json.dumps(summary, indent=2, default=str))
+    if report:
+        report.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    failed = {name: n for name, n in result["problems"].items() if n}
+    if failed:
+        click.echo(f"soak FAILED: {failed}", err=True)
+        sys.exit(1)
+    click.echo(f"soak passed: {sum(soak.faults.values())} faults survived, {sum(delivered.values())} delivered")
+
+
+if __name__ == "__main__":
+    main()
