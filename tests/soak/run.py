@@ -11,9 +11,9 @@ some starting a few seconds later, some with a send window.
 
 Invariants, while running and at the end: nobody receives an e-mail or a call twice, and a
 webhook key is processed once; at the end every item, job and run is terminal, every run has
-one item per contact, the kernel's item counts equal the items, and `unknown` is never more
-than the items that were in flight when a fault struck. The report (JSON, and a table) says
-how many faults of each kind were survived and how much was delivered.
+one item per contact, the kernel's item counts equal the items, and an item ends `unknown` only
+if it was out (dispatched, its outcome not recorded) while a fault of its kind lasted. The
+report (JSON) says how many faults of each kind were survived and how much was delivered.
 """
 
 from __future__ import annotations
@@ -46,6 +46,9 @@ LEASE_S = 3
 DAEMON_ARGS = ("--concurrency", "8", "--lease-seconds", str(LEASE_S), "--poll-interval", "0.2",
                "--grace-seconds", "2", "--log-level", "WARNING")
 TERMINAL_RUNS = ("completed", "partial", "failed", "cancelled")
+# Faults that can lose a daemon with items out, and faults of a provider's answers.
+DAEMON_FAULTS = ("sigkill", "sigstop", "restart", "terminate")
+RECEIVER_FAULTS = ("receiver", "smtp")
 
 
 @dataclass
@@ -59,7 +62,8 @@ class Soak:
     daemons: list[Daemon] = field(default_factory=list)
     runs: dict[Any, dict[str, Any]] = field(default_factory=dict)  # run id -> channel, contacts
     faults: Counter[str] = field(default_factory=Counter)
-    in_flight_at_faults: set[Any] = field(default_factory=set)
+    # (kind, start, end) of every fault, on the clock the database stamps items with (one host)
+    intervals: list[tuple[str, datetime, datetime]] = field(default_factory=list)
     checks: int = 0
 
     def connect(self) -> psycopg.Connection:
@@ -105,20 +109,17 @@ class Soak:
 
     # --- faults ----------------------------------------------------------------------------
 
-    def note_in_flight(self) -> None:
-        with self.connect() as conn:
-            self.in_flight_at_faults |= {row[0] for row in conn.execute(
-                "SELECT id FROM channel_outbox WHERE status = 'pending' AND dispatched_at IS NOT NULL")}
-
     def fault(self) -> None:
-        """One fault. The items in flight are noted before it, while it lasts and after it
-        (once the database answers again): those are the only ones that may end unknown."""
+        """One fault, and when it lasted: an item may end unknown only if it was in flight
+        (dispatched, its outcome not recorded) while a fault lasted."""
         kind = self.rng.choice(["sigkill", "sigstop", "restart", "terminate", "receivers", "smtp"])
-        self.note_in_flight()
-        self.inject(kind)
-        self.note_in_flight()
+        started = datetime.now(UTC)
+        name = self.inject(kind)
+        self.faults[name] += 1
+        self.intervals.append((name, started, datetime.now(UTC)))
 
-    def inject(self, kind: str) -> None:
+    def inject(self, kind: str) -> str:
+        """Cause the fault; its name in the report."""
         if kind == "sigkill":
             self.rng.choice(self.daemons).kill()
             self.start_daemons()
@@ -126,7 +127,6 @@ class Soak:
             daemon = self.rng.choice(self.daemons)
             daemon.send_signal(signal.SIGSTOP)
             time.sleep(LEASE_S + 1)
-            self.note_in_flight()
             daemon.send_signal(signal.SIGCONT)
         elif kind == "restart":
             restart_immediately(self.dsn)
@@ -149,17 +149,16 @@ class Soak:
             else:
                 sink.slow_ms = 800
             time.sleep(2)
-            self.note_in_flight()  # calls hanging on it now
             sink.force_status, sink.timeout_first_n, sink.reset_first_n, sink.slow_ms = None, 0, 0, 0
             if how == "refuse":
                 sink.start()
-            kind = f"receiver {how}"
+            return f"receiver {how}"
         else:
             self.smtp.temp_fail = True
             time.sleep(2)
             self.smtp.temp_fail = False
-            kind = "smtp temporary failure"
-        self.faults[kind] += 1
+            return "smtp temporary failure"
+        return kind
 
     # --- invariants --------------------------------------------------------------------------
 
@@ -188,12 +187,11 @@ class Soak:
             items = dict(conn.execute("SELECT run_id, count(*) FROM channel_outbox GROUP BY run_id").fetchall())
             statuses = dict(conn.execute("SELECT status, count(*) FROM channel_outbox GROUP BY status").fetchall())
             # Two ways to end unknown: the daemon was lost after dispatching (a kill, a pause
-            # past the lease: the item was in flight at that fault), or the provider never
-            # answered a call (a receiver that timed out or reset: its answer never came).
-            lost = {row[0] for row in conn.execute(
-                "SELECT id FROM channel_outbox WHERE status = 'unknown' AND error LIKE 'worker lost%'")}
-            unanswered = conn.execute("SELECT count(*) FROM channel_outbox WHERE status = 'unknown'"
-                                      " AND error NOT LIKE 'worker lost%'").fetchone()[0]
+            # past the lease, a crash of the server it outlasted), or the provider's answer
+            # said nothing certain or never came (a receiver fault). Either way a fault of
+            # that kind must have lasted while the item was out: from its dispatch to its end.
+            unknown = conn.execute("SELECT error LIKE 'worker lost%', dispatched_at, completed_at"
+                                   " FROM channel_outbox WHERE status = 'unknown'").fetchall()
             unknown_why = dict(conn.execute("SELECT provider || ': ' || coalesce(error, '?'), count(*)"
                                             " FROM channel_outbox WHERE status = 'unknown' GROUP BY 1").fetchall())
             wrong_counts = conn.execute(
@@ -205,12 +203,16 @@ class Soak:
         problems = {
             "items not terminal": pending, "jobs not terminal": open_jobs, "runs not terminal": open_runs,
             "runs without one item per contact": len(short), "job counts not equal to the items": wrong_counts,
-            "unknown items of a lost daemon that were not in flight at a fault": len(lost - self.in_flight_at_faults),
-            "unknown items without a receiver that failed to answer": unanswered if not any(
-                kind in self.faults for kind in ("receiver timeout", "receiver reset", "receiver slow")) else 0,
+            "unknown items out while no fault of their kind lasted": sum(
+                1 for lost, dispatched, ended in unknown if not self.explained(lost, dispatched, ended)),
             **self.duplicates(),
         }
-        return {"problems": problems, "items": statuses, "unknown": len(lost) + unanswered, "unknown_why": unknown_why}
+        return {"problems": problems, "items": statuses, "unknown": len(unknown), "unknown_why": unknown_why}
+
+    def explained(self, lost: bool, dispatched: datetime | None, ended: datetime | None) -> bool:
+        kinds = DAEMON_FAULTS if lost else RECEIVER_FAULTS
+        return dispatched is not None and ended is not None and any(
+            kind.startswith(kinds) and start <= ended and dispatched <= end for kind, start, end in self.intervals)
 
 
 def wait_until_done(soak: Soak, timeout: float) -> None:
@@ -257,8 +259,7 @@ def main(duration: float, seed: int | None, report: Path | None) -> None:
         delivered = {"e-mails": len(smtp.messages), "calls": len(voice.calls),
                      "webhooks": len(webhook.deliveries_by_key)}
     summary = {"seed": seed, "duration_s": round(time.monotonic() - started, 1), "campaigns": len(soak.runs),
-               "faults": dict(soak.faults), "delivered": delivered, "checks_while_running": soak.checks,
-               "items_in_flight_at_faults": len(soak.in_flight_at_faults), **result}
+               "faults": dict(soak.faults), "delivered": delivered, "checks_while_running": soak.checks, **result}
     click.echo(json.dumps(summary, indent=2, default=str))
     if report:
         report.write_text(json.dumps(summary, indent=2, default=str) + "\n")
