@@ -12,14 +12,20 @@
  * idempotency key for one that can (webhook).
  *
  * Checked (tests/unit/test_model.py runs every case, exhaustively):
- *   - no contact receives a message twice (what the provider delivered, per item);
- *   - `sent` is recorded only for a message that was delivered;
- *   - when every daemon is done, the job is done and every item terminal; with a
- *     deduplicating provider every item ends `sent`.
- * Mutants show the model can fail: -DRESEND_UNKNOWN (recovery re-sends what a
- * non-deduplicating provider may have delivered) breaks "no message twice"; -DNO_FENCING
- * (writes skip the lease check) lets a daemon whose lease was taken end the job while an item
- * is still out, so the job ends with an item that never becomes terminal.
+ *   safety (pan -DSAFETY -DNOCLAIM): no contact receives a message twice (what the provider
+ *     delivered, per item); `sent` is recorded only for a delivered message; a terminal item
+ *     never changes; when every daemon is done the job is done and every item terminal, and
+ *     with a deduplicating provider every item ends `sent`;
+ *   liveness under weak fairness (pan -a -f, the ltl claim job_ends): the job always ends.
+ * Mutants show the model can fail: -DNO_FENCING (writes skip the lease check: a daemon whose
+ * lease was taken puts back, dispatches and sends an item its successor is sending) and
+ * -DRESEND_UNKNOWN (recovery re-sends what a non-deduplicating provider may have delivered)
+ * each make a contact receive a message twice.
+ *
+ * The steps mirror the kernel's: the claim and its recovery are worker_step's claim
+ * (_claim_jobs, recover), a dispatch its step 6, a record its results, undispatch_items the
+ * call after a lost connection, the completion _end_job. The dispatch window is one item per
+ * step here; the daemon's window of many calls in flight is many such steps.
  */
 
 #ifndef N
@@ -60,11 +66,19 @@ end:
 }
 
 proctype daemon() {
-    byte me, i, crashes = 0, blips = 0;
-    bool ok, all_terminal;
+    byte me, i, j, crashes = 0, blips = 0, record_blips = 0;
+    bool ok, all_terminal, again = false;
+    bool called[N];   /* items handed to the provider in this hold of the job (HeldJob.handed) */
 
 incarnate:
-    atomic { incarnations++; me = incarnations }
+    atomic {
+        incarnations++; me = incarnations;
+        j = 0;
+        do
+        :: j < N -> called[j] = false; j++
+        :: else -> break
+        od
+    }
 
 claim:
     atomic {
@@ -72,6 +86,12 @@ claim:
         :: job_done -> goto done
         :: !job_done && (holder == 0 || !lease) ->
             holder = me; lease = true; holder_dead = false;
+            /* a new hold: the daemon makes a new HeldJob, with nothing handed out yet */
+            j = 0;
+            do
+            :: j < N -> called[j] = false; j++
+            :: else -> break
+            od;
             /* recover what an earlier holder dispatched without recording an outcome */
             i = 0;
             do
@@ -91,6 +111,7 @@ claim:
         fi
     }
 
+work:
     i = 0;
     do
     :: i < N ->
@@ -102,7 +123,32 @@ claim:
             fi
         }
         if
+        :: ok && blips < BLIPS ->
+            /* The step committed, but its answer was lost with the connection: this daemon
+               never learns it dispatched the item, so never calls. Connected again, it names
+               what it did hand out (undispatch_items): the other dispatched items of the job
+               it holds go back to undispatched. */
+            blips++;
+            atomic {
+                if
+                :: HOLDS(me) ->
+                    j = 0;
+                    do
+                    :: j < N ->
+                        if
+                        :: status[j] == PENDING && dispatched[j] && !called[j] -> dispatched[j] = false
+                        :: else -> skip
+                        fi;
+                        j++
+                    :: else -> break
+                    od
+                :: else -> skip
+                fi
+            }
+            ok = false;
+            again = true                         /* and tries the same item again */
         :: ok ->
+            called[i] = true;
             if
             :: crashes < CRASHES -> crashes++; goto crash   /* before the call */
             :: true -> skip
@@ -125,7 +171,7 @@ claim:
             fi;
 record:
             if
-            :: blips < BLIPS -> blips++; goto record       /* connection lost: keep it, retry */
+            :: record_blips < BLIPS -> record_blips++; goto record   /* connection lost: keep it, retry */
             :: true -> skip
             fi;
             atomic {
@@ -133,12 +179,16 @@ record:
                 :: HOLDS(me) && status[i] == PENDING ->
                     assert(delivered[i] >= 1);
                     status[i] = SENT; dispatched[i] = false
+                :: !HOLDS(me) && status[i] != PENDING -> skip  /* a terminal row never changes */
                 :: else -> skip                 /* fenced out: records nothing */
                 fi
             }
         :: else -> skip
         fi;
-        i++
+        if
+        :: again -> again = false
+        :: else -> i++
+        fi
     :: else -> break
     od;
 
@@ -151,11 +201,15 @@ record:
         :: else -> break
         od;
         if
-        :: HOLDS(me) && all_terminal -> job_done = true; holder = 0; lease = false
-        :: else -> skip
+        :: HOLDS(me) && all_terminal -> job_done = true; holder = 0; lease = false; ok = false
+        :: HOLDS(me) && !all_terminal -> ok = true      /* still its job: work on */
+        :: else -> ok = false
         fi
     }
-    goto claim
+    if
+    :: ok -> goto work
+    :: else -> goto claim
+    fi
 
 crash:
     atomic {
@@ -169,6 +223,9 @@ crash:
 done:
     finished++
 }
+
+/* Liveness, under weak fairness (pan -a -f): the job always ends. */
+ltl job_ends { <> job_done }
 
 init {
     byte i;
