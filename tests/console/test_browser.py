@@ -96,6 +96,13 @@ def screenshot(page, shots: Path, name: str) -> None:
 
 
 def test_runs_drawer_retry_and_cancel(browser, served, world, shots, conn, kernel_schema):
+    # A daemon holds the queued run's job (claimed, one item reserved): the run is running.
+    # Claimed now, before Retry adds a queued run of its own; tenant B's run is cancelled
+    # first, so the claim can only take that job.
+    Kernel(conn, kernel_schema).cancel_campaign_run(world.other_run)
+    (job,) = claim(conn, "w1", 1)
+    assert job["run_id"] == world.queued_run
+    reserve(conn, job["id"], "w1", 1)
     page = signed_in(browser, served, TENANT_A_TOKEN)
     expect = playwright_api.expect
     runs = page.locator("#runs")
@@ -121,12 +128,6 @@ def test_runs_drawer_retry_and_cancel(browser, served, world, shots, conn, kerne
     retry_run = page.url.rsplit("/", 1)[1]
     assert retry_run != str(world.partly_failed_run)
 
-    # A daemon holds the queued run's job (claimed, one item reserved): the run is running.
-    # (Tenant B's run is cancelled first, so the claim can only take that job.)
-    Kernel(conn, kernel_schema).cancel_campaign_run(world.other_run)
-    (job,) = claim(conn, "w1", 1)
-    assert job["run_id"] == world.queued_run
-    reserve(conn, job["id"], "w1", 1)
     page.goto(f"{served}/runs/{world.queued_run}")
     expect(page.locator("#run-status")).to_have_text("running")
     expect(page.locator("#jobs tbody tr").first).to_contain_text("w1")  # the lock holder
