@@ -117,11 +117,21 @@ class KernelGroup(click.Group):
             return super().invoke(ctx)
         except click.ClickException:
             raise
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise DatabaseError(missing_role(exc, ctx.obj.schema if isinstance(ctx.obj, Settings) else DEFAULT_SCHEMA)
+                                ) from exc
         except Exception as exc:
             for exc_type, error in EXIT_CODES:
                 if isinstance(exc, exc_type):
                     raise error(" ".join(str(exc).split())) from exc
             raise
+
+
+def missing_role(exc: psycopg.Error, schema: str) -> str:
+    """What a login without the kernel role a command needs is told (not the SQL it ran)."""
+    return (f"{exc.diag.message_primary}: this database login lacks the kernel role the command needs;"
+            f" GRANT {schema}_worker (run), {schema}_app (deploy, retry, cancel), {schema}_reader (runs, campaigns"
+            f" check) or {schema}_operator TO it; migrate needs the kernel's owner or a superuser")
 
 
 @click.group(cls=KernelGroup)
