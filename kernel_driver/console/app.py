@@ -159,9 +159,7 @@ def create_app(console: Console) -> Flask:
         after_job = cursor(request.args.get("jobs_after"), datetime.fromisoformat, uuid.UUID)
         before_event = cursor(request.args.get("events_before"), datetime.fromisoformat, int)
         with console.session(g.access) as (kernel, reads):
-            found = reads.run(run_id)
-            if found is None:
-                raise NotFound(f"run {run_id} not found")
+            found = existing_run(reads, run_id)
             # All items in id order (run_items, by the primary key), or one status by job.
             if item_status is None:
                 items = kernel.run_items(run_id, None, optional_uuid(request.args.get("after"), "after"), PAGE)
@@ -193,12 +191,7 @@ def create_app(console: Console) -> Flask:
             with console.session(g.access, write=True) as (kernel, _):
                 new_run = kernel.retry_campaign_run(run_id, include_unknown)
             return redirect(url_for("run", run_id=new_run))
-        with console.session(g.access) as (_, reads):
-            found = reads.run(run_id)
-            if found is None:
-                raise NotFound(f"run {run_id} not found")
-            counts = reads.item_counts(run_id)
-        return render_template("confirm.html", run=found, action="retry", counts=counts)
+        return confirmation(run_id, "retry")
 
     @app.route("/runs/<uuid:run_id>/cancel", methods=["GET", "POST"])
     def cancel(run_id: uuid.UUID) -> Any:
@@ -206,12 +199,14 @@ def create_app(console: Console) -> Flask:
             with console.session(g.access, write=True) as (kernel, _):
                 kernel.cancel_campaign_run(run_id)
             return redirect(url_for("run", run_id=run_id))
+        return confirmation(run_id, "cancel")
+
+    def confirmation(run_id: uuid.UUID, action: str) -> Any:
+        """The question before a retry or a cancel, with the item counts it concerns."""
         with console.session(g.access) as (_, reads):
-            found = reads.run(run_id)
-            if found is None:
-                raise NotFound(f"run {run_id} not found")
+            found = existing_run(reads, run_id)
             counts = reads.item_counts(run_id)
-        return render_template("confirm.html", run=found, action="cancel", counts=counts)
+        return render_template("confirm.html", run=found, action=action, counts=counts)
 
     # --- campaigns: the launch checklist and deploy ---------------------------------------
 
@@ -319,6 +314,14 @@ def create_app(console: Console) -> Flask:
 
 
 # --- request arguments ---------------------------------------------------------------------
+
+
+def existing_run(reads: Reads, run_id: uuid.UUID) -> dict[str, Any]:
+    """The run, as the request's role and scope see it; KE002 (404) when it does not exist there."""
+    found = reads.run(run_id)
+    if found is None:
+        raise NotFound(f"run {run_id} not found")
+    return found
 
 
 def choice(value: str | None, allowed: tuple[str, ...], name: str) -> str | None:
