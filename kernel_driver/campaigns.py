@@ -12,8 +12,8 @@ import json
 
 import click
 
+from kernel_driver.compatibility import kernel_database
 from kernel_driver.config import Settings
-from kernel_driver.db import database
 from kernel_driver.errors import ChecksFailed
 from kernel_driver.queries import Kernel, LaunchCheck
 from kernel_driver.runs import parse_time, parse_uuid, table
@@ -55,7 +55,7 @@ def check(settings: Settings, campaign: str, workspace: str, as_json: bool) -> N
     one. Exits 1 when the campaign is not ready to deploy."""
 
     campaign_id, workspace_id = parse_uuid(campaign, "campaign id"), parse_uuid(workspace, "workspace id")
-    with database(settings) as conn:
+    with kernel_database(settings) as conn:
         checks = Kernel(conn, settings.schema).launch_checks(campaign_id, workspace_id)
     ready = all(c.passed for c in checks)
     if as_json:
@@ -86,7 +86,7 @@ def deploy(settings: Settings, campaign: str, start_at: str | None, priority: in
 
     campaign_id = parse_uuid(campaign, "campaign id")
     start, end = parse_time(start_at, "--at"), parse_time(deadline, "--deadline")
-    with database(settings) as conn:
+    with kernel_database(settings) as conn:
         kernel = Kernel(conn, settings.schema)
         run_id = kernel.deploy_campaign(campaign_id, batch_size, start_at=start, priority=priority, deadline=end)
         run = kernel.run_details(run_id, 0)["run"]

@@ -17,8 +17,9 @@ import click
 import psycopg
 
 from kernel_driver import migrate as migrator
+from kernel_driver.compatibility import KernelMismatch, require_kernel
 from kernel_driver.config import DEFAULT_SCHEMA, Settings
-from kernel_driver.db import DatabaseUnreachable, KernelError, database, require_dsn
+from kernel_driver.db import DatabaseUnreachable, KernelError, connection_lost, database, require_dsn
 from kernel_driver.errors import (
     BadUsage,
     CommandError,
@@ -31,6 +32,7 @@ from kernel_driver.errors import (
 # Which exception means which exit code; the first match wins (subclasses before bases).
 EXIT_CODES: list[tuple[type[BaseException], type[CommandError]]] = [
     (migrator.MigrationRefused, MigrationRefusedError),
+    (KernelMismatch, DatabaseError),
     (DatabaseUnreachable, DatabaseUnreachableError),
     (KernelError, KernelRefusedError),
     (migrator.MigrationFailed, DatabaseError),
@@ -121,10 +123,20 @@ class KernelGroup(click.Group):
             raise DatabaseError(missing_role(exc, ctx.obj.schema if isinstance(ctx.obj, Settings) else DEFAULT_SCHEMA)
                                 ) from exc
         except Exception as exc:
+            if connection_lost(exc):
+                raise DatabaseUnreachableError(lost_connection(exc)) from exc
             for exc_type, error in EXIT_CODES:
                 if isinstance(exc, exc_type):
                     raise error(" ".join(str(exc).split())) from exc
             raise
+
+
+def lost_connection(exc: Exception) -> str:
+    """What a command whose connection died under it (a server restart, a failover) is told."""
+    reason = " ".join(str(exc).split())
+    return (f"lost the connection to the database while the command ran ({reason}): a change it made is"
+            " committed whole or not at all; once the database is back, run it again (before a deploy or"
+            " runs retry, see with kernel-driver runs list whether its run was made)")
 
 
 def missing_role(exc: psycopg.Error, schema: str) -> str:
@@ -253,9 +265,7 @@ def run(settings: Settings, worker_id: str | None, concurrency: int, tenant_ids:
 
     logs.configure(log_level, log_format)
     with database(settings) as conn:
-        if migrator.kernel_version(conn, settings.schema) is None:
-            raise DatabaseError(f"no kernel in schema {settings.schema}: run kernel-driver migrate first "
-                                "(or pass the --schema it was installed into)")
+        require_kernel(conn, settings.schema)
     worker = Worker(WorkerConfig(
         dsn=require_dsn(settings), schema=settings.schema, worker_id=worker_id or settings.worker_id,
         concurrency=concurrency, poll_interval=poll_interval, lease_seconds=lease_seconds,

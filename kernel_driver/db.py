@@ -29,6 +29,24 @@ def connect(dsn: str, *, autocommit: bool = False) -> psycopg.Connection:
         raise DatabaseUnreachable(f"cannot connect to the database: {reason}") from exc
 
 
+# The server ended the connection: admin_shutdown (a fast stop, a terminated backend),
+# crash_shutdown, cannot_connect_now (starting up or shutting down); and class 08.
+SERVER_ENDED = {"57P01", "57P02", "57P03"}
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """True when ``exc`` (or the error it wraps) means the connection is gone, not that a
+    statement was refused: psycopg raises OperationalError for both. Not for a connection
+    that never was (DatabaseUnreachable)."""
+    if isinstance(exc, DatabaseUnreachable):
+        return False
+    for error in (exc, exc.__cause__):
+        if isinstance(error, psycopg.OperationalError):
+            state = error.sqlstate
+            return state is None or state.startswith("08") or state in SERVER_ENDED
+    return False
+
+
 def require_dsn(settings: Settings) -> str:
     if not settings.dsn:
         raise BadUsage("no database given: pass --dsn postgresql://… or set KERNEL_DSN")

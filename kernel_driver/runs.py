@@ -19,8 +19,8 @@ from typing import Any
 
 import click
 
+from kernel_driver.compatibility import kernel_database
 from kernel_driver.config import Settings
-from kernel_driver.db import database
 from kernel_driver.errors import BadUsage, ChecksFailed
 from kernel_driver.queries import ITEM_STATUSES, RUN_STATUSES, TERMINAL_RUN_STATUSES, Kernel
 
@@ -173,7 +173,7 @@ def show(settings: Settings, run_id: str, as_json: bool, item_limit: int, item_s
     latest state changes."""
 
     run_uuid = parse_uuid(run_id)
-    with database(settings) as conn:
+    with kernel_database(settings) as conn:
         kernel = Kernel(conn, settings.schema)
         while True:
             details = kernel.run_details(run_uuid, 0 if item_status else item_limit)
@@ -205,7 +205,7 @@ def retry(settings: Settings, run_id: str, include_unknown: bool, yes: bool, as_
     """A new run, linked to RUN, for the contacts whose latest item failed (UX2)."""
 
     run_uuid = parse_uuid(run_id)
-    with database(settings) as conn:
+    with kernel_database(settings) as conn:
         kernel = Kernel(conn, settings.schema)
         counts = kernel.run_details(run_uuid, 0)["item_counts"]
         targets = f"{counts.get('failed', 0)} failed" + (
@@ -225,7 +225,7 @@ def cancel(settings: Settings, run_id: str, yes: bool) -> None:
     flight are still recorded."""
 
     run_uuid = parse_uuid(run_id)
-    with database(settings) as conn:
+    with kernel_database(settings) as conn:
         kernel = Kernel(conn, settings.schema)
         status = kernel.run_details(run_uuid, 0)["run"]["status"]
         confirm(f"Cancel run {run_uuid} (now {status})", yes)
@@ -248,7 +248,7 @@ def list_runs(settings: Settings, limit: int, campaign: str | None, status: str 
     campaign_id = parse_uuid(campaign, "campaign id") if campaign else None
     tenant_id = parse_uuid(tenant, "tenant id") if tenant else None
     since_time = parse_time(since, "--since")
-    with database(settings) as conn:
+    with kernel_database(settings) as conn:
         found = Kernel(conn, settings.schema).latest_runs(
             limit, campaign_id=campaign_id, status=status, since=since_time, tenant_id=tenant_id)
     if as_json:

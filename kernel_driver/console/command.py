@@ -11,12 +11,12 @@ import click
 import waitress
 from psycopg_pool import ConnectionPool
 
-from kernel_driver import migrate
+from kernel_driver.compatibility import require_kernel
 from kernel_driver.config import Settings
 from kernel_driver.console.app import Console, create_app
 from kernel_driver.console.auth import Access, Tokens, generated_admin_token, parse_tokens
 from kernel_driver.db import database, require_dsn
-from kernel_driver.errors import BadUsage, DatabaseError
+from kernel_driver.errors import BadUsage
 
 DEFAULT_BIND = "127.0.0.1:8700"
 
@@ -46,9 +46,7 @@ def ui(settings: Settings, bind: str, tokens_file: Path | None, threads: int) ->
     except ValueError as exc:
         raise BadUsage(str(exc)) from None
     with database(settings) as conn:
-        version = migrate.kernel_version(conn, settings.schema)
-    if version is None:
-        raise DatabaseError(f"no kernel in schema {settings.schema}: run kernel-driver migrate first")
+        version = require_kernel(conn, settings.schema)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     pool = ConnectionPool(require_dsn(settings), min_size=1, max_size=threads, open=True,
                           kwargs={"autocommit": True, "prepare_threshold": None})

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import psycopg
 
 from kernel_driver.errors import BadUsage
 
@@ -39,3 +42,26 @@ def embedded_postgres(pgdata: Path | None = None) -> Iterator[str]:
         yield server.get_uri()
     finally:
         server.cleanup()
+
+
+def restart_immediately(dsn: str) -> None:
+    """pg_ctl restart -m immediate (a crash: no checkpoint, every connection cut) of the
+    embedded server behind `dsn`, as its own system user."""
+    from pgserver._commands import pg_ctl
+    from pgserver.postgres_server import PostgresServer
+
+    (server,) = [s for s in PostgresServer._instances.values() if s.get_uri() == dsn]
+    pg_ctl(["-w", "-m", "immediate", "restart"], pgdata=server.pgdata, user=server.system_user, timeout=60)
+
+
+def connected(dsn: str, timeout: float = 30) -> psycopg.Connection:
+    """An autocommit connection with the kernel schema on the path, once the server (maybe
+    just restarted) accepts one."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return psycopg.connect(dsn, autocommit=True, options="-c search_path=kernel")
+        except psycopg.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)

@@ -10,44 +10,13 @@ from __future__ import annotations
 
 import time
 
-import psycopg
-import pytest
-
-from kernel_driver import migrate
 from kernel_driver.queries import Kernel
-from kernel_driver.testing.postgres import embedded_postgres
+from kernel_driver.testing.postgres import connected, restart_immediately
 from kernel_driver.testing.seed import seed_campaign
 from kernel_driver.testing.sinks import SmtpSink
 from tests.integration.daemon import item_counts, start_daemon
 
 RESTARTS = 3
-
-
-def restart_immediately(dsn: str) -> None:
-    """pg_ctl restart -m immediate on the embedded cluster behind `dsn`, as its own user."""
-    from pgserver._commands import pg_ctl
-    from pgserver.postgres_server import PostgresServer
-
-    (server,) = [s for s in PostgresServer._instances.values() if s.get_uri() == dsn]
-    pg_ctl(["-w", "-m", "immediate", "restart"], pgdata=server.pgdata, user=server.system_user, timeout=60)
-
-
-def connected(dsn: str) -> psycopg.Connection:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            return psycopg.connect(dsn, autocommit=True, options="-c search_path=kernel")
-        except psycopg.OperationalError:
-            assert time.monotonic() < deadline, "the server did not come back within 30 s"
-            time.sleep(0.2)
-
-
-@pytest.fixture
-def own_cluster() -> object:
-    with embedded_postgres() as dsn:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            list(migrate.migrate(conn, "kernel", migrate.load_migrations()))
-        yield dsn
 
 
 def test_immediate_restarts_under_a_running_daemon_lose_no_outcome(own_cluster):

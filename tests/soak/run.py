@@ -35,10 +35,9 @@ import psycopg
 
 from kernel_driver import migrate
 from kernel_driver.queries import Kernel
-from kernel_driver.testing.postgres import embedded_postgres
+from kernel_driver.testing.postgres import embedded_postgres, restart_immediately
 from kernel_driver.testing.seed import seed_campaign
 from kernel_driver.testing.sinks import SmtpSink, VoiceSink, WebhookSink
-from tests.crash.test_db_restart import restart_immediately
 from tests.integration.daemon import Daemon, start_daemon
 
 SCHEMA = "kernel"

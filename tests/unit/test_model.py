@@ -1,6 +1,7 @@
 """The delivery protocol, model-checked (issue 12, item 5): model/delivery.pml through SPIN,
 every interleaving of two daemons, each with a window of calls in flight, that crash, pause
-past their lease and lose their database connection. The protocol as built passes; each mutant of it fails, so the checks can fail."""
+past their lease and lose their database connection. The protocol as built passes; each mutant
+of it fails, so the checks can fail."""
 
 from __future__ import annotations
 
