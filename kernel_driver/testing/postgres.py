@@ -47,10 +47,11 @@ def embedded_postgres(pgdata: Path | None = None) -> Iterator[str]:
 def restart_immediately(dsn: str) -> None:
     """pg_ctl restart -m immediate (a crash: no checkpoint, every connection cut) of the
     embedded server behind `dsn`, as its own system user."""
-    from pgserver._commands import pg_ctl
+    from pgserver import _commands  # its pg_ctl & co. are made at import time
     from pgserver.postgres_server import PostgresServer
 
     (server,) = [s for s in PostgresServer._instances.values() if s.get_uri() == dsn]
+    pg_ctl = getattr(_commands, "pg_ctl")  # noqa: B009 (mypy cannot see it)
     pg_ctl(["-w", "-m", "immediate", "restart"], pgdata=server.pgdata, user=server.system_user, timeout=60)
 
 
