@@ -8,6 +8,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -44,15 +45,33 @@ def embedded_postgres(pgdata: Path | None = None) -> Iterator[str]:
         server.cleanup()
 
 
-def restart_immediately(dsn: str) -> None:
-    """pg_ctl restart -m immediate (a crash: no checkpoint, every connection cut) of the
-    embedded server behind `dsn`, as its own system user."""
-    from pgserver import _commands  # its pg_ctl & co. are made at import time
+def _server(dsn: str) -> Any:
+    """The embedded server (pgserver's PostgresServer) behind `dsn`."""
     from pgserver.postgres_server import PostgresServer
 
     (server,) = [s for s in PostgresServer._instances.values() if s.get_uri() == dsn]
-    pg_ctl = getattr(_commands, "pg_ctl")  # noqa: B009 (mypy cannot see it)
-    pg_ctl(["-w", "-m", "immediate", "restart"], pgdata=server.pgdata, user=server.system_user, timeout=60)
+    return server
+
+
+def pg_ctl(dsn: str, *args: str) -> str:
+    """pg_ctl ARGS… on the embedded server behind `dsn`, as its own system user."""
+    from pgserver import _commands  # its pg_ctl & co. are made at import time
+
+    server = _server(dsn)
+    run = getattr(_commands, "pg_ctl")  # noqa: B009 (mypy cannot see it)
+    return str(run(list(args), pgdata=server.pgdata, user=server.system_user, timeout=60))
+
+
+def restart_immediately(dsn: str) -> None:
+    """pg_ctl restart -m immediate (a crash: no checkpoint, every connection cut) of the
+    embedded server behind `dsn`."""
+    pg_ctl(dsn, "-w", "-m", "immediate", "restart")
+
+
+def start_if_stopped(dsn: str) -> None:
+    """Start the embedded server behind `dsn` again if it stopped (as after a PANIC whose crash
+    recovery failed), with its own socket directory and log."""
+    _server(dsn).ensure_postgres_running()
 
 
 def connected(dsn: str, timeout: float = 30) -> psycopg.Connection:

@@ -4,7 +4,8 @@ the end. Everything is real: a PostgreSQL cluster of its own (embedded, so it ca
 two `kernel-driver run` processes, an SMTP server and HTTP receivers for voice and webhooks.
 
 Faults: a daemon SIGKILLed (and started again), a daemon SIGSTOPped past its lease and resumed,
-the server restarted in immediate mode, the daemons' connections terminated, receivers
+the server restarted in immediate mode, the daemons' connections terminated, the cluster's disk
+full for a few seconds (when run as root: the cluster lives on a tmpfs of its own), receivers
 answering 500, timing out, resetting mid-reply, refusing connections or answering slowly, the
 SMTP server failing temporarily. Campaigns: e-mail, voice and webhook, some with a priority,
 some starting a few seconds later, some with a send window.
@@ -18,13 +19,19 @@ report (JSON) says how many faults of each kind were survived and how much was d
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import random
 import signal
+import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -35,7 +42,7 @@ import psycopg
 
 from kernel_driver import migrate
 from kernel_driver.queries import Kernel
-from kernel_driver.testing.postgres import embedded_postgres, restart_immediately
+from kernel_driver.testing.postgres import embedded_postgres, restart_immediately, start_if_stopped
 from kernel_driver.testing.seed import seed_campaign
 from kernel_driver.testing.sinks import SmtpSink, VoiceSink, WebhookSink
 from tests.integration.daemon import Daemon, start_daemon
@@ -46,7 +53,61 @@ DAEMON_ARGS = ("--concurrency", "8", "--lease-seconds", str(LEASE_S), "--poll-in
                "--grace-seconds", "2", "--log-level", "WARNING")
 TERMINAL_RUNS = ("completed", "partial", "failed", "cancelled")
 # Faults that can lose a daemon with items out, and faults of a provider's answers.
-DAEMON_FAULTS = ("sigkill", "sigstop", "restart", "terminate")
+DAEMON_FAULTS = ("sigkill", "sigstop", "restart", "terminate", "disk full")
+DISK_CAP = "16g"  # the tmpfs' size when not full: a cap, it holds only what the cluster writes
+
+
+class FillableDisk:
+    """The cluster's own file system, a tmpfs, so that it can be made full for a while."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.ballast = path / "ballast"
+
+    def used_kib(self) -> int:
+        stat = os.statvfs(self.path)
+        return (stat.f_blocks - stat.f_bfree) * stat.f_frsize // 1024
+
+    def remount(self, size: str) -> bool:
+        return subprocess.run(["mount", "-o", f"remount,size={size}", str(self.path)],
+                              capture_output=True).returncode == 0
+
+    def fill(self) -> None:
+        """Shrink it to what is used (the server writes meanwhile: try again), then take the rest."""
+        for _ in range(50):
+            if self.remount(f"{self.used_kib() + 64}k"):
+                break
+        with self.ballast.open("wb") as ballast:
+            try:
+                while True:
+                    ballast.write(bytes(65536))
+                    ballast.flush()
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+
+    def free(self) -> None:
+        self.ballast.unlink(missing_ok=True)
+        if not self.remount(DISK_CAP):
+            raise RuntimeError(f"could not grow {self.path} back to {DISK_CAP}")
+
+
+@contextmanager
+def fillable_disk(path: Path) -> Iterator[tuple[FillableDisk | None, str]]:
+    """A tmpfs at `path` for the cluster, or None (and why) where mounting is not allowed."""
+    path.mkdir()
+    if os.geteuid() != 0:
+        yield None, "not injected: mounting the cluster's tmpfs needs root"
+        return
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK_CAP},mode=1777", "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        yield None, f"not injected: mount said {mounted.stderr.strip()}"
+        return
+    try:
+        yield FillableDisk(path), "injected"
+    finally:
+        subprocess.run(["umount", "--lazy", str(path)], check=False)
 RECEIVER_FAULTS = ("receiver", "smtp")
 
 
@@ -57,6 +118,7 @@ class Soak:
     voice: VoiceSink
     webhook: WebhookSink
     rng: random.Random
+    disk: FillableDisk | None
     tenants: list[uuid.UUID] = field(default_factory=list)
     daemons: list[Daemon] = field(default_factory=list)
     runs: dict[Any, dict[str, Any]] = field(default_factory=dict)  # run id -> channel, contacts
@@ -111,7 +173,8 @@ class Soak:
     def fault(self) -> None:
         """One fault, and when it lasted: an item may end unknown only if it was in flight
         (dispatched, its outcome not recorded) while a fault lasted."""
-        kind = self.rng.choice(["sigkill", "sigstop", "restart", "terminate", "receivers", "smtp"])
+        kind = self.rng.choice(["sigkill", "sigstop", "restart", "terminate", "receivers", "smtp",
+                                *(["disk"] if self.disk else [])])
         started = datetime.now(UTC)
         name = self.inject(kind)
         self.faults[name] += 1
@@ -129,6 +192,13 @@ class Soak:
             daemon.send_signal(signal.SIGCONT)
         elif kind == "restart":
             restart_immediately(self.dsn)
+        elif kind == "disk" and self.disk:
+            self.disk.fill()  # writes fail (53100); a WAL write that fails is a PANIC: a crash
+            self.prove_disk_full()
+            time.sleep(self.rng.uniform(1, 2 * LEASE_S))
+            self.disk.free()
+            start_if_stopped(self.dsn)  # its crash recovery may have failed on the full disk
+            return "disk full"
         elif kind == "terminate":
             with self.connect() as conn:
                 conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
@@ -158,6 +228,15 @@ class Soak:
             self.smtp.temp_fail = False
             return "smtp temporary failure"
         return kind
+
+    def prove_disk_full(self) -> None:
+        """The fault is real: a write of 20 MB (a temporary table, past its buffers) fails."""
+        try:
+            with psycopg.connect(self.dsn, autocommit=True, connect_timeout=5) as conn:
+                conn.execute("CREATE TEMP TABLE ballast AS SELECT repeat('x', 1000) FROM generate_series(1, 20000)")
+        except psycopg.OperationalError:
+            return  # refused (53100), or the server is down: it crashed on a failed write
+        raise RuntimeError("the cluster's disk was made full, yet a 20 MB write succeeded")
 
     # --- invariants --------------------------------------------------------------------------
 
@@ -234,10 +313,14 @@ def main(duration: float, seed: int | None, report: Path | None) -> None:
     seed = seed if seed is not None else random.randrange(2**31)
     click.echo(f"soak: {duration:.0f} s of faults, seed {seed}")
     started = time.monotonic()
-    with (embedded_postgres() as dsn, SmtpSink() as smtp, VoiceSink() as voice, WebhookSink() as webhook):
+    with (tempfile.TemporaryDirectory(prefix="soak-") as scratch,
+          fillable_disk(Path(scratch) / "disk") as (disk, disk_full),
+          embedded_postgres(Path(scratch) / "disk" / "pg") as dsn,
+          SmtpSink() as smtp, VoiceSink() as voice, WebhookSink() as webhook):
+        click.echo(f"soak: disk full {disk_full}")
         with psycopg.connect(dsn, autocommit=True) as conn:
             list(migrate.migrate(conn, SCHEMA, migrate.load_migrations()))
-        soak = Soak(dsn, smtp, voice, webhook, random.Random(seed))
+        soak = Soak(dsn, smtp, voice, webhook, random.Random(seed), disk)
         soak.tenants = [uuid.UUID(int=soak.rng.getrandbits(128)) for _ in range(3)]
         soak.start_daemons()
         next_fault = time.monotonic() + soak.rng.uniform(2, 5)
@@ -258,7 +341,8 @@ def main(duration: float, seed: int | None, report: Path | None) -> None:
         delivered = {"e-mails": len(smtp.messages), "calls": len(voice.calls),
                      "webhooks": len(webhook.deliveries_by_key)}
     summary = {"seed": seed, "duration_s": round(time.monotonic() - started, 1), "campaigns": len(soak.runs),
-               "faults": dict(soak.faults), "delivered": delivered, "checks_while_running": soak.checks, **result}
+               "faults": dict(soak.faults), "disk_full": disk_full, "delivered": delivered,
+               "checks_while_running": soak.checks, **result}
     click.echo(json.dumps(summary, indent=2, default=str))
     if report:
         report.write_text(json.dumps(summary, indent=2, default=str) + "\n")
