@@ -42,7 +42,7 @@ import psycopg
 
 from kernel_driver import migrate
 from kernel_driver.queries import Kernel
-from kernel_driver.testing.postgres import embedded_postgres, restart_immediately, start_if_stopped
+from kernel_driver.testing.postgres import connected, embedded_postgres, restart_immediately, start_if_stopped
 from kernel_driver.testing.seed import seed_campaign
 from kernel_driver.testing.sinks import SmtpSink, VoiceSink, WebhookSink
 from tests.integration.daemon import Daemon, start_daemon
@@ -54,6 +54,7 @@ DAEMON_ARGS = ("--concurrency", "8", "--lease-seconds", str(LEASE_S), "--poll-in
 TERMINAL_RUNS = ("completed", "partial", "failed", "cancelled")
 # Faults that can lose a daemon with items out, and faults of a provider's answers.
 DAEMON_FAULTS = ("sigkill", "sigstop", "restart", "terminate", "disk full")
+RECEIVER_FAULTS = ("receiver", "smtp")
 DISK_CAP = "16g"  # the tmpfs' size when not full: a cap, it holds only what the cluster writes
 
 
@@ -74,9 +75,8 @@ class FillableDisk:
 
     def fill(self) -> None:
         """Shrink it to what is used (the server writes meanwhile: try again), then take the rest."""
-        for _ in range(50):
-            if self.remount(f"{self.used_kib() + 64}k"):
-                break
+        if not any(self.remount(f"{self.used_kib() + 64}k") for _ in range(50)):
+            raise RuntimeError(f"could not shrink {self.path} to what it holds: a ballast would take all {DISK_CAP}")
         with self.ballast.open("wb") as ballast:
             try:
                 while True:
@@ -108,7 +108,6 @@ def fillable_disk(path: Path) -> Iterator[tuple[FillableDisk | None, str]]:
         yield FillableDisk(path), "injected"
     finally:
         subprocess.run(["umount", "--lazy", str(path)], check=False)
-RECEIVER_FAULTS = ("receiver", "smtp")
 
 
 @dataclass
@@ -128,14 +127,7 @@ class Soak:
     checks: int = 0
 
     def connect(self) -> psycopg.Connection:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                return psycopg.connect(self.dsn, autocommit=True, options=f"-c search_path={SCHEMA}")
-            except psycopg.OperationalError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.3)
+        return connected(self.dsn, timeout=60)
 
     # --- work ------------------------------------------------------------------------------
 
