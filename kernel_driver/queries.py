@@ -152,20 +152,24 @@ class Kernel:
             uuid_as_text=True,
         )
 
-    def release_jobs(self, worker: str, job_ids: Sequence[str | UUID], reason: str) -> int:
+    def release_jobs(self, worker: str, job_ids: Sequence[str | UUID], reason: str,
+                     tenant_ids: Sequence[UUID] | None = None) -> int:
+        """Hand back the jobs `worker` still holds (of `tenant_ids`; None: every tenant in scope)."""
         return int(self._scalar(
-            "SELECT {schema}.release_jobs(%s, %s::uuid[], %s)", (worker, list(job_ids), reason)
+            "SELECT {schema}.release_jobs(%s, %s::uuid[], %s, %s::uuid[])",
+            (worker, list(job_ids), reason, None if tenant_ids is None else uuid_array(tenant_ids)),
         ))
 
-    def undispatch_items(self, worker: str, job_ids: Sequence[str | UUID],
-                         known_item_ids: Iterable[str | UUID]) -> list[tuple[str, str, str, str, str, str]]:
+    def undispatch_items(self, worker: str, job_ids: Sequence[str | UUID], known_item_ids: Iterable[str | UUID],
+                         tenant_ids: Sequence[UUID] | None = None) -> list[tuple[str, str, str, str, str, str]]:
         """After a lost connection: the items of held jobs marked dispatched that the daemon
         never handed to a provider, back to undispatched; each as (job, run, item, key,
         recipient, contact), ids as text."""
         return self._call(
             "SELECT job_id, run_id, id, idempotency_key, recipient, contact_id"
-            " FROM {schema}.undispatch_items(%s, %s::uuid[], %s::uuid[])",
-            (worker, uuid_array(job_ids), uuid_array(known_item_ids)),
+            " FROM {schema}.undispatch_items(%s, %s::uuid[], %s::uuid[], %s::uuid[])",
+            (worker, uuid_array(job_ids), uuid_array(known_item_ids),
+             None if tenant_ids is None else uuid_array(tenant_ids)),
             uuid_as_text=True,
         )
 

@@ -275,7 +275,7 @@ class Worker:
             return
         known = [item_id for job in self._jobs.values() for item_id in (*job.handed, *job.waiting)]
         now = time.monotonic()
-        rows = kernel.undispatch_items(self.config.worker_id, list(self._jobs), known)
+        rows = kernel.undispatch_items(self.config.worker_id, list(self._jobs), known, self.config.tenant_ids)
         for row in rows:
             item = Item(*row)
             self._jobs[item.job_id].waiting[item.id] = (item, now)
@@ -544,7 +544,8 @@ class Worker:
                             job_id, extra=_fields(job))
             job.complete_asked = True
         if stuck:
-            kernel.release_jobs(self.config.worker_id, stuck, "the kernel would not end the job")
+            kernel.release_jobs(self.config.worker_id, stuck, "the kernel would not end the job",
+                                self.config.tenant_ids)
             for job_id in stuck:
                 del self._jobs[job_id]
 
@@ -559,7 +560,8 @@ class Worker:
             self._apply(kernel, request, rows)
         if self._jobs:
             released = kernel.release_jobs(
-                self.config.worker_id, list(self._jobs), f"released by {self.config.worker_id} on shutdown"
+                self.config.worker_id, list(self._jobs), f"released by {self.config.worker_id} on shutdown",
+                self.config.tenant_ids,
             )
             log.info("%d jobs released (shutdown)", released)
             self._jobs.clear()

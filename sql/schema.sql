@@ -19,7 +19,8 @@ GRANT USAGE ON SCHEMA kernel TO kernel_worker;
 --   0005 0005_kernel_1_4
 --   0006 0006_kernel_1_5
 --   0007 0007_kernel_1_6
--- kernel_version() = 1.6.0
+--   0008 0008_kernel_1_7
+-- kernel_version() = 1.7.0
 
 -- SEQUENCE kernel.job_events_id_seq
 
@@ -30,23 +31,27 @@ ALTER SEQUENCE kernel.job_events_id_seq OWNER TO kernel_owner;
 
 CREATE TABLE kernel.campaign_audience (
     campaign_id uuid NOT NULL,
-    contact_id uuid NOT NULL
+    contact_id uuid NOT NULL,
+    tenant_id uuid NOT NULL
 );
-ALTER TABLE kernel.campaign_audience ADD CONSTRAINT campaign_audience_campaign_id_fkey FOREIGN KEY (campaign_id) REFERENCES kernel.campaigns(id) ON DELETE CASCADE;
-ALTER TABLE kernel.campaign_audience ADD CONSTRAINT campaign_audience_contact_id_fkey FOREIGN KEY (contact_id) REFERENCES kernel.contacts(id) ON DELETE CASCADE;
-ALTER TABLE kernel.campaign_audience ADD CONSTRAINT campaign_audience_pkey PRIMARY KEY (campaign_id, contact_id);
-CREATE INDEX campaign_audience_by_contact_idx ON kernel.campaign_audience USING btree (contact_id);
+ALTER TABLE kernel.campaign_audience ADD CONSTRAINT campaign_audience_campaign_id_fkey FOREIGN KEY (campaign_id, tenant_id) REFERENCES kernel.campaigns(id, tenant_id) ON DELETE CASCADE;
+ALTER TABLE kernel.campaign_audience ADD CONSTRAINT campaign_audience_contact_id_fkey FOREIGN KEY (contact_id, tenant_id) REFERENCES kernel.contacts(id, tenant_id) ON DELETE CASCADE;
+ALTER TABLE kernel.campaign_audience ADD CONSTRAINT campaign_audience_pkey PRIMARY KEY (campaign_id, tenant_id, contact_id);
+CREATE INDEX campaign_audience_by_contact_idx ON kernel.campaign_audience USING btree (contact_id, tenant_id);
 CREATE TRIGGER campaign_audience_same_tenant_on_insert AFTER INSERT ON kernel.campaign_audience REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION kernel._campaign_audience_same_tenant();
 CREATE TRIGGER campaign_audience_same_tenant_on_update AFTER UPDATE ON kernel.campaign_audience REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION kernel._campaign_audience_same_tenant();
 CREATE TRIGGER campaign_audience_scope_guard BEFORE INSERT OR UPDATE ON kernel.campaign_audience FOR EACH ROW WHEN ((kernel.current_tenant() IS NOT NULL)) EXECUTE FUNCTION kernel._campaign_audience_scope_guard();
+CREATE TRIGGER campaign_audience_tenant BEFORE INSERT ON kernel.campaign_audience FOR EACH ROW WHEN ((new.tenant_id IS NULL)) EXECUTE FUNCTION kernel._campaign_audience_tenant();
+CREATE TRIGGER campaign_audience_tenant_on_update BEFORE UPDATE ON kernel.campaign_audience FOR EACH ROW EXECUTE FUNCTION kernel._campaign_audience_tenant();
 ALTER TABLE kernel.campaign_audience ENABLE ROW LEVEL SECURITY;
 CREATE POLICY campaign_audience_operator_reads ON kernel.campaign_audience AS PERMISSIVE FOR SELECT TO kernel_operator USING (true);
 CREATE POLICY campaign_audience_tenant_isolation ON kernel.campaign_audience AS PERMISSIVE FOR ALL TO kernel_app, kernel_reader USING (((EXISTS ( SELECT 1
    FROM kernel.campaigns c
-  WHERE (c.id = campaign_audience.campaign_id))) AND (EXISTS ( SELECT 1
+  WHERE ((c.id = campaign_audience.campaign_id) AND (c.tenant_id = campaign_audience.tenant_id)))) AND (EXISTS ( SELECT 1
    FROM kernel.contacts p
-  WHERE (p.id = campaign_audience.contact_id)))));
+  WHERE ((p.id = campaign_audience.contact_id) AND (p.tenant_id = campaign_audience.tenant_id))))));
 COMMENT ON TABLE kernel.campaign_audience IS 'Host table: which contacts a campaign targets. Both must belong to the same tenant and workspace.';
+COMMENT ON COLUMN kernel.campaign_audience.tenant_id IS 'The tenant of the campaign and the contact; filled from the campaign when an insert leaves it out.';
 ALTER TABLE kernel.campaign_audience OWNER TO kernel_owner;
 GRANT DELETE, INSERT, SELECT, UPDATE ON TABLE kernel.campaign_audience TO kernel_app;
 GRANT SELECT ON TABLE kernel.campaign_audience TO kernel_operator;
@@ -111,8 +116,7 @@ CREATE TABLE kernel.campaigns (
     send_window_start time without time zone,
     send_window_end time without time zone
 );
-ALTER TABLE kernel.campaigns ADD CONSTRAINT campaigns_id_tenant_id_key UNIQUE (id, tenant_id);
-ALTER TABLE kernel.campaigns ADD CONSTRAINT campaigns_pkey PRIMARY KEY (id);
+ALTER TABLE kernel.campaigns ADD CONSTRAINT campaigns_pkey PRIMARY KEY (id, tenant_id);
 ALTER TABLE kernel.campaigns ADD CONSTRAINT campaigns_priority_in_range CHECK (((priority >= '-1000'::integer) AND (priority <= 1000)));
 ALTER TABLE kernel.campaigns ADD CONSTRAINT campaigns_send_window_check CHECK ((((send_window_start IS NULL) AND (send_window_end IS NULL)) OR ((send_window_start IS NOT NULL) AND (send_window_end IS NOT NULL) AND (send_window_start <> send_window_end))));
 ALTER TABLE kernel.campaigns ADD CONSTRAINT campaigns_workspace_owner_fkey FOREIGN KEY (tenant_id, workspace_id) REFERENCES kernel.workspaces(tenant_id, id);
@@ -194,7 +198,7 @@ CREATE TABLE kernel.contacts (
     created_at timestamp with time zone DEFAULT now() NOT NULL,
     time_zone text
 );
-ALTER TABLE kernel.contacts ADD CONSTRAINT contacts_pkey PRIMARY KEY (id);
+ALTER TABLE kernel.contacts ADD CONSTRAINT contacts_pkey PRIMARY KEY (id, tenant_id);
 ALTER TABLE kernel.contacts ADD CONSTRAINT contacts_time_zone_valid CHECK (((time_zone IS NULL) OR kernel.is_time_zone(time_zone)));
 ALTER TABLE kernel.contacts ADD CONSTRAINT contacts_workspace_owner_fkey FOREIGN KEY (tenant_id, workspace_id) REFERENCES kernel.workspaces(tenant_id, id);
 CREATE INDEX contacts_by_tenant_workspace_idx ON kernel.contacts USING btree (tenant_id, workspace_id);
@@ -317,7 +321,7 @@ CREATE TABLE kernel.provider_configs (
     tenant_id uuid DEFAULT kernel.current_tenant() NOT NULL,
     max_per_second numeric
 );
-ALTER TABLE kernel.provider_configs ADD CONSTRAINT provider_configs_pkey PRIMARY KEY (workspace_id, channel);
+ALTER TABLE kernel.provider_configs ADD CONSTRAINT provider_configs_pkey PRIMARY KEY (workspace_id, channel, tenant_id);
 ALTER TABLE kernel.provider_configs ADD CONSTRAINT provider_configs_rate_positive_check CHECK ((max_per_second > (0)::numeric));
 ALTER TABLE kernel.provider_configs ADD CONSTRAINT provider_configs_workspace_owner_fkey FOREIGN KEY (tenant_id, workspace_id) REFERENCES kernel.workspaces(tenant_id, id);
 CREATE TRIGGER provider_configs_workspace_guard BEFORE INSERT OR UPDATE OF tenant_id, workspace_id ON kernel.provider_configs FOR EACH ROW EXECUTE FUNCTION kernel._workspace_guard();
@@ -458,9 +462,9 @@ DECLARE
 BEGIN
     SELECT n.campaign_id, n.contact_id INTO _bad
     FROM new_rows AS n
-    INNER JOIN kernel.campaigns AS c ON n.campaign_id = c.id
-    INNER JOIN kernel.contacts AS p ON n.contact_id = p.id
-    WHERE c.tenant_id <> p.tenant_id OR c.workspace_id <> p.workspace_id
+    INNER JOIN kernel.campaigns AS c ON n.campaign_id = c.id AND n.tenant_id = c.tenant_id
+    INNER JOIN kernel.contacts AS p ON n.contact_id = p.id AND n.tenant_id = p.tenant_id
+    WHERE c.workspace_id <> p.workspace_id
     LIMIT 1;
     IF FOUND THEN
         RAISE EXCEPTION 'contact % is not in the tenant and workspace of campaign %',
@@ -485,13 +489,15 @@ BEGIN
     -- another tenant's campaign or contact is missing, whether or not it exists.
     IF NOT EXISTS (
         SELECT 1 FROM kernel.campaigns AS c
-        WHERE c.id = NEW.campaign_id AND kernel.in_scope(c.tenant_id, c.workspace_id)
+        WHERE c.id = NEW.campaign_id AND c.tenant_id = kernel.current_tenant()
+          AND kernel.in_scope(c.tenant_id, c.workspace_id)
     ) THEN
         RAISE EXCEPTION 'campaign % not found', NEW.campaign_id USING ERRCODE = 'KE002';
     END IF;
     IF NOT EXISTS (
         SELECT 1 FROM kernel.contacts AS p
-        WHERE p.id = NEW.contact_id AND kernel.in_scope(p.tenant_id, p.workspace_id)
+        WHERE p.id = NEW.contact_id AND p.tenant_id = kernel.current_tenant()
+          AND kernel.in_scope(p.tenant_id, p.workspace_id)
     ) THEN
         RAISE EXCEPTION 'contact % not found', NEW.contact_id USING ERRCODE = 'KE002';
     END IF;
@@ -500,6 +506,36 @@ END
 $function$;
 COMMENT ON FUNCTION kernel._campaign_audience_scope_guard() IS 'Trigger for scoped sessions: an audience row naming a campaign or contact outside the scope is refused as not found (KE002), before any key check can reveal it.';
 ALTER FUNCTION kernel._campaign_audience_scope_guard() OWNER TO kernel_owner;
+
+-- FUNCTION kernel._campaign_audience_tenant()
+
+CREATE OR REPLACE FUNCTION kernel._campaign_audience_tenant()
+ RETURNS trigger
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+    IF NEW.tenant_id IS NULL THEN
+        NEW.tenant_id := kernel._tenant_of('campaign', NEW.campaign_id);
+    END IF;
+    IF NEW.tenant_id IS NULL THEN
+        RAISE EXCEPTION 'campaign % not found', NEW.campaign_id USING ERRCODE = 'KE002';
+    END IF;
+    IF NOT EXISTS (
+        SELECT 1 FROM kernel.campaigns AS c
+        INNER JOIN kernel.contacts AS p
+            ON p.id = NEW.contact_id AND p.tenant_id = c.tenant_id AND p.workspace_id = c.workspace_id
+        WHERE c.id = NEW.campaign_id AND c.tenant_id = NEW.tenant_id
+    ) THEN
+        RAISE EXCEPTION 'contact % is not in the tenant and workspace of campaign %', NEW.contact_id, NEW.campaign_id
+            USING ERRCODE = 'KE008';
+    END IF;
+    RETURN NEW;
+END
+$function$;
+COMMENT ON FUNCTION kernel._campaign_audience_tenant() IS 'Trigger: an audience row without tenant_id gets its campaign''s (or the scope''s); a row inserted so, or updated, must pair a campaign and a contact of one tenant and workspace (KE008).';
+ALTER FUNCTION kernel._campaign_audience_tenant() OWNER TO kernel_owner;
 
 -- FUNCTION kernel._campaign_runs_guard()
 
@@ -697,23 +733,26 @@ DECLARE
 BEGIN
     -- Scheduled jobs that came due (a start, a window opening) become queued: at most 1,000
     -- per claim, oldest first; concurrent claimers promote different ones (SKIP LOCKED).
-    IF EXISTS (SELECT 1 FROM kernel.job_queue WHERE status = 'scheduled' AND run_after <= _now) THEN
+    IF EXISTS (SELECT 1 FROM kernel.job_queue AS d
+               WHERE d.status = 'scheduled' AND d.run_after <= _now
+                 AND (_only IS NULL OR d.tenant_id = ANY (_only))) THEN
         UPDATE kernel.job_queue AS j SET status = 'queued'
         FROM (
-            SELECT d.id FROM kernel.job_queue AS d
+            SELECT d.id, d.tenant_id FROM kernel.job_queue AS d
             WHERE d.status = 'scheduled' AND d.run_after <= _now
+              AND (_only IS NULL OR d.tenant_id = ANY (_only))
             ORDER BY d.run_after LIMIT 1000
             FOR UPDATE SKIP LOCKED
         ) AS d
-        WHERE j.id = d.id;
+        WHERE j.id = d.id AND j.tenant_id = d.tenant_id;
     END IF;
 
     -- Expired leases first (their holder died: the crash path), then queued jobs.
     WITH RECURSIVE expired AS (
-        SELECT j.id FROM kernel.job_queue AS j
+        SELECT j.id, j.tenant_id FROM kernel.job_queue AS j
         WHERE j.status = 'processing' AND j.lease_expires_at < now()
           AND (kernel.current_tenant() IS NULL OR kernel.in_scope(j.tenant_id, j.workspace_id))
-          AND (p_tenant_ids IS NULL OR j.tenant_id = ANY (p_tenant_ids))
+          AND (_only IS NULL OR j.tenant_id = ANY (_only))
         ORDER BY j.lease_expires_at, j.id
         LIMIT p_max_jobs
         FOR UPDATE SKIP LOCKED
@@ -819,7 +858,7 @@ BEGIN
     ), topped AS (
         -- Room no tenant could fill is topped up from the run that filled its share in the
         -- least busy tenant, walking its jobs past what is offered already.
-        SELECT c.id
+        SELECT c.id, t.tenant_id
         FROM (
             SELECT o.tenant_id, o.priority, o.run_id FROM offered AS o WHERE o.run_filled
             ORDER BY o.busy, o.tenant_n, o.rank_priority DESC, o.run_n LIMIT 1
@@ -837,11 +876,11 @@ BEGIN
     ), due AS (
         -- In turns: every tenant's first job before any tenant's second, the least busy first;
         -- past its share, a tenant's further offered jobs, then the top-up.
-        (SELECT r.id FROM ranked AS r ORDER BY r.turn > r.share, r.turn, r.busy, r.tenant_n LIMIT p_max_jobs)
+        (SELECT r.id, r.tenant_id FROM ranked AS r ORDER BY r.turn > r.share, r.turn, r.busy, r.tenant_n LIMIT p_max_jobs)
         UNION ALL
-        SELECT t.id FROM topped AS t
+        SELECT t.id, t.tenant_id FROM topped AS t
     ), candidates AS (
-        SELECT id FROM expired UNION ALL SELECT id FROM due LIMIT p_max_jobs
+        SELECT id, tenant_id FROM expired UNION ALL SELECT id, tenant_id FROM due LIMIT p_max_jobs
     ), taken AS (
         UPDATE kernel.job_queue AS j
         SET status = CASE WHEN j.attempts >= j.max_attempts THEN 'failed' ELSE 'processing' END,
@@ -854,7 +893,7 @@ BEGIN
                 THEN format('gave up after %s attempts (last: %s)', j.attempts, coalesce(j.last_error, 'lease expired'))
                 ELSE j.last_error END
         FROM candidates AS c
-        WHERE j.id = c.id
+        WHERE j.id = c.id AND j.tenant_id = c.tenant_id
         RETURNING j AS job
     )
     SELECT coalesce(array_agg(t.job ORDER BY (t.job).priority DESC, (t.job).run_after, (t.job).id), '{}')
@@ -862,14 +901,14 @@ BEGIN
 
     FOREACH _exhausted IN ARRAY _taken LOOP
         IF _exhausted.status = 'failed' THEN
-            PERFORM kernel._end_unfinished_items(_exhausted.id, _exhausted.last_error);
-            PERFORM kernel._finish_run_if_done(_exhausted.run_id);
+            PERFORM kernel._end_unfinished_items(_exhausted.id, _exhausted.tenant_id, _exhausted.last_error);
+            PERFORM kernel._finish_runs_if_done(ARRAY[_exhausted.run_id], ARRAY[_exhausted.tenant_id]);
         END IF;
     END LOOP;
 
-    UPDATE kernel.campaign_runs SET status = 'running', started_at = now()
-    WHERE status = 'queued'
-      AND id IN (SELECT t.run_id FROM unnest(_taken) AS t WHERE t.status = 'processing');
+    UPDATE kernel.campaign_runs AS r SET status = 'running', started_at = now()
+    FROM (SELECT DISTINCT t.run_id, t.tenant_id FROM unnest(_taken) AS t WHERE t.status = 'processing') AS t
+    WHERE r.status = 'queued' AND r.id = t.run_id AND r.tenant_id = t.tenant_id;
 
     RETURN QUERY SELECT * FROM unnest(_taken) AS t WHERE t.status = 'processing';
 END
@@ -890,36 +929,36 @@ DECLARE
     _items bigint;
 BEGIN
     SELECT count(*) FILTER (WHERE status = 'pending'), count(*) INTO _pending, _items
-    FROM kernel.channel_outbox WHERE job_id = p_job.id;
+    FROM kernel.channel_outbox WHERE job_id = p_job.id AND tenant_id = p_job.tenant_id;
     IF _pending > 0 THEN
         RAISE EXCEPTION 'job % still has % pending outbox items; record their results first', p_job.id, _pending
             USING ERRCODE = 'KE006';
     END IF;
-    SELECT status INTO _run_status FROM kernel.campaign_runs WHERE id = p_job.run_id;
+    SELECT status INTO _run_status FROM kernel.campaign_runs WHERE id = p_job.run_id AND tenant_id = p_job.tenant_id;
     IF p_success AND _run_status <> 'cancelled' AND _items < cardinality(p_job.contact_ids) THEN
         RAISE EXCEPTION 'job % has % of % contacts without an outbox item; reserve them first',
             p_job.id, cardinality(p_job.contact_ids) - _items, cardinality(p_job.contact_ids)
             USING ERRCODE = 'KE007';
     END IF;
     IF NOT p_success THEN
-        PERFORM kernel._end_unfinished_items(p_job.id, coalesce(p_error, 'job failed'));
+        PERFORM kernel._end_unfinished_items(p_job.id, p_job.tenant_id, coalesce(p_error, 'job failed'));
     END IF;
     UPDATE kernel.job_queue
     SET status = CASE WHEN _run_status = 'cancelled' THEN 'cancelled'
                       WHEN p_success THEN 'completed' ELSE 'failed' END,
         completed_at = now(), last_error = p_error,
         locked_by = NULL, lease_expires_at = NULL
-    WHERE id = p_job.id;
-    PERFORM kernel._finish_run_if_done(p_job.run_id);
-    RETURN (SELECT status FROM kernel.campaign_runs WHERE id = p_job.run_id);
+    WHERE id = p_job.id AND tenant_id = p_job.tenant_id;
+    PERFORM kernel._finish_runs_if_done(ARRAY[p_job.run_id], ARRAY[p_job.tenant_id]);
+    RETURN (SELECT status FROM kernel.campaign_runs WHERE id = p_job.run_id AND tenant_id = p_job.tenant_id);
 END
 $function$;
 COMMENT ON FUNCTION kernel._end_job(p_job kernel.job_queue, p_success boolean, p_error text) IS 'Ends a locked processing job: refused while an item is pending (KE006) and, for success, while a contact has no item (KE007); derives the run status and returns it.';
 ALTER FUNCTION kernel._end_job(p_job kernel.job_queue, p_success boolean, p_error text) OWNER TO kernel_owner;
 
--- FUNCTION kernel._end_unfinished_items(p_job_id uuid, p_reason text)
+-- FUNCTION kernel._end_unfinished_items(p_job_id uuid, p_tenant_id uuid, p_reason text)
 
-CREATE OR REPLACE FUNCTION kernel._end_unfinished_items(p_job_id uuid, p_reason text)
+CREATE OR REPLACE FUNCTION kernel._end_unfinished_items(p_job_id uuid, p_tenant_id uuid, p_reason text)
  RETURNS void
  LANGUAGE plpgsql
  SET search_path TO 'pg_catalog', 'pg_temp'
@@ -928,8 +967,8 @@ DECLARE
     _job kernel.job_queue;
     _run kernel.campaign_runs;
 BEGIN
-    SELECT * INTO _job FROM kernel.job_queue WHERE id = p_job_id;
-    SELECT * INTO _run FROM kernel.campaign_runs WHERE id = _job.run_id;
+    SELECT * INTO _job FROM kernel.job_queue WHERE id = p_job_id AND tenant_id = p_tenant_id;
+    SELECT * INTO _run FROM kernel.campaign_runs WHERE id = _job.run_id AND tenant_id = p_tenant_id;
     IF _run.status <> 'cancelled' THEN
         -- Contacts never reached get a failed item too, so that a retry targets them.
         PERFORM kernel._insert_items(_job, _run, cardinality(_job.contact_ids) - _job.reserved_count);
@@ -941,11 +980,11 @@ BEGIN
         skipped = dispatched_at IS NULL AND _run.status = 'cancelled',
         skip_reason = CASE WHEN dispatched_at IS NULL AND _run.status = 'cancelled' THEN 'run_cancelled' END,
         error = p_reason
-    WHERE job_id = p_job_id AND status = 'pending';
+    WHERE job_id = p_job_id AND tenant_id = p_tenant_id AND status = 'pending';
 END
 $function$;
-COMMENT ON FUNCTION kernel._end_unfinished_items(p_job_id uuid, p_reason text) IS 'Ends a failed job''s items honestly: contacts never reached and items never dispatched fail (skipped when the run was cancelled), dispatched ones end unknown.';
-ALTER FUNCTION kernel._end_unfinished_items(p_job_id uuid, p_reason text) OWNER TO kernel_owner;
+COMMENT ON FUNCTION kernel._end_unfinished_items(p_job_id uuid, p_tenant_id uuid, p_reason text) IS 'Ends a failed job''s items honestly: contacts never reached and items never dispatched fail (skipped when the run was cancelled), dispatched ones end unknown.';
+ALTER FUNCTION kernel._end_unfinished_items(p_job_id uuid, p_tenant_id uuid, p_reason text) OWNER TO kernel_owner;
 
 -- FUNCTION kernel._enqueue_batches(p_run kernel.campaign_runs, p_contacts uuid[], p_batch_size integer)
 
@@ -973,7 +1012,7 @@ BEGIN
             SELECT u.ord, coalesce(p.time_zone, w.time_zone) AS zone,
                    row_number() OVER (PARTITION BY coalesce(p.time_zone, w.time_zone) ORDER BY u.ord) AS zone_ord
             FROM unnest(p_contacts) WITH ORDINALITY AS u (contact_id, ord)
-            LEFT JOIN kernel.contacts AS p ON u.contact_id = p.id
+            LEFT JOIN kernel.contacts AS p ON u.contact_id = p.id AND p.tenant_id = p_run.tenant_id
             CROSS JOIN kernel.workspaces AS w
             WHERE w.id = p_run.workspace_id
         ) AS z;
@@ -1012,57 +1051,9 @@ $function$;
 COMMENT ON FUNCTION kernel._enqueue_batches(p_run kernel.campaign_runs, p_contacts uuid[], p_batch_size integer) IS 'Splits a run''s contacts into send_batch jobs of p_batch_size (per time zone when the run has a send window), queued when they may go now, else scheduled until the run''s start or their window, and wakes the workers (NOTIFY kernel_jobs).';
 ALTER FUNCTION kernel._enqueue_batches(p_run kernel.campaign_runs, p_contacts uuid[], p_batch_size integer) OWNER TO kernel_owner;
 
--- FUNCTION kernel._finish_run_if_done(p_run_id uuid)
+-- FUNCTION kernel._finish_runs_if_done(p_run_ids uuid[], p_tenant_ids uuid[])
 
-CREATE OR REPLACE FUNCTION kernel._finish_run_if_done(p_run_id uuid)
- RETURNS void
- LANGUAGE plpgsql
- SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$
-DECLARE
-    _run kernel.campaign_runs;
-    _jobs_completed bigint;
-    _jobs_failed bigint;
-    _sent bigint;
-    _bad bigint;
-    _status text;
-BEGIN
-    SELECT * INTO _run FROM kernel.campaign_runs WHERE id = p_run_id FOR UPDATE;
-    IF _run.status IN ('completed', 'partial', 'failed') OR EXISTS (
-        SELECT 1 FROM kernel.job_queue WHERE run_id = p_run_id AND status IN ('scheduled', 'queued', 'processing')
-    ) THEN
-        RETURN;
-    END IF;
-    IF _run.status = 'cancelled' THEN
-        RETURN;
-    END IF;
-    SELECT count(*) FILTER (WHERE status = 'completed'), count(*) FILTER (WHERE status = 'failed')
-    INTO _jobs_completed, _jobs_failed
-    FROM kernel.job_queue WHERE run_id = p_run_id;
-    SELECT count(*) FILTER (WHERE status = 'sent'), count(*) FILTER (WHERE status IN ('failed', 'unknown'))
-    INTO _sent, _bad
-    FROM kernel.channel_outbox WHERE run_id = p_run_id;
-    _status := CASE
-        WHEN _jobs_failed = 0 AND _bad = 0 THEN 'completed'
-        WHEN _jobs_completed = 0 OR (_sent = 0 AND _bad > 0) THEN 'failed'
-        ELSE 'partial'
-    END;
-    UPDATE kernel.campaign_runs
-    SET status = _status,
-        started_at = coalesce(started_at, now()),
-        completed_at = now(),
-        error_message = CASE WHEN _status = 'completed' THEN NULL ELSE
-            format('%s of %s jobs failed; %s items failed or unknown, %s sent',
-                   _jobs_failed, _jobs_failed + _jobs_completed, _bad, _sent) END
-    WHERE id = p_run_id;
-END
-$function$;
-COMMENT ON FUNCTION kernel._finish_run_if_done(p_run_id uuid) IS 'Invariant 4: once every job of a run is terminal, derives the run status from the job and item outcomes.';
-ALTER FUNCTION kernel._finish_run_if_done(p_run_id uuid) OWNER TO kernel_owner;
-
--- FUNCTION kernel._finish_runs_if_done(p_run_ids uuid[])
-
-CREATE OR REPLACE FUNCTION kernel._finish_runs_if_done(p_run_ids uuid[])
+CREATE OR REPLACE FUNCTION kernel._finish_runs_if_done(p_run_ids uuid[], p_tenant_ids uuid[])
  RETURNS void
  LANGUAGE plpgsql
  SET search_path TO 'pg_catalog', 'pg_temp'
@@ -1070,17 +1061,20 @@ AS $function$
 BEGIN
     -- Lock first, then look, in a statement of its own: it then sees what a concurrent
     -- completer of the same run committed while this one waited for the lock.
-    PERFORM 1 FROM kernel.campaign_runs WHERE id = ANY (p_run_ids) ORDER BY id FOR UPDATE;
+    -- Run ids are the kernel's own (gen_random_uuid): no run of one tenant shares another's id.
+    PERFORM 1 FROM kernel.campaign_runs
+    WHERE id = ANY (p_run_ids) AND tenant_id = ANY (p_tenant_ids) ORDER BY id FOR UPDATE;
     WITH finished AS (
-        SELECT r.id,
+        SELECT r.id, r.tenant_id,
                count(*) FILTER (WHERE j.status = 'completed') AS jobs_completed,
                count(*) FILTER (WHERE j.status = 'failed') AS jobs_failed
-        FROM kernel.campaign_runs AS r INNER JOIN kernel.job_queue AS j ON r.id = j.run_id
-        WHERE r.id = ANY (p_run_ids) AND r.status IN ('queued', 'running')
-        GROUP BY r.id
+        FROM kernel.campaign_runs AS r
+        INNER JOIN kernel.job_queue AS j ON r.id = j.run_id AND r.tenant_id = j.tenant_id
+        WHERE r.id = ANY (p_run_ids) AND r.tenant_id = ANY (p_tenant_ids) AND r.status IN ('queued', 'running')
+        GROUP BY r.id, r.tenant_id
         HAVING count(*) FILTER (WHERE j.status IN ('scheduled', 'queued', 'processing')) = 0
     ), decided AS (
-        SELECT f.id, f.jobs_completed, f.jobs_failed, i.sent, i.bad,
+        SELECT f.id, f.tenant_id, f.jobs_completed, f.jobs_failed, i.sent, i.bad,
                CASE WHEN f.jobs_failed = 0 AND i.bad = 0 THEN 'completed'
                     WHEN f.jobs_completed = 0 OR (i.sent = 0 AND i.bad > 0) THEN 'failed'
                     ELSE 'partial' END AS status
@@ -1088,7 +1082,7 @@ BEGIN
         CROSS JOIN LATERAL (
             SELECT count(*) FILTER (WHERE o.status = 'sent') AS sent,
                    count(*) FILTER (WHERE o.status IN ('failed', 'unknown')) AS bad
-            FROM kernel.channel_outbox AS o WHERE o.run_id = f.id
+            FROM kernel.channel_outbox AS o WHERE o.run_id = f.id AND o.tenant_id = f.tenant_id
         ) AS i
     )
     UPDATE kernel.campaign_runs AS r
@@ -1099,11 +1093,11 @@ BEGIN
             format('%s of %s jobs failed; %s items failed or unknown, %s sent',
                    d.jobs_failed, d.jobs_failed + d.jobs_completed, d.bad, d.sent) END
     FROM decided AS d
-    WHERE r.id = d.id;
+    WHERE r.id = d.id AND r.tenant_id = d.tenant_id;
 END
 $function$;
-COMMENT ON FUNCTION kernel._finish_runs_if_done(p_run_ids uuid[]) IS 'Invariant 4 for several runs at once (as _finish_run_if_done): each run whose jobs are all terminal gets its status from the job and item outcomes.';
-ALTER FUNCTION kernel._finish_runs_if_done(p_run_ids uuid[]) OWNER TO kernel_owner;
+COMMENT ON FUNCTION kernel._finish_runs_if_done(p_run_ids uuid[], p_tenant_ids uuid[]) IS 'Invariant 4: each of the runs (of the tenants given) whose jobs are all terminal gets its status from the job and item outcomes: completed, partial or failed; a cancelled run stays cancelled.';
+ALTER FUNCTION kernel._finish_runs_if_done(p_run_ids uuid[], p_tenant_ids uuid[]) OWNER TO kernel_owner;
 
 -- FUNCTION kernel._insert_items(p_job kernel.job_queue, p_run kernel.campaign_runs, p_count integer)
 
@@ -1128,7 +1122,7 @@ BEGIN
                s.reason IS NOT NULL, s.reason, u.contact_id, s.recipient, p_run.root_run_id, p_run.generation
         FROM unnest(p_job.contact_ids[p_job.reserved_count + 1:p_job.reserved_count + p_count])
             WITH ORDINALITY AS u (contact_id, ord)
-        LEFT JOIN kernel.contacts AS p ON u.contact_id = p.id
+        LEFT JOIN kernel.contacts AS p ON u.contact_id = p.id AND p.tenant_id = p_job.tenant_id
         CROSS JOIN LATERAL (
             SELECT nullif(btrim(CASE p_run.channel WHEN 'email' THEN p.email ELSE p.phone END), '') AS recipient
         ) AS a
@@ -1143,7 +1137,8 @@ BEGIN
         RETURNING status
     )
     SELECT count(*) FILTER (WHERE status = 'pending') INTO _pending FROM inserted;
-    UPDATE kernel.job_queue SET reserved_count = reserved_count + p_count WHERE id = p_job.id;
+    UPDATE kernel.job_queue SET reserved_count = reserved_count + p_count
+    WHERE id = p_job.id AND tenant_id = p_job.tenant_id;
     RETURN _pending;
 END
 $function$;
@@ -1254,9 +1249,9 @@ $function$;
 COMMENT ON FUNCTION kernel._lease_interval() IS 'Lease length: setting execution_kernel.lease_seconds, 30 seconds by default.';
 ALTER FUNCTION kernel._lease_interval() OWNER TO kernel_owner;
 
--- FUNCTION kernel._lock_campaign_without_active_run(p_campaign_id uuid)
+-- FUNCTION kernel._lock_campaign_without_active_run(p_campaign_id uuid, p_tenant_id uuid)
 
-CREATE OR REPLACE FUNCTION kernel._lock_campaign_without_active_run(p_campaign_id uuid)
+CREATE OR REPLACE FUNCTION kernel._lock_campaign_without_active_run(p_campaign_id uuid, p_tenant_id uuid)
  RETURNS kernel.campaigns
  LANGUAGE plpgsql
  SET search_path TO 'pg_catalog', 'pg_temp'
@@ -1266,10 +1261,10 @@ DECLARE
     _active uuid;
 BEGIN
     -- The row lock serialises concurrent deploys and retries of one campaign.
-    SELECT * INTO _c FROM kernel.campaigns WHERE id = p_campaign_id FOR UPDATE;
+    SELECT * INTO _c FROM kernel.campaigns WHERE id = p_campaign_id AND tenant_id = p_tenant_id FOR UPDATE;
     PERFORM kernel._assert_scope(_c.tenant_id, _c.workspace_id, 'campaign', p_campaign_id);
     SELECT id INTO _active FROM kernel.campaign_runs
-    WHERE campaign_id = p_campaign_id AND status IN ('queued', 'running');
+    WHERE campaign_id = p_campaign_id AND tenant_id = p_tenant_id AND status IN ('queued', 'running');
     IF FOUND THEN
         RAISE EXCEPTION 'campaign % already has an active run %', p_campaign_id, _active
             USING ERRCODE = 'KE003', HINT = 'Wait for it to finish or cancel it first.';
@@ -1277,8 +1272,8 @@ BEGIN
     RETURN _c;
 END
 $function$;
-COMMENT ON FUNCTION kernel._lock_campaign_without_active_run(p_campaign_id uuid) IS 'Locks a campaign in scope; KE002 when missing, KE003 when it already has a queued or running run.';
-ALTER FUNCTION kernel._lock_campaign_without_active_run(p_campaign_id uuid) OWNER TO kernel_owner;
+COMMENT ON FUNCTION kernel._lock_campaign_without_active_run(p_campaign_id uuid, p_tenant_id uuid) IS 'Locks a campaign in scope; KE002 when missing, KE003 when it already has a queued or running run.';
+ALTER FUNCTION kernel._lock_campaign_without_active_run(p_campaign_id uuid, p_tenant_id uuid) OWNER TO kernel_owner;
 
 -- FUNCTION kernel._lock_leased_job(p_job_id uuid, p_worker text)
 
@@ -1292,7 +1287,8 @@ DECLARE
 BEGIN
     PERFORM kernel._require(p_job_id, 'job_id');
     PERFORM kernel._require(p_worker, 'worker');
-    SELECT * INTO _job FROM kernel.job_queue WHERE id = p_job_id FOR NO KEY UPDATE;
+    SELECT * INTO _job FROM kernel.job_queue
+    WHERE id = p_job_id AND tenant_id = kernel._tenant_of('job', p_job_id) FOR NO KEY UPDATE;
     PERFORM kernel._assert_scope(_job.tenant_id, _job.workspace_id, 'job', p_job_id);
     IF _job.status <> 'processing' OR _job.locked_by <> p_worker OR _job.lease_expires_at <= now() THEN
         RAISE EXCEPTION 'worker % does not hold the lease on job % (status %, locked by %, lease until %)',
@@ -1337,7 +1333,7 @@ BEGIN
         SELECT jsonb_build_object('provider', p.provider, 'provider_settings', p.settings)
         FROM kernel.provider_configs AS p
         WHERE p.workspace_id = p_campaign.workspace_id AND p.channel = p_campaign.channel
-          AND (p.tenant_id IS NULL OR p.tenant_id = p_campaign.tenant_id)
+          AND p.tenant_id = p_campaign.tenant_id
     );
 END
 $function$;
@@ -1450,24 +1446,22 @@ GRANT EXECUTE ON FUNCTION kernel._setting_problem(p_kind text, p_value jsonb) TO
 GRANT EXECUTE ON FUNCTION kernel._setting_problem(p_kind text, p_value jsonb) TO kernel_reader;
 GRANT EXECUTE ON FUNCTION kernel._setting_problem(p_kind text, p_value jsonb) TO kernel_worker;
 
--- FUNCTION kernel._take_rate_tokens(p_workspace_id uuid, p_provider text, p_wanted integer, OUT granted integer, OUT wait_seconds double precision)
+-- FUNCTION kernel._take_rate_tokens(p_workspace_id uuid, p_tenant_id uuid, p_provider text, p_wanted integer, OUT granted integer, OUT wait_seconds double precision)
 
-CREATE OR REPLACE FUNCTION kernel._take_rate_tokens(p_workspace_id uuid, p_provider text, p_wanted integer, OUT granted integer, OUT wait_seconds double precision)
+CREATE OR REPLACE FUNCTION kernel._take_rate_tokens(p_workspace_id uuid, p_tenant_id uuid, p_provider text, p_wanted integer, OUT granted integer, OUT wait_seconds double precision)
  RETURNS record
  LANGUAGE plpgsql
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 DECLARE
     _rate numeric;
-    _tenant uuid;
+    _tenant uuid := p_tenant_id;
     _bucket kernel.rate_buckets;
     _tokens double precision;
 BEGIN
-    -- One group: a workspace belongs to one tenant (provider_configs_workspace_owner_fkey).
-    SELECT c.tenant_id, min(c.max_per_second) INTO _tenant, _rate
+    SELECT min(c.max_per_second) INTO _rate
     FROM kernel.provider_configs AS c
-    WHERE c.workspace_id = p_workspace_id AND c.provider = p_provider
-    GROUP BY c.tenant_id;
+    WHERE c.workspace_id = p_workspace_id AND c.tenant_id = _tenant AND c.provider = p_provider;
     wait_seconds := 0;
     IF _rate IS NULL THEN
         granted := p_wanted;  -- no limit configured
@@ -1489,8 +1483,43 @@ BEGIN
     END IF;
 END
 $function$;
-COMMENT ON FUNCTION kernel._take_rate_tokens(p_workspace_id uuid, p_provider text, p_wanted integer, OUT granted integer, OUT wait_seconds double precision) IS 'Shared token bucket (provider_configs.max_per_second, burst of one second): how many of p_wanted sends may start now, and when none may, how long until one can.';
-ALTER FUNCTION kernel._take_rate_tokens(p_workspace_id uuid, p_provider text, p_wanted integer, OUT granted integer, OUT wait_seconds double precision) OWNER TO kernel_owner;
+COMMENT ON FUNCTION kernel._take_rate_tokens(p_workspace_id uuid, p_tenant_id uuid, p_provider text, p_wanted integer, OUT granted integer, OUT wait_seconds double precision) IS 'Shared token bucket (provider_configs.max_per_second, burst of one second): how many of p_wanted sends may start now, and when none may, how long until one can.';
+ALTER FUNCTION kernel._take_rate_tokens(p_workspace_id uuid, p_tenant_id uuid, p_provider text, p_wanted integer, OUT granted integer, OUT wait_seconds double precision) OWNER TO kernel_owner;
+
+-- FUNCTION kernel._tenant_of(p_what text, p_id uuid)
+
+CREATE OR REPLACE FUNCTION kernel._tenant_of(p_what text, p_id uuid)
+ RETURNS uuid
+ LANGUAGE plpgsql
+ STABLE
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    _tenants uuid[];
+BEGIN
+    IF kernel.current_tenant() IS NOT NULL THEN
+        RETURN kernel.current_tenant();
+    ELSIF p_what = 'run' THEN
+        _tenants := ARRAY(SELECT r.tenant_id FROM kernel.campaign_runs AS r WHERE r.id = p_id LIMIT 2);
+    ELSIF p_what = 'job' THEN
+        _tenants := ARRAY(SELECT j.tenant_id FROM kernel.job_queue AS j WHERE j.id = p_id LIMIT 2);
+    ELSIF p_what = 'campaign' THEN
+        _tenants := ARRAY(SELECT c.tenant_id FROM kernel.campaigns AS c WHERE c.id = p_id LIMIT 2);
+    ELSIF p_what = 'workspace' THEN
+        RETURN (SELECT w.tenant_id FROM kernel.workspaces AS w WHERE w.id = p_id);  -- a reference table
+    ELSE
+        RAISE EXCEPTION 'no tenant look-up for %', p_what USING ERRCODE = 'KE008';
+    END IF;
+    IF cardinality(_tenants) > 1 THEN
+        -- Application-chosen campaign ids are unique per tenant only (campaigns_pkey).
+        RAISE EXCEPTION '% % is an id of more than one tenant', p_what, p_id
+            USING ERRCODE = 'KE008', HINT = 'Scope the transaction to the tenant (kernel.scope) and call again.';
+    END IF;
+    RETURN _tenants[1];  -- NULL when there is no such row: the caller says not found
+END
+$function$;
+COMMENT ON FUNCTION kernel._tenant_of(p_what text, p_id uuid) IS 'The tenant of a run, job, campaign or workspace id: the scope''s when the session is scoped, else the one row''s (KE008 when a campaign id is two tenants''); NULL when there is none.';
+ALTER FUNCTION kernel._tenant_of(p_what text, p_id uuid) OWNER TO kernel_owner;
 
 -- FUNCTION kernel._workspace_guard()
 
@@ -1540,12 +1569,15 @@ CREATE OR REPLACE FUNCTION kernel.cancel_campaign_run(p_run_id uuid)
 AS $function$
 DECLARE
     _run kernel.campaign_runs;
+    _tenant uuid;
 BEGIN
     PERFORM kernel._require(p_run_id, 'run_id');
+    _tenant := kernel._tenant_of('run', p_run_id);
     -- Jobs before their run, the order claim_queued_jobs and complete_job lock in: no deadlock.
-    PERFORM 1 FROM kernel.job_queue WHERE run_id = p_run_id AND status IN ('scheduled', 'queued', 'processing')
+    PERFORM 1 FROM kernel.job_queue
+    WHERE run_id = p_run_id AND tenant_id = _tenant AND status IN ('scheduled', 'queued', 'processing')
     ORDER BY id FOR UPDATE;
-    SELECT * INTO _run FROM kernel.campaign_runs WHERE id = p_run_id FOR UPDATE;
+    SELECT * INTO _run FROM kernel.campaign_runs WHERE id = p_run_id AND tenant_id = _tenant FOR UPDATE;
     PERFORM kernel._assert_scope(_run.tenant_id, _run.workspace_id, 'run', p_run_id);
     IF _run.status NOT IN ('queued', 'running') THEN
         RAISE EXCEPTION 'run % is % and cannot be cancelled (only queued or running runs can)',
@@ -1553,12 +1585,12 @@ BEGIN
     END IF;
     UPDATE kernel.campaign_runs
     SET status = 'cancelled', completed_at = now(), error_message = 'cancelled by ' || session_user
-    WHERE id = p_run_id;
+    WHERE id = p_run_id AND tenant_id = _tenant;
     UPDATE kernel.job_queue SET status = 'cancelled', completed_at = now()
-    WHERE run_id = p_run_id AND status IN ('scheduled', 'queued');
+    WHERE run_id = p_run_id AND tenant_id = _tenant AND status IN ('scheduled', 'queued');
     -- Processing jobs finish their in-flight calls and end cancelled in complete_job.
     UPDATE kernel.channel_outbox SET status = 'skipped', skipped = true, skip_reason = 'run_cancelled'
-    WHERE run_id = p_run_id AND status = 'pending' AND dispatched_at IS NULL;
+    WHERE run_id = p_run_id AND tenant_id = _tenant AND status = 'pending' AND dispatched_at IS NULL;
 END
 $function$;
 COMMENT ON FUNCTION kernel.cancel_campaign_run(p_run_id uuid) IS 'Cancels a queued (or scheduled) or running run: scheduled and queued jobs cancelled, undispatched items skipped; in-flight calls still get recorded.';
@@ -1582,11 +1614,14 @@ DECLARE
     _missing text[];
     _problems text[];
     _active uuid;
+    _tenant uuid;
 BEGIN
     PERFORM kernel._require(p_campaign_id, 'campaign_id');
     PERFORM kernel._require(p_workspace_id, 'workspace_id');
     PERFORM kernel._require_scope();
-    SELECT * INTO _c FROM kernel.campaigns WHERE id = p_campaign_id AND workspace_id = p_workspace_id;
+    _tenant := kernel._tenant_of('campaign', p_campaign_id);
+    SELECT * INTO _c FROM kernel.campaigns
+    WHERE id = p_campaign_id AND tenant_id = _tenant AND workspace_id = p_workspace_id;
     -- Another tenant's campaign is reported exactly like a missing one.
     passed := FOUND AND (kernel.current_tenant() IS NULL OR kernel.in_scope(_c.tenant_id, _c.workspace_id));
     check_name := 'campaign_exists';
@@ -1621,8 +1656,8 @@ BEGIN
            )
     INTO _audience, _reachable
     FROM kernel.campaign_audience AS a
-    INNER JOIN kernel.contacts AS p ON a.contact_id = p.id
-    WHERE a.campaign_id = _c.id;
+    INNER JOIN kernel.contacts AS p ON a.contact_id = p.id AND a.tenant_id = p.tenant_id
+    WHERE a.campaign_id = _c.id AND a.tenant_id = _c.tenant_id;
 
     check_name := 'audience_not_empty';
     passed := _audience > 0;
@@ -1637,7 +1672,7 @@ BEGIN
 
     SELECT * INTO _cfg FROM kernel.provider_configs
     WHERE workspace_id = _c.workspace_id AND channel = _c.channel
-      AND (tenant_id IS NULL OR tenant_id = _c.tenant_id);
+      AND tenant_id = _c.tenant_id;
     check_name := 'provider_configured';
     passed := FOUND;
     detail := CASE WHEN passed THEN format('provider %s', _cfg.provider)
@@ -1653,7 +1688,7 @@ BEGIN
     RETURN NEXT;
 
     SELECT id INTO _active FROM kernel.campaign_runs
-    WHERE campaign_id = _c.id AND status IN ('queued', 'running');
+    WHERE campaign_id = _c.id AND tenant_id = _c.tenant_id AND status IN ('queued', 'running');
     check_name := 'no_active_run';
     passed := _active IS NULL;
     detail := CASE WHEN passed THEN 'no queued or running run'
@@ -1722,7 +1757,8 @@ BEGIN
     PERFORM kernel._require_operator('completing a job without a worker id');
     PERFORM kernel._require(p_job_id, 'job_id');
     PERFORM kernel._require(p_success, 'success');
-    SELECT * INTO _job FROM kernel.job_queue WHERE id = p_job_id FOR NO KEY UPDATE;
+    SELECT * INTO _job FROM kernel.job_queue
+    WHERE id = p_job_id AND tenant_id = kernel._tenant_of('job', p_job_id) FOR NO KEY UPDATE;
     PERFORM kernel._assert_scope(_job.tenant_id, _job.workspace_id, 'job', p_job_id);
     IF _job.status <> 'processing' THEN
         RAISE EXCEPTION 'job % is % and cannot complete (only processing jobs can)', p_job_id, _job.status
@@ -1843,7 +1879,7 @@ BEGIN
         RAISE EXCEPTION 'deadline % is not after the start (%)', p_deadline, greatest(p_start_at, kernel.clock())
             USING ERRCODE = 'KE008', HINT = 'Give a deadline later than start_at and than now, or NULL for none.';
     END IF;
-    _c := kernel._lock_campaign_without_active_run(p_campaign_id);
+    _c := kernel._lock_campaign_without_active_run(p_campaign_id, kernel._tenant_of('campaign', p_campaign_id));
     SELECT string_agg(p.check_name || ' (' || p.detail || ')', '; ') INTO _failed
     FROM kernel.check_campaign_launch_prerequisites(_c.id, _c.workspace_id) AS p
     WHERE NOT p.passed;
@@ -1868,7 +1904,7 @@ BEGIN
     ) RETURNING * INTO _run;
 
     SELECT array_agg(contact_id ORDER BY contact_id) INTO _contacts
-    FROM kernel.campaign_audience WHERE campaign_id = _c.id;
+    FROM kernel.campaign_audience WHERE campaign_id = _c.id AND tenant_id = _c.tenant_id;
     PERFORM kernel._enqueue_batches(_run, _contacts, p_batch_size);
     RETURN _run.id;
 END
@@ -1890,8 +1926,7 @@ BEGIN
     RETURN QUERY
     WITH kernel_table AS (
         SELECT c.oid, a.attnum AS tenant_attnum, coalesce(a.attnotnull, false) AS tenant_not_null,
-               c.oid IN ('kernel.state_transitions'::regclass, 'kernel.schema_migrations'::regclass)
-                   AS is_reference
+               c.oid IN (SELECT kernel.reference_tables()) AS is_reference
         FROM pg_class AS c
         LEFT JOIN pg_attribute AS a
             ON a.attrelid = c.oid AND a.attname = 'tenant_id' AND NOT a.attisdropped
@@ -1911,7 +1946,7 @@ BEGIN
     FROM kernel_table AS t
     JOIN pg_index AS i ON i.indrelid = t.oid AND i.indisunique
     JOIN pg_class AS x ON x.oid = i.indexrelid
-    WHERE t.tenant_attnum IS NOT NULL AND NOT t.tenant_attnum = ANY (i.indkey::int2[])
+    WHERE t.tenant_attnum IS NOT NULL AND NOT t.is_reference AND NOT t.tenant_attnum = ANY (i.indkey::int2[])
     UNION ALL
     SELECT f.conrelid::regclass, f.conname,
            CASE WHEN src.is_reference
@@ -1921,7 +1956,7 @@ BEGIN
                             'distributed table must include it', f.confrelid::regclass)
                 ELSE format('does not pair tenant_id with tenant_id of %s', f.confrelid::regclass) END
     FROM pg_constraint AS f
-    JOIN kernel_table AS dst ON dst.oid = f.confrelid AND dst.tenant_attnum IS NOT NULL
+    JOIN kernel_table AS dst ON dst.oid = f.confrelid AND dst.tenant_attnum IS NOT NULL AND NOT dst.is_reference
     LEFT JOIN kernel_table AS src ON src.oid = f.conrelid
     WHERE f.contype = 'f'
       AND (src.is_reference
@@ -1946,10 +1981,11 @@ CREATE OR REPLACE FUNCTION kernel.heartbeat_job(p_job_id uuid, p_worker text)
 AS $function$
 DECLARE
     _until timestamptz;
+    _job kernel.job_queue;
 BEGIN
-    PERFORM kernel._lock_leased_job(p_job_id, p_worker);
+    _job := kernel._lock_leased_job(p_job_id, p_worker);
     UPDATE kernel.job_queue SET lease_expires_at = now() + kernel._lease_interval()
-    WHERE id = p_job_id RETURNING lease_expires_at INTO _until;
+    WHERE id = p_job_id AND tenant_id = _job.tenant_id RETURNING lease_expires_at INTO _until;
     RETURN _until;
 END
 $function$;
@@ -2004,10 +2040,11 @@ BEGIN
             'generation', r.generation, 'contact_count', cardinality(_job.contact_ids),
             'max_per_second', (
                 SELECT min(p.max_per_second) FROM kernel.provider_configs AS p
-                WHERE p.workspace_id = r.workspace_id AND p.provider = r.run_config ->> 'provider'
+                WHERE p.workspace_id = r.workspace_id AND p.tenant_id = r.tenant_id
+                  AND p.provider = r.run_config ->> 'provider'
             )
         ) || r.run_config
-        FROM kernel.campaign_runs AS r WHERE r.id = _job.run_id
+        FROM kernel.campaign_runs AS r WHERE r.id = _job.run_id AND r.tenant_id = _job.tenant_id
     );
 END
 $function$;
@@ -2023,7 +2060,7 @@ CREATE OR REPLACE FUNCTION kernel.kernel_version()
  IMMUTABLE
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
-    SELECT '1.6.0'::text
+    SELECT '1.7.0'::text
 $function$;
 COMMENT ON FUNCTION kernel.kernel_version() IS 'The installed kernel version; every version bump replaces it.';
 ALTER FUNCTION kernel.kernel_version() OWNER TO kernel_owner;
@@ -2042,12 +2079,13 @@ CREATE OR REPLACE FUNCTION kernel.mark_outbox_dispatched(p_job_id uuid, p_worker
 AS $function$
 DECLARE
     _n integer;
+    _job kernel.job_queue;
 BEGIN
     PERFORM kernel._require(p_item_ids, 'item_ids');
-    PERFORM kernel._lock_leased_job(p_job_id, p_worker);
+    _job := kernel._lock_leased_job(p_job_id, p_worker);
     UPDATE kernel.channel_outbox
     SET dispatched_at = clock_timestamp(), dispatch_count = dispatch_count + 1
-    WHERE id = ANY (p_item_ids) AND job_id = p_job_id AND status = 'pending' AND dispatched_at IS NULL;
+    WHERE id = ANY (p_item_ids) AND tenant_id = _job.tenant_id AND job_id = p_job_id AND status = 'pending' AND dispatched_at IS NULL;
     GET DIAGNOSTICS _n = ROW_COUNT;
     IF _n <> cardinality(p_item_ids) THEN
         RAISE EXCEPTION 'only % of % items are pending, undispatched items of job %',
@@ -2162,11 +2200,12 @@ DECLARE
     _bad text;
     _n integer;
     _expected integer;
+    _job kernel.job_queue;
 BEGIN
     IF p_results IS NULL OR jsonb_typeof(p_results) <> 'array' THEN
         RAISE EXCEPTION 'results must be a JSON array of {"id", "outcome", ...}' USING ERRCODE = 'KE008';
     END IF;
-    PERFORM kernel._lock_leased_job(p_job_id, p_worker);
+    _job := kernel._lock_leased_job(p_job_id, p_worker);
     SELECT string_agg(r::text, ', ') INTO _bad
     FROM jsonb_array_elements(p_results) AS r
     WHERE jsonb_typeof(r) <> 'object'
@@ -2196,7 +2235,7 @@ BEGIN
             THEN format('gave up after %s dispatches: %s', o.dispatch_count, r.error) ELSE r.error END,
         sent_at = CASE WHEN r.outcome = 'sent' THEN clock_timestamp() END
     FROM r
-    WHERE o.id = r.id AND o.job_id = p_job_id AND o.status = 'pending'
+    WHERE o.id = r.id AND o.tenant_id = _job.tenant_id AND o.job_id = p_job_id AND o.status = 'pending'
       AND (o.dispatched_at IS NOT NULL OR r.outcome = 'failed');
     GET DIAGNOSTICS _n = ROW_COUNT;
     IF _n <> _expected THEN
@@ -2220,18 +2259,19 @@ CREATE OR REPLACE FUNCTION kernel.recover_dispatched_items(p_job_id uuid, p_work
 AS $function$
 DECLARE
     _n integer;
+    _job kernel.job_queue;
 BEGIN
     PERFORM kernel._require(p_provider_deduplicates, 'provider_deduplicates');
-    PERFORM kernel._lock_leased_job(p_job_id, p_worker);
+    _job := kernel._lock_leased_job(p_job_id, p_worker);
     IF p_provider_deduplicates THEN
         -- The provider drops a second request with the same key: safe to send again.
         UPDATE kernel.channel_outbox SET dispatched_at = NULL
-        WHERE job_id = p_job_id AND status = 'pending' AND dispatched_at IS NOT NULL;
+        WHERE job_id = p_job_id AND tenant_id = _job.tenant_id AND status = 'pending' AND dispatched_at IS NOT NULL;
     ELSE
         UPDATE kernel.channel_outbox
         SET status = 'unknown',
             error = 'worker lost after dispatch; the provider cannot deduplicate, so it is not re-sent'
-        WHERE job_id = p_job_id AND status = 'pending' AND dispatched_at IS NOT NULL;
+        WHERE job_id = p_job_id AND tenant_id = _job.tenant_id AND status = 'pending' AND dispatched_at IS NOT NULL;
     END IF;
     GET DIAGNOSTICS _n = ROW_COUNT;
     RETURN _n;
@@ -2240,6 +2280,22 @@ $function$;
 COMMENT ON FUNCTION kernel.recover_dispatched_items(p_job_id uuid, p_worker text, p_provider_deduplicates boolean) IS 'Crash path: items dispatched without an outcome become unknown, or are re-queued with the same key when the provider deduplicates.';
 ALTER FUNCTION kernel.recover_dispatched_items(p_job_id uuid, p_worker text, p_provider_deduplicates boolean) OWNER TO kernel_owner;
 GRANT EXECUTE ON FUNCTION kernel.recover_dispatched_items(p_job_id uuid, p_worker text, p_provider_deduplicates boolean) TO kernel_worker;
+
+-- FUNCTION kernel.reference_tables()
+
+CREATE OR REPLACE FUNCTION kernel.reference_tables()
+ RETURNS SETOF regclass
+ LANGUAGE sql
+ STABLE
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+    SELECT t::regclass FROM unnest(ARRAY['kernel.state_transitions', 'kernel.schema_migrations',
+                                         'kernel.workspaces']) AS t
+$function$;
+COMMENT ON FUNCTION kernel.reference_tables() IS 'The kernel''s tables that are not distributed by tenant: the state machine, the migration ledger, and the directory of which tenant owns each workspace (Citus reference tables; docs/scale-out.md).';
+ALTER FUNCTION kernel.reference_tables() OWNER TO kernel_owner;
+GRANT EXECUTE ON FUNCTION kernel.reference_tables() TO kernel_operator;
+GRANT EXECUTE ON FUNCTION kernel.reference_tables() TO kernel_reader;
 
 -- FUNCTION kernel.release_job(p_job_id uuid, p_worker text, p_reason text)
 
@@ -2256,7 +2312,7 @@ BEGIN
     UPDATE kernel.job_queue
     SET status = 'queued', locked_by = NULL, locked_at = NULL, lease_expires_at = NULL,
         last_error = p_reason, run_after = now()
-    WHERE id = p_job_id;
+    WHERE id = p_job_id AND tenant_id = _job.tenant_id;
     PERFORM pg_notify('kernel_jobs', _job.run_id::text);
 END
 $function$;
@@ -2264,9 +2320,9 @@ COMMENT ON FUNCTION kernel.release_job(p_job_id uuid, p_worker text, p_reason te
 ALTER FUNCTION kernel.release_job(p_job_id uuid, p_worker text, p_reason text) OWNER TO kernel_owner;
 GRANT EXECUTE ON FUNCTION kernel.release_job(p_job_id uuid, p_worker text, p_reason text) TO kernel_worker;
 
--- FUNCTION kernel.release_jobs(p_worker text, p_jobs uuid[], p_reason text)
+-- FUNCTION kernel.release_jobs(p_worker text, p_jobs uuid[], p_reason text, p_tenant_ids uuid[])
 
-CREATE OR REPLACE FUNCTION kernel.release_jobs(p_worker text, p_jobs uuid[], p_reason text)
+CREATE OR REPLACE FUNCTION kernel.release_jobs(p_worker text, p_jobs uuid[], p_reason text, p_tenant_ids uuid[] DEFAULT NULL::uuid[])
  RETURNS integer
  LANGUAGE plpgsql
  SECURITY DEFINER
@@ -2278,16 +2334,16 @@ BEGIN
     PERFORM kernel._require(p_worker, 'worker');
     PERFORM kernel._require_scope();
     WITH held AS (
-        SELECT j.id FROM kernel.job_queue AS j
-        WHERE j.id = ANY (p_jobs) AND j.status = 'processing'
-          AND j.locked_by = p_worker AND j.lease_expires_at > now()
+        SELECT j.id, j.tenant_id FROM kernel.job_queue AS j
+        WHERE j.id = ANY (p_jobs) AND (p_tenant_ids IS NULL OR j.tenant_id = ANY (p_tenant_ids))
+          AND j.status = 'processing' AND j.locked_by = p_worker AND j.lease_expires_at > now()
         ORDER BY j.id
         FOR NO KEY UPDATE
     ), released AS (
         UPDATE kernel.job_queue AS j
         SET status = 'queued', locked_by = NULL, locked_at = NULL, lease_expires_at = NULL,
             last_error = p_reason, run_after = now()
-        FROM held AS h WHERE j.id = h.id
+        FROM held AS h WHERE j.id = h.id AND j.tenant_id = h.tenant_id
         RETURNING j.id
     )
     SELECT count(*) INTO _n FROM released;
@@ -2297,9 +2353,9 @@ BEGIN
     RETURN _n;
 END
 $function$;
-COMMENT ON FUNCTION kernel.release_jobs(p_worker text, p_jobs uuid[], p_reason text) IS 'Gives the jobs a worker still holds back to the queue (processing -> queued), e.g. on shutdown; fenced like every worker write. Returns how many it released.';
-ALTER FUNCTION kernel.release_jobs(p_worker text, p_jobs uuid[], p_reason text) OWNER TO kernel_owner;
-GRANT EXECUTE ON FUNCTION kernel.release_jobs(p_worker text, p_jobs uuid[], p_reason text) TO kernel_worker;
+COMMENT ON FUNCTION kernel.release_jobs(p_worker text, p_jobs uuid[], p_reason text, p_tenant_ids uuid[]) IS 'Gives the jobs back to the queue that this worker still holds, of the tenants given (NULL: every tenant in scope); returns how many.';
+ALTER FUNCTION kernel.release_jobs(p_worker text, p_jobs uuid[], p_reason text, p_tenant_ids uuid[]) OWNER TO kernel_owner;
+GRANT EXECUTE ON FUNCTION kernel.release_jobs(p_worker text, p_jobs uuid[], p_reason text, p_tenant_ids uuid[]) TO kernel_worker;
 
 -- FUNCTION kernel.reserve_outbox_items(p_job_id uuid, p_worker text, p_max_items integer)
 
@@ -2319,11 +2375,11 @@ BEGIN
         RAISE EXCEPTION 'max_items must be between 1 and 10000, got %', p_max_items USING ERRCODE = 'KE008';
     END IF;
     _job := kernel._lock_leased_job(p_job_id, p_worker);
-    SELECT * INTO _run FROM kernel.campaign_runs WHERE id = _job.run_id;
+    SELECT * INTO _run FROM kernel.campaign_runs WHERE id = _job.run_id AND tenant_id = _job.tenant_id;
     IF _run.status = 'cancelled' THEN
         -- Items put back for another try (retry outcome, dedup recovery) will not go out now.
         UPDATE kernel.channel_outbox SET status = 'skipped', skipped = TRUE, skip_reason = 'run_cancelled'
-        WHERE job_id = p_job_id AND status = 'pending' AND dispatched_at IS NULL;
+        WHERE job_id = p_job_id AND tenant_id = _job.tenant_id AND status = 'pending' AND dispatched_at IS NULL;
         RETURN;
     END IF;
     IF kernel.clock() >= _run.deadline
@@ -2331,7 +2387,7 @@ BEGIN
         RETURN;  -- outside the send window or past the deadline: nothing may go out now
     END IF;
     SELECT count(*) INTO _have FROM kernel.channel_outbox
-    WHERE job_id = p_job_id AND status = 'pending' AND dispatched_at IS NULL;
+    WHERE job_id = p_job_id AND tenant_id = _job.tenant_id AND status = 'pending' AND dispatched_at IS NULL;
     -- Walk the job's contact snapshot; skipped contacts do not fill the batch.
     WHILE _have < p_max_items AND _job.reserved_count < cardinality(_job.contact_ids) LOOP
         _take := least(p_max_items - _have, cardinality(_job.contact_ids) - _job.reserved_count);
@@ -2341,7 +2397,7 @@ BEGIN
 
     RETURN QUERY
     SELECT * FROM kernel.channel_outbox
-    WHERE job_id = p_job_id AND status = 'pending' AND dispatched_at IS NULL
+    WHERE job_id = p_job_id AND tenant_id = _job.tenant_id AND status = 'pending' AND dispatched_at IS NULL
     ORDER BY contact_id
     LIMIT p_max_items;
 END
@@ -2383,26 +2439,28 @@ DECLARE
 BEGIN
     PERFORM kernel._require(p_run_id, 'run_id');
     PERFORM kernel._require(p_include_unknown, 'include_unknown');
-    SELECT * INTO _old FROM kernel.campaign_runs WHERE id = p_run_id;
+    SELECT * INTO _old FROM kernel.campaign_runs
+    WHERE id = p_run_id AND tenant_id = kernel._tenant_of('run', p_run_id);
     PERFORM kernel._assert_scope(_old.tenant_id, _old.workspace_id, 'run', p_run_id);
     IF _old.status IN ('queued', 'running') THEN
         RAISE EXCEPTION 'run % is % and cannot be retried until it finishes', p_run_id, _old.status
             USING ERRCODE = 'KE011';
     END IF;
-    _c := kernel._lock_campaign_without_active_run(_old.campaign_id);
+    _c := kernel._lock_campaign_without_active_run(_old.campaign_id, _old.tenant_id);
 
     -- A contact's latest item in the lineage decides; a sent item anywhere excludes it.
     SELECT array_agg(l.contact_id ORDER BY l.contact_id) INTO _targets
     FROM (
         SELECT DISTINCT ON (o.contact_id) o.contact_id, o.status
         FROM kernel.channel_outbox AS o
-        WHERE o.root_run_id = _old.root_run_id
+        WHERE o.root_run_id = _old.root_run_id AND o.tenant_id = _old.tenant_id
         ORDER BY o.contact_id, o.generation DESC
     ) AS l
     WHERE (l.status = 'failed' OR (p_include_unknown AND l.status = 'unknown'))
       AND NOT EXISTS (
           SELECT 1 FROM kernel.channel_outbox AS s
-          WHERE s.root_run_id = _old.root_run_id AND s.contact_id = l.contact_id AND s.status = 'sent'
+          WHERE s.root_run_id = _old.root_run_id AND s.tenant_id = _old.tenant_id
+            AND s.contact_id = l.contact_id AND s.status = 'sent'
       );
     IF _targets IS NULL THEN
         RAISE EXCEPTION 'run % has no failed% items to retry', p_run_id,
@@ -2428,7 +2486,8 @@ BEGIN
         -- Same content as the run retried; the provider as configured now (it may have been fixed).
         _old.run_config || _provider || jsonb_build_object('include_unknown', p_include_unknown),
         p_run_id, _old.root_run_id,
-        (SELECT max(generation) + 1 FROM kernel.campaign_runs WHERE root_run_id = _old.root_run_id),
+        (SELECT max(generation) + 1 FROM kernel.campaign_runs
+         WHERE root_run_id = _old.root_run_id AND tenant_id = _old.tenant_id),
         -- At once, at the priority of the run retried, within the same send window.
         _old.priority
     ) RETURNING * INTO _run;
@@ -2473,17 +2532,19 @@ BEGIN
     IF p_item_limit IS NULL OR p_item_limit < 0 THEN
         RAISE EXCEPTION 'item_limit must be >= 0, got %', p_item_limit USING ERRCODE = 'KE008';
     END IF;
-    SELECT * INTO _run FROM kernel.campaign_runs WHERE id = p_run_id;
+    SELECT * INTO _run FROM kernel.campaign_runs
+    WHERE id = p_run_id AND tenant_id = kernel._tenant_of('run', p_run_id);
     PERFORM kernel._assert_scope(_run.tenant_id, _run.workspace_id, 'run', p_run_id);
     RETURN jsonb_build_object(
         'run', to_jsonb(_run),
         'jobs', coalesce((
             SELECT jsonb_agg((to_jsonb(j) - 'contact_ids') || jsonb_build_object('contact_count', cardinality(j.contact_ids))
                              ORDER BY j.created_at, j.id)
-            FROM kernel.job_queue AS j WHERE j.run_id = p_run_id), '[]'),
+            FROM kernel.job_queue AS j WHERE j.run_id = p_run_id AND j.tenant_id = _run.tenant_id), '[]'),
         'job_counts', coalesce((
             SELECT jsonb_object_agg(s.status, s.n)
-            FROM (SELECT status, count(*) AS n FROM kernel.job_queue WHERE run_id = p_run_id GROUP BY status) AS s
+            FROM (SELECT status, count(*) AS n FROM kernel.job_queue
+                  WHERE run_id = p_run_id AND tenant_id = _run.tenant_id GROUP BY status) AS s
         ), '{}'),
         'item_counts', coalesce((
             SELECT jsonb_object_agg(s.status, s.n)
@@ -2493,18 +2554,18 @@ BEGIN
         ), '{}'),
         'items', coalesce((
             SELECT jsonb_agg(to_jsonb(o) ORDER BY o.created_at, o.id)
-            FROM (SELECT * FROM kernel.channel_outbox WHERE run_id = p_run_id
+            FROM (SELECT * FROM kernel.channel_outbox WHERE run_id = p_run_id AND tenant_id = _run.tenant_id
                   ORDER BY created_at, id LIMIT p_item_limit) AS o), '[]'),
         'item_limit', p_item_limit,
         'lineage', (
             SELECT jsonb_agg(jsonb_build_object('id', l.id, 'generation', l.generation, 'status', l.status,
                                                 'retry_of_run_id', l.retry_of_run_id, 'created_at', l.created_at)
                              ORDER BY l.generation)
-            FROM kernel.campaign_runs AS l WHERE l.root_run_id = _run.root_run_id),
+            FROM kernel.campaign_runs AS l WHERE l.root_run_id = _run.root_run_id AND l.tenant_id = _run.tenant_id),
         'events', coalesce((
             SELECT jsonb_agg(to_jsonb(e) ORDER BY e.occurred_at, e.id)
             FROM (
-                SELECT * FROM kernel.job_events WHERE run_id = p_run_id
+                SELECT * FROM kernel.job_events WHERE run_id = p_run_id AND tenant_id = _run.tenant_id
                 ORDER BY occurred_at DESC, id DESC LIMIT 200
             ) AS e
         ), '[]')
@@ -2537,12 +2598,13 @@ BEGIN
         RAISE EXCEPTION 'status % is not an item status (pending, sent, failed, unknown, skipped)',
             p_status USING ERRCODE = 'KE008';
     END IF;
-    SELECT * INTO _run FROM kernel.campaign_runs WHERE id = p_run_id;
+    SELECT * INTO _run FROM kernel.campaign_runs
+    WHERE id = p_run_id AND tenant_id = kernel._tenant_of('run', p_run_id);
     PERFORM kernel._assert_scope(_run.tenant_id, _run.workspace_id, 'run', p_run_id);
     -- Keyset pages in id order: the next page starts after the last id of this one.
     RETURN QUERY
     SELECT * FROM kernel.channel_outbox AS o
-    WHERE o.run_id = p_run_id AND (p_status IS NULL OR o.status = p_status)
+    WHERE o.run_id = p_run_id AND o.tenant_id = _run.tenant_id AND (p_status IS NULL OR o.status = p_status)
       AND (p_after IS NULL OR o.id > p_after)
     ORDER BY o.id
     LIMIT p_limit;
@@ -2646,16 +2708,16 @@ BEGIN
     IF p_wanted IS NULL OR p_wanted < 0 THEN
         RAISE EXCEPTION 'wanted must be >= 0, got %', p_wanted USING ERRCODE = 'KE008';
     END IF;
-    RETURN (kernel._take_rate_tokens(p_workspace_id, p_provider, p_wanted)).granted;
+    RETURN (kernel._take_rate_tokens(p_workspace_id, kernel._tenant_of('workspace', p_workspace_id), p_provider, p_wanted)).granted;
 END
 $function$;
 COMMENT ON FUNCTION kernel.take_rate_tokens(p_workspace_id uuid, p_provider text, p_wanted integer) IS 'Shared token bucket (provider_configs.max_per_second, burst of one second): how many of p_wanted sends may start now, across every daemon.';
 ALTER FUNCTION kernel.take_rate_tokens(p_workspace_id uuid, p_provider text, p_wanted integer) OWNER TO kernel_owner;
 GRANT EXECUTE ON FUNCTION kernel.take_rate_tokens(p_workspace_id uuid, p_provider text, p_wanted integer) TO kernel_worker;
 
--- FUNCTION kernel.undispatch_items(p_worker text, p_job_ids uuid[], p_known_item_ids uuid[])
+-- FUNCTION kernel.undispatch_items(p_worker text, p_job_ids uuid[], p_known_item_ids uuid[], p_tenant_ids uuid[])
 
-CREATE OR REPLACE FUNCTION kernel.undispatch_items(p_worker text, p_job_ids uuid[], p_known_item_ids uuid[])
+CREATE OR REPLACE FUNCTION kernel.undispatch_items(p_worker text, p_job_ids uuid[], p_known_item_ids uuid[], p_tenant_ids uuid[] DEFAULT NULL::uuid[])
  RETURNS TABLE(job_id uuid, run_id uuid, id uuid, idempotency_key text, recipient text, contact_id uuid)
  LANGUAGE plpgsql
  SECURITY DEFINER
@@ -2669,13 +2731,14 @@ BEGIN
     PERFORM kernel._require(p_known_item_ids, 'known_item_ids');
     SELECT coalesce(array_agg(j.id), '{}') INTO _strays
     FROM kernel.job_queue AS j
-    WHERE j.status = 'processing' AND j.locked_by = p_worker AND j.lease_expires_at > now()
+    WHERE j.status = 'processing' AND (p_tenant_ids IS NULL OR j.tenant_id = ANY (p_tenant_ids))
+      AND j.locked_by = p_worker AND j.lease_expires_at > now()
       AND j.id <> ALL (p_job_ids);
     RETURN QUERY
     WITH held AS (
         SELECT j.id, j.tenant_id FROM kernel.job_queue AS j
-        WHERE j.id = ANY (p_job_ids || _strays) AND j.status = 'processing'
-          AND j.locked_by = p_worker AND j.lease_expires_at > now()
+        WHERE j.id = ANY (p_job_ids || _strays) AND (p_tenant_ids IS NULL OR j.tenant_id = ANY (p_tenant_ids))
+          AND j.status = 'processing' AND j.locked_by = p_worker AND j.lease_expires_at > now()
         ORDER BY j.id
         FOR NO KEY UPDATE
     ), back AS (
@@ -2689,13 +2752,15 @@ BEGIN
     SELECT b.job_id, b.run_id, b.id, b.idempotency_key, b.recipient, b.contact_id
     FROM back AS b WHERE b.job_id <> ALL (_strays);
     IF cardinality(_strays) > 0 THEN
-        PERFORM kernel.release_jobs(p_worker, _strays, 'claimed by a step whose answer was lost with the connection');
+        PERFORM kernel.release_jobs(
+            p_worker, _strays, 'claimed by a step whose answer was lost with the connection', p_tenant_ids
+        );
     END IF;
 END
 $function$;
-COMMENT ON FUNCTION kernel.undispatch_items(p_worker text, p_job_ids uuid[], p_known_item_ids uuid[]) IS 'After a lost connection: items of the jobs p_job_ids that p_worker holds, marked dispatched but not among p_known_item_ids (the ones it handed to a provider), go back to undispatched and are returned for it to send; a job it holds that is not in p_job_ids has its dispatched items put back and is released. Fenced: only jobs whose lease p_worker holds.';
-ALTER FUNCTION kernel.undispatch_items(p_worker text, p_job_ids uuid[], p_known_item_ids uuid[]) OWNER TO kernel_owner;
-GRANT EXECUTE ON FUNCTION kernel.undispatch_items(p_worker text, p_job_ids uuid[], p_known_item_ids uuid[]) TO kernel_worker;
+COMMENT ON FUNCTION kernel.undispatch_items(p_worker text, p_job_ids uuid[], p_known_item_ids uuid[], p_tenant_ids uuid[]) IS 'After a lost connection: items of the named held jobs (of the tenants given; NULL: every tenant in scope) marked dispatched but not among the known ones go back to undispatched and are returned; jobs this worker holds but did not name (claimed by a step whose answer was lost) are released.';
+ALTER FUNCTION kernel.undispatch_items(p_worker text, p_job_ids uuid[], p_known_item_ids uuid[], p_tenant_ids uuid[]) OWNER TO kernel_owner;
+GRANT EXECUTE ON FUNCTION kernel.undispatch_items(p_worker text, p_job_ids uuid[], p_known_item_ids uuid[], p_tenant_ids uuid[]) TO kernel_worker;
 
 -- FUNCTION kernel.worker_step(p_worker text, p_lease_seconds numeric, p_held uuid[], p_result_ids uuid[], p_result_outcomes text[], p_result_provider_ids text[], p_result_responses text[], p_result_errors text[], p_complete uuid[], p_fail uuid[], p_fail_errors text[], p_redispatch uuid[], p_want integer, p_claim integer, p_deduplicating text[], p_tenant_id uuid)
 
@@ -2729,6 +2794,7 @@ DECLARE
     _lease interval;
     _results integer := coalesce(cardinality(p_result_ids), 0);
     _held uuid[];
+    _tenants uuid[];  -- of the jobs held: every statement below names them
     _recorded uuid[];
     _waiting uuid[];
     _ended uuid[] := '{}'::uuid[];
@@ -2737,6 +2803,7 @@ DECLARE
     _dispatchable uuid[];
     _job record;
     _ended_runs uuid[];
+    _ended_run_tenants uuid[];
     _grant record;
     _cap_jobs uuid[] := '{}'::uuid[];
     _caps integer[] := '{}'::integer[];
@@ -2783,10 +2850,11 @@ BEGIN
 
     -- 1. Fencing, once for the batch: lock the jobs this worker still holds. A job whose
     --    lease expired or was taken is lost: nothing is written for it from here on.
-    SELECT coalesce(array_agg(q.id), '{}') INTO _held
+    SELECT coalesce(array_agg(q.id), '{}'), coalesce(array_agg(DISTINCT q.tenant_id), '{}') INTO _held, _tenants
     FROM (
-        SELECT j.id FROM kernel.job_queue AS j
+        SELECT j.id, j.tenant_id FROM kernel.job_queue AS j
         WHERE j.id = ANY (p_held) AND j.status = 'processing'
+          AND (p_tenant_ids IS NULL OR j.tenant_id = ANY (p_tenant_ids))
           AND j.locked_by = p_worker AND j.lease_expires_at > now()
         ORDER BY j.id
         FOR NO KEY UPDATE
@@ -2819,7 +2887,8 @@ BEGIN
             FROM r
             -- Reached by id: the fence is written so that no index serves it (a fresh outbox
             -- without statistics would otherwise be read by job, every item of it).
-            WHERE o.id = ANY (p_result_ids) AND o.id = r.id AND (o.job_id = ANY (_held)) IS TRUE
+            WHERE o.id = ANY (p_result_ids) AND o.tenant_id = ANY (_tenants) AND o.id = r.id
+              AND (o.job_id = ANY (_held)) IS TRUE
               AND o.status = 'pending' AND o.dispatched_at IS NOT NULL
             RETURNING o.id, o.status
         )
@@ -2830,7 +2899,7 @@ BEGIN
             RETURN QUERY
             SELECT 'waiting', o.job_id, o.run_id, o.id, o.idempotency_key, o.recipient, o.contact_id,
                    jsonb_build_object('dispatch_count', o.dispatch_count)
-            FROM kernel.channel_outbox AS o WHERE o.id = ANY (_waiting);
+            FROM kernel.channel_outbox AS o WHERE o.id = ANY (_waiting) AND o.tenant_id = ANY (_tenants);
         END IF;
         IF cardinality(_recorded) < _results THEN
             -- Results for held jobs that match no dispatched pending item: a daemon bug.
@@ -2838,7 +2907,8 @@ BEGIN
             SELECT 'stale', o.job_id, o.run_id, o.id, o.idempotency_key, o.recipient, o.contact_id,
                    jsonb_build_object('status', o.status, 'dispatched', o.dispatched_at IS NOT NULL)
             FROM kernel.channel_outbox AS o
-            WHERE o.id = ANY (p_result_ids) AND o.job_id = ANY (_held) AND o.id <> ALL (_recorded);
+            WHERE o.id = ANY (p_result_ids) AND o.tenant_id = ANY (_tenants) AND o.job_id = ANY (_held)
+              AND o.id <> ALL (_recorded);
         END IF;
     END IF;
 
@@ -2846,10 +2916,10 @@ BEGIN
     --    when no lease is due (job_queue's statement trigger would run for nothing).
     IF EXISTS (
         SELECT 1 FROM kernel.job_queue AS j
-        WHERE j.id = ANY (_held) AND j.lease_expires_at < now() + _lease * 2 / 3
+        WHERE j.id = ANY (_held) AND j.tenant_id = ANY (_tenants) AND j.lease_expires_at < now() + _lease * 2 / 3
     ) THEN
         UPDATE kernel.job_queue AS j SET lease_expires_at = now() + _lease
-        WHERE j.id = ANY (_held) AND j.lease_expires_at < now() + _lease * 2 / 3;
+        WHERE j.id = ANY (_held) AND j.tenant_id = ANY (_tenants) AND j.lease_expires_at < now() + _lease * 2 / 3;
     END IF;
 
     -- 4. End the jobs the daemon has finished, checked here as complete_job checks them:
@@ -2857,29 +2927,31 @@ BEGIN
     IF cardinality(p_complete) > 0 THEN
         UPDATE kernel.channel_outbox AS o
         SET status = 'skipped', skipped = TRUE, skip_reason = 'run_cancelled', completed_at = clock_timestamp()
-        FROM kernel.job_queue AS j INNER JOIN kernel.campaign_runs AS r ON j.run_id = r.id
-        WHERE o.job_id = j.id AND j.id = ANY (p_complete) AND j.id = ANY (_held)
+        FROM kernel.job_queue AS j
+        INNER JOIN kernel.campaign_runs AS r ON j.run_id = r.id AND j.tenant_id = r.tenant_id
+        WHERE o.job_id = j.id AND o.tenant_id = j.tenant_id
+          AND j.id = ANY (p_complete) AND j.id = ANY (_held) AND j.tenant_id = ANY (_tenants)
           AND r.status = 'cancelled' AND o.status = 'pending' AND o.dispatched_at IS NULL;
         WITH finished AS (
-            SELECT j.id, r.status AS run_status
+            SELECT j.id, j.tenant_id, r.status AS run_status
             FROM kernel.job_queue AS j
-            INNER JOIN kernel.campaign_runs AS r ON j.run_id = r.id
+            INNER JOIN kernel.campaign_runs AS r ON j.run_id = r.id AND j.tenant_id = r.tenant_id
             CROSS JOIN LATERAL (
                 SELECT count(*) FILTER (WHERE o.status = 'pending') AS pending, count(*) AS items
-                FROM kernel.channel_outbox AS o WHERE o.job_id = j.id
+                FROM kernel.channel_outbox AS o WHERE o.job_id = j.id AND o.tenant_id = j.tenant_id
             ) AS c
-            WHERE j.id = ANY (p_complete) AND j.id = ANY (_held) AND c.pending = 0
+            WHERE j.id = ANY (p_complete) AND j.id = ANY (_held) AND j.tenant_id = ANY (_tenants) AND c.pending = 0
               AND (r.status = 'cancelled' OR c.items >= cardinality(j.contact_ids))
         ), ended AS (
             UPDATE kernel.job_queue AS j
             SET status = CASE WHEN f.run_status = 'cancelled' THEN 'cancelled' ELSE 'completed' END,
                 completed_at = now(), last_error = NULL, locked_by = NULL, lease_expires_at = NULL
-            FROM finished AS f WHERE j.id = f.id
-            RETURNING j.id, j.run_id
+            FROM finished AS f WHERE j.id = f.id AND j.tenant_id = f.tenant_id
+            RETURNING j.id, j.run_id, j.tenant_id
         )
-        SELECT coalesce(array_agg(e.id), '{}'), coalesce(array_agg(DISTINCT e.run_id), '{}')
-        INTO _ended, _ended_runs FROM ended AS e;
-        PERFORM kernel._finish_runs_if_done(_ended_runs);
+        SELECT coalesce(array_agg(e.id), '{}'), coalesce(array_agg(e.run_id), '{}'), coalesce(array_agg(e.tenant_id), '{}')
+        INTO _ended, _ended_runs, _ended_run_tenants FROM ended AS e;
+        PERFORM kernel._finish_runs_if_done(_ended_runs, _ended_run_tenants);
     END IF;
 
     -- 4b. End the jobs the daemon cannot execute (their provider is unusable): what was never
@@ -2888,11 +2960,12 @@ BEGIN
         FOR _job IN
             SELECT j AS job, f.error
             FROM kernel.job_queue AS j INNER JOIN unnest(p_fail, p_fail_errors) AS f (id, error) ON j.id = f.id
-            WHERE j.id = ANY (_held) AND j.id <> ALL (_ended)
+            WHERE j.id = ANY (_held) AND j.tenant_id = ANY (_tenants) AND j.id <> ALL (_ended)
             ORDER BY j.id
         LOOP
             UPDATE kernel.channel_outbox AS o SET status = 'failed', error = _job.error
-            WHERE o.job_id = (_job.job).id AND o.status = 'pending' AND o.dispatched_at IS NULL;
+            WHERE o.job_id = (_job.job).id AND o.tenant_id = (_job.job).tenant_id
+              AND o.status = 'pending' AND o.dispatched_at IS NULL;
             PERFORM kernel._end_job(_job.job, FALSE, _job.error);
             _ended := _ended || (_job.job).id;
         END LOOP;
@@ -2901,8 +2974,8 @@ BEGIN
         RETURN QUERY
         SELECT 'done', j.id, j.run_id, NULL::uuid, NULL::text, NULL::text, NULL::uuid,
                jsonb_build_object('job_status', j.status, 'run_status', r.status)
-        FROM kernel.job_queue AS j INNER JOIN kernel.campaign_runs AS r ON j.run_id = r.id
-        WHERE j.id = ANY (_ended);
+        FROM kernel.job_queue AS j INNER JOIN kernel.campaign_runs AS r ON j.run_id = r.id AND j.tenant_id = r.tenant_id
+        WHERE j.id = ANY (_ended) AND j.tenant_id = ANY (_tenants);
         _held := ARRAY(SELECT h FROM unnest(_held) AS h WHERE h <> ALL (_ended));
     END IF;
 
@@ -2911,6 +2984,7 @@ BEGIN
     IF p_claim > 0 THEN
         SELECT coalesce(array_agg(c), '{}') INTO _claimed
         FROM kernel._claim_jobs(p_worker, p_claim, _lease, p_tenant_ids) AS c;
+        _tenants := ARRAY(SELECT DISTINCT t FROM unnest(_tenants || ARRAY(SELECT c.tenant_id FROM unnest(_claimed) AS c)) AS t);
         UPDATE kernel.channel_outbox AS o
         SET status = CASE WHEN d.dedup THEN 'pending' ELSE 'unknown' END,
             dispatched_at = CASE WHEN d.dedup THEN NULL ELSE o.dispatched_at END,
@@ -2918,11 +2992,11 @@ BEGIN
             error = CASE WHEN d.dedup THEN o.error
                          ELSE 'worker lost after dispatch; the provider cannot deduplicate, so it is not re-sent' END
         FROM (
-            SELECT c.id, (r.run_config ->> 'provider') = ANY (coalesce(p_deduplicating, '{}')) AS dedup
-            FROM unnest(_claimed) AS c INNER JOIN kernel.campaign_runs AS r ON c.run_id = r.id
+            SELECT c.id, c.tenant_id, (r.run_config ->> 'provider') = ANY (coalesce(p_deduplicating, '{}')) AS dedup
+            FROM unnest(_claimed) AS c INNER JOIN kernel.campaign_runs AS r ON c.run_id = r.id AND c.tenant_id = r.tenant_id
             WHERE c.attempts > 1
         ) AS d
-        WHERE o.job_id = d.id AND o.status = 'pending' AND o.dispatched_at IS NOT NULL;
+        WHERE o.job_id = d.id AND o.tenant_id = d.tenant_id AND o.status = 'pending' AND o.dispatched_at IS NOT NULL;
         RETURN QUERY
         SELECT 'job', c.id, c.run_id, NULL::uuid, NULL::text, NULL::text, NULL::uuid,
                jsonb_build_object(
@@ -2931,7 +3005,7 @@ BEGIN
                    'contact_count', cardinality(c.contact_ids),
                    'remaining', cardinality(c.contact_ids) - c.reserved_count, 'attempts', c.attempts
                ) || r.run_config
-        FROM unnest(_claimed) AS c INNER JOIN kernel.campaign_runs AS r ON c.run_id = r.id;
+        FROM unnest(_claimed) AS c INNER JOIN kernel.campaign_runs AS r ON c.run_id = r.id AND c.tenant_id = r.tenant_id;
         -- What a re-claimed (or resumed) job has reserved but not dispatched: the daemon sends
         -- it first.
         RETURN QUERY
@@ -2939,7 +3013,7 @@ BEGIN
                jsonb_build_object('dispatch_count', o.dispatch_count)
         FROM kernel.channel_outbox AS o
         WHERE o.job_id IN (SELECT c.id FROM unnest(_claimed) AS c WHERE c.attempts > 1 OR c.reserved_count > 0)
-          AND o.status = 'pending' AND o.dispatched_at IS NULL;
+          AND o.tenant_id = ANY (_tenants) AND o.status = 'pending' AND o.dispatched_at IS NULL;
         _held := _held || ARRAY(SELECT c.id FROM unnest(_claimed) AS c);
     END IF;
 
@@ -2950,13 +3024,14 @@ BEGIN
     FOR _job IN
         SELECT j AS job, j.id, j.time_zone, r.deadline, w.opens, r.run_config -> 'send_window' AS send_window,
                EXISTS (SELECT 1 FROM kernel.channel_outbox AS o
-                       WHERE o.job_id = j.id AND o.status = 'pending' AND o.dispatched_at IS NOT NULL) AS in_flight
+                       WHERE o.job_id = j.id AND o.tenant_id = j.tenant_id
+                         AND o.status = 'pending' AND o.dispatched_at IS NOT NULL) AS in_flight
         FROM kernel.job_queue AS j
-        INNER JOIN kernel.campaign_runs AS r ON j.run_id = r.id
+        INNER JOIN kernel.campaign_runs AS r ON j.run_id = r.id AND j.tenant_id = r.tenant_id
         CROSS JOIN LATERAL (
             SELECT kernel.send_window_opens(r.run_config -> 'send_window', j.time_zone, _now) AS opens
         ) AS w
-        WHERE j.id = ANY (_held) AND r.status <> 'cancelled'
+        WHERE j.id = ANY (_held) AND j.tenant_id = ANY (_tenants) AND r.status <> 'cancelled'
           AND (j.time_zone IS NOT NULL OR r.deadline IS NOT NULL)
           AND (w.opens > _now OR _now >= r.deadline)
         ORDER BY j.id
@@ -2969,7 +3044,8 @@ BEGIN
                 ELSE format('the send window (%s-%s, %s) does not open before the run''s deadline (%s)',
                             _job.send_window ->> 'start', _job.send_window ->> 'end', _job.time_zone, _job.deadline) END;
             UPDATE kernel.channel_outbox AS o SET status = 'failed', error = _reason
-            WHERE o.job_id = _job.id AND o.status = 'pending' AND o.dispatched_at IS NULL;
+            WHERE o.job_id = _job.id AND o.tenant_id = (_job.job).tenant_id
+              AND o.status = 'pending' AND o.dispatched_at IS NULL;
             PERFORM kernel._end_job(_job.job, FALSE, _reason);
             _timed_out := _timed_out || _job.id;
         ELSE
@@ -2978,7 +3054,7 @@ BEGIN
                 locked_by = NULL, locked_at = NULL, lease_expires_at = NULL,
                 last_error = format('outside the send window (%s-%s, %s) until %s',
                                     _job.send_window ->> 'start', _job.send_window ->> 'end', _job.time_zone, _job.opens)
-            WHERE j.id = _job.id;
+            WHERE j.id = _job.id AND j.tenant_id = (_job.job).tenant_id;
             _paused := _paused || _job.id;
         END IF;
     END LOOP;
@@ -2988,8 +3064,8 @@ BEGIN
                j.id, j.run_id, NULL::uuid, NULL::text, NULL::text, NULL::uuid,
                jsonb_build_object('job_status', j.status, 'run_status', r.status, 'run_after', j.run_after,
                                   'reason', j.last_error)
-        FROM kernel.job_queue AS j INNER JOIN kernel.campaign_runs AS r ON j.run_id = r.id
-        WHERE j.id = ANY (_paused || _timed_out);
+        FROM kernel.job_queue AS j INNER JOIN kernel.campaign_runs AS r ON j.run_id = r.id AND j.tenant_id = r.tenant_id
+        WHERE j.id = ANY (_paused || _timed_out) AND j.tenant_id = ANY (_tenants);
         _held := ARRAY(SELECT h FROM unnest(_held) AS h WHERE h <> ALL (_paused || _timed_out));
     END IF;
 
@@ -3001,8 +3077,8 @@ BEGIN
                     FILTER (WHERE r.status <> 'cancelled' AND j.reserved_count < cardinality(j.contact_ids)
                                   AND j.id <> ALL (_closed)), '{}')
     INTO _cancelled, _dispatchable
-    FROM kernel.job_queue AS j INNER JOIN kernel.campaign_runs AS r ON j.run_id = r.id
-    WHERE j.id = ANY (_held);
+    FROM kernel.job_queue AS j INNER JOIN kernel.campaign_runs AS r ON j.run_id = r.id AND j.tenant_id = r.tenant_id
+    WHERE j.id = ANY (_held) AND j.tenant_id = ANY (_tenants);
     RETURN QUERY
     SELECT 'cancelled', c, NULL::uuid, NULL::uuid, NULL::text, NULL::text, NULL::uuid, NULL::jsonb
     FROM unnest(_cancelled) AS c;
@@ -3012,7 +3088,8 @@ BEGIN
         WITH again AS (
             UPDATE kernel.channel_outbox AS o
             SET dispatched_at = clock_timestamp(), dispatch_count = o.dispatch_count + 1
-            WHERE o.id = ANY (p_redispatch) AND o.job_id = ANY (_held) AND o.job_id <> ALL (_cancelled)
+            WHERE o.id = ANY (p_redispatch) AND o.tenant_id = ANY (_tenants)
+              AND o.job_id = ANY (_held) AND o.job_id <> ALL (_cancelled)
               AND o.job_id <> ALL (_closed)
               AND o.status = 'pending' AND o.dispatched_at IS NULL
             RETURNING o.job_id, o.run_id, o.id, o.idempotency_key, o.recipient, o.contact_id
@@ -3026,18 +3103,19 @@ BEGIN
     -- Shared rate limits: each limited job may start only what its bucket grants now.
     _left := _want;
     FOR _job IN
-        SELECT j.id, j.workspace_id, r.run_config ->> 'provider' AS provider,
+        SELECT j.id, j.workspace_id, j.tenant_id, r.run_config ->> 'provider' AS provider,
                cardinality(j.contact_ids) - j.reserved_count AS remaining
-        FROM kernel.job_queue AS j INNER JOIN kernel.campaign_runs AS r ON j.run_id = r.id
-        WHERE j.id = ANY (_dispatchable) AND _want > 0
+        FROM kernel.job_queue AS j INNER JOIN kernel.campaign_runs AS r ON j.run_id = r.id AND j.tenant_id = r.tenant_id
+        WHERE j.id = ANY (_dispatchable) AND j.tenant_id = ANY (_tenants) AND _want > 0
           AND EXISTS (
               SELECT 1 FROM kernel.provider_configs AS p
-              WHERE p.workspace_id = j.workspace_id AND p.provider = r.run_config ->> 'provider'
+              WHERE p.workspace_id = j.workspace_id AND p.tenant_id = j.tenant_id
+                AND p.provider = r.run_config ->> 'provider'
                 AND p.max_per_second IS NOT NULL
           )
         ORDER BY j.locked_at, j.id
     LOOP
-        _grant := kernel._take_rate_tokens(_job.workspace_id, _job.provider, least(_left, _job.remaining));
+        _grant := kernel._take_rate_tokens(_job.workspace_id, _job.tenant_id, _job.provider, least(_left, _job.remaining));
         _cap_jobs := _cap_jobs || _job.id;
         _caps := _caps || _grant.granted;
         _left := greatest(_left - _grant.granted, 0);
@@ -3058,9 +3136,9 @@ BEGIN
                    cardinality(j.contact_ids) - j.reserved_count AS remaining,
                    r.channel, r.run_config ->> 'provider' AS provider, r.root_run_id, r.generation, k.cap
             FROM kernel.job_queue AS j
-            INNER JOIN kernel.campaign_runs AS r ON j.run_id = r.id
+            INNER JOIN kernel.campaign_runs AS r ON j.run_id = r.id AND j.tenant_id = r.tenant_id
             LEFT JOIN unnest(_cap_jobs, _caps) AS k (job_id, cap) ON j.id = k.job_id
-            WHERE j.id = ANY (_dispatchable)
+            WHERE j.id = ANY (_dispatchable) AND j.tenant_id = ANY (_tenants)
         ), ordered AS (
             -- Older jobs first; a job is looked at only while those before it may leave room.
             SELECT h.*, row_number() OVER w AS rank,
@@ -3077,7 +3155,7 @@ BEGIN
             CROSS JOIN LATERAL unnest(
                 h.contact_ids[h.reserved_count + 1:h.reserved_count + least(h.remaining, _want + 16)]
             ) WITH ORDINALITY AS u (contact_id, ord)
-            LEFT JOIN kernel.contacts AS p ON u.contact_id = p.id
+            LEFT JOIN kernel.contacts AS p ON u.contact_id = p.id AND p.tenant_id = h.tenant_id
             CROSS JOIN LATERAL (
                 SELECT nullif(btrim(CASE h.channel WHEN 'email' THEN p.email ELSE p.phone END), '') AS recipient
             ) AS a
@@ -3118,8 +3196,8 @@ BEGIN
             RETURNING o.job_id, o.run_id, o.id, o.idempotency_key, o.recipient, o.contact_id, o.status
         ), advanced AS (
             UPDATE kernel.job_queue AS j SET reserved_count = j.reserved_count + n.taken
-            FROM (SELECT t.job_id, count(*) AS taken FROM taken AS t GROUP BY t.job_id) AS n
-            WHERE j.id = n.job_id
+            FROM (SELECT t.job_id, t.tenant_id, count(*) AS taken FROM taken AS t GROUP BY t.job_id, t.tenant_id) AS n
+            WHERE j.id = n.job_id AND j.tenant_id = n.tenant_id
             RETURNING j.id, j.run_id, cardinality(j.contact_ids) - j.reserved_count AS remaining
         )
         SELECT 'item', i.job_id, i.run_id, i.id, i.idempotency_key, i.recipient, i.contact_id, NULL::jsonb

@@ -35,13 +35,13 @@ def seed_one_contact_campaigns(conn: psycopg.Connection, count: int, provider: s
                       '{"subject": "Your code", "text": "1234"}'::jsonb
                FROM generate_series(1, %(n)s) AS g""", {"t": tenant, "w": workspace, "n": count})
         conn.execute(
-            """INSERT INTO kernel.campaign_audience (campaign_id, contact_id)
-               SELECT c.id, k.id
+            """INSERT INTO kernel.campaign_audience (campaign_id, contact_id, tenant_id)
+               SELECT c.id, k.id, %(t)s
                FROM (SELECT id, row_number() OVER (ORDER BY name) AS r
                      FROM kernel.campaigns WHERE workspace_id = %(w)s) c
                JOIN (SELECT id, row_number() OVER (ORDER BY email) AS r
                      FROM kernel.contacts WHERE workspace_id = %(w)s) k
-                 USING (r)""", {"w": workspace})
+                 USING (r)""", {"w": workspace, "t": tenant})
         analyze_host_tables(conn)
         return [row[0] for row in conn.execute(
             "SELECT id FROM kernel.campaigns WHERE workspace_id = %s ORDER BY created_at, name", (workspace,))]

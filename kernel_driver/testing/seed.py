@@ -33,6 +33,17 @@ class SeededCampaign:
         return f"+1555{n:07d}"
 
 
+def _audience_tenant(conn: psycopg.Connection, schema: str) -> str:
+    """With its tenant_id (1.7) the audience trigger need not look it up row by row; the upgrade
+    tests seed older kernels too, whose audience has no such column."""
+    row = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_attribute"
+        " WHERE attrelid = format('%%I.campaign_audience', %s::text)::regclass AND attname = 'tenant_id')",
+        (schema,),
+    ).fetchone()
+    return ", tenant_id" if row and row[0] else ""
+
+
 def seed_campaign(
     conn: psycopg.Connection,
     schema: str,
@@ -55,6 +66,7 @@ def seed_campaign(
     workspace_id = workspace_id or uuid.uuid4()
     campaign_id = uuid.uuid4()
     address_column = "email" if channel == "email" else "phone"
+    tenant_column = _audience_tenant(conn, schema)
     params = {
         "tenant": tenant_id,
         "workspace": workspace_id,
@@ -68,7 +80,7 @@ def seed_campaign(
            VALUES (%(campaign)s, %(tenant)s, %(workspace)s, %(name)s, %(channel)s, %(content)s)""",
         """INSERT INTO {schema}.provider_configs (workspace_id, channel, provider, settings, tenant_id, max_per_second)
            VALUES (%(workspace)s, %(channel)s, %(provider)s, %(settings)s, %(tenant)s, %(rate)s)
-           ON CONFLICT (workspace_id, channel) DO UPDATE
+           ON CONFLICT ON CONSTRAINT provider_configs_pkey DO UPDATE
            SET provider = EXCLUDED.provider, settings = EXCLUDED.settings, max_per_second = EXCLUDED.max_per_second""",
         """INSERT INTO {schema}.contacts (tenant_id, workspace_id, """ + address_column + """, unsubscribed)
            SELECT %(tenant)s, %(workspace)s,
@@ -76,8 +88,8 @@ def seed_campaign(
                        ELSE """ + _address_sql(channel) + """ END,
                   %(unsub)s > 0 AND g %% %(unsub)s = 0
            FROM generate_series(1, %(n)s) AS g""",
-        """INSERT INTO {schema}.campaign_audience (campaign_id, contact_id)
-           SELECT %(campaign)s, id FROM {schema}.contacts WHERE workspace_id = %(workspace)s""",
+        "INSERT INTO {schema}.campaign_audience (campaign_id, contact_id" + tenant_column + ")"
+        " SELECT %(campaign)s, id" + tenant_column + " FROM {schema}.contacts WHERE workspace_id = %(workspace)s",
     ]
     params.update(
         name=name,

@@ -144,6 +144,7 @@ NOT_CALLED = {
     "is_time_zone": "the time zone constraint of contacts and workspaces",
     "send_window_opens": "deploys and worker_step compute windows with it; an application may ask it",
     "distribution_violations": "a DBA's catalog report before distributing by tenant, from psql (docs/scale-out.md)",
+    "reference_tables": "which tables a DBA makes Citus reference tables, from psql (docs/scale-out.md)",
 }
 DAEMON_CALLS = {"worker_step", "release_jobs", "undispatch_items"}
 

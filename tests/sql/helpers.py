@@ -95,7 +95,7 @@ def seed_campaign(
         conn.execute(
             "INSERT INTO provider_configs (workspace_id, channel, provider, settings, tenant_id,"
             " max_per_second) VALUES (%s, %s, %s, %s, %s, %s)"
-            " ON CONFLICT (workspace_id, channel) DO NOTHING",
+            " ON CONFLICT (workspace_id, channel, tenant_id) DO NOTHING",
             [workspace_id, channel, provider,
              json.dumps(SETTINGS.get(provider, {}) if settings is None else settings),
              tenant_id, max_per_second],
@@ -264,7 +264,7 @@ def explained(conn: psycopg.Connection, plan_format: str = "text") -> Iterator[l
     found: list[Explained] = []
 
     def keep(notice: psycopg.errors.Diagnostic) -> None:
-        frames = [line for line in (notice.context or "").splitlines() if line.startswith("PL/pgSQL")]
+        frames = [line for line in (notice.context or "").splitlines() if line.startswith("PL/pgSQL function")]
         found.append(Explained(frames[0].removeprefix("PL/pgSQL function ") if frames else "top level",
                                notice.message_primary or ""))
 

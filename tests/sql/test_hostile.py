@@ -251,8 +251,9 @@ DEFINER_CALLS = {
         " ARRAY['x'], '{{}}', 0, 0, '{{}}', NULL::uuid[])",
         None,
     ),
-    "release_jobs(text,uuid[],text)": ("worker", "SELECT release_jobs('intruder', ARRAY['{job}']::uuid[], 'x')", None),
-    "undispatch_items(text,uuid[],uuid[])": (
+    "release_jobs(text,uuid[],text,uuid[])": (
+        "worker", "SELECT release_jobs('intruder', ARRAY['{job}']::uuid[], 'x')", None),
+    "undispatch_items(text,uuid[],uuid[],uuid[])": (
         "worker", "SELECT * FROM undispatch_items('intruder', ARRAY['{job}']::uuid[], '{{}}'::uuid[])", None),
 }
 
