@@ -1235,6 +1235,106 @@ $function$;
 COMMENT ON FUNCTION kernel._job_queue_moves() IS 'Statement trigger: refuses illegal job transitions and re-claims of a live lease (KE004), and records every move of the statement in job_events.';
 ALTER FUNCTION kernel._job_queue_moves() OWNER TO kernel_owner;
 
+-- FUNCTION kernel._launch_checks(p_campaign_id uuid, p_workspace_id uuid, p_tenant_id uuid)
+
+CREATE OR REPLACE FUNCTION kernel._launch_checks(p_campaign_id uuid, p_workspace_id uuid, p_tenant_id uuid)
+ RETURNS TABLE(check_name text, passed boolean, detail text)
+ LANGUAGE plpgsql
+ STABLE
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    _c kernel.campaigns;
+    _cfg kernel.provider_configs;
+    _audience bigint;
+    _reachable bigint;
+    _missing text[];
+    _problems text[];
+    _active uuid;
+    _tenant uuid := p_tenant_id;
+BEGIN
+    PERFORM kernel._require(p_campaign_id, 'campaign_id');
+    PERFORM kernel._require(p_workspace_id, 'workspace_id');
+    PERFORM kernel._require_scope();
+    SELECT * INTO _c FROM kernel.campaigns
+    WHERE id = p_campaign_id AND tenant_id = _tenant AND workspace_id = p_workspace_id;
+    -- Another tenant's campaign is reported exactly like a missing one.
+    passed := FOUND AND (kernel.current_tenant() IS NULL OR kernel.in_scope(_c.tenant_id, _c.workspace_id));
+    check_name := 'campaign_exists';
+    detail := CASE WHEN passed THEN format('campaign %s (%s)', _c.id, _c.name)
+                   ELSE format('campaign %s not found in workspace %s', p_campaign_id, p_workspace_id) END;
+    RETURN NEXT;
+    IF NOT passed THEN
+        RETURN;  -- nothing else can be checked
+    END IF;
+
+    check_name := 'channel_supported';
+    passed := _c.channel IN ('email', 'voice');
+    detail := format('channel %s', coalesce(_c.channel, 'NULL'))
+        || CASE WHEN passed THEN '' ELSE ' is not supported (email, voice)' END;
+    RETURN NEXT;
+
+    check_name := 'content_complete';
+    SELECT array_agg(k) INTO _missing
+    FROM unnest(CASE _c.channel WHEN 'email' THEN ARRAY['subject', 'text']
+                                WHEN 'voice' THEN ARRAY['from', 'script'] END) AS k
+    WHERE jsonb_typeof(_c.content -> k) IS DISTINCT FROM 'string' OR btrim(_c.content ->> k) = '';
+    passed := _c.channel IN ('email', 'voice') AND _missing IS NULL;
+    detail := CASE WHEN passed THEN 'content has every field the channel needs'
+                   WHEN _missing IS NULL THEN 'no content rules for this channel'
+                   ELSE 'content lacks ' || array_to_string(_missing, ', ') END;
+    RETURN NEXT;
+
+    SELECT count(*),
+           count(*) FILTER (
+               WHERE NOT p.unsubscribed
+                 AND btrim(CASE _c.channel WHEN 'email' THEN p.email ELSE p.phone END) <> ''
+           )
+    INTO _audience, _reachable
+    FROM kernel.campaign_audience AS a
+    INNER JOIN kernel.contacts AS p ON a.contact_id = p.id AND a.tenant_id = p.tenant_id
+    WHERE a.campaign_id = _c.id AND a.tenant_id = _c.tenant_id;
+
+    check_name := 'audience_not_empty';
+    passed := _audience > 0;
+    detail := format('%s contacts in the audience', _audience);
+    RETURN NEXT;
+
+    check_name := 'reachable_contacts';
+    passed := _reachable > 0;
+    detail := format('%s of %s contacts are subscribed and have an address for %s',
+                     _reachable, _audience, _c.channel);
+    RETURN NEXT;
+
+    SELECT * INTO _cfg FROM kernel.provider_configs
+    WHERE workspace_id = _c.workspace_id AND channel = _c.channel
+      AND tenant_id = _c.tenant_id;
+    check_name := 'provider_configured';
+    passed := FOUND;
+    detail := CASE WHEN passed THEN format('provider %s', _cfg.provider)
+                   ELSE format('no provider_configs row for workspace %s, channel %s', _c.workspace_id, _c.channel) END;
+    RETURN NEXT;
+
+    check_name := 'provider_settings_valid';
+    _problems := CASE WHEN passed THEN kernel.provider_settings_problems(_cfg.provider, _c.channel, _cfg.settings) END;
+    passed := passed AND cardinality(_problems) = 0;
+    detail := CASE WHEN _problems IS NULL THEN 'no provider configured'
+                   WHEN passed THEN 'settings valid'
+                   ELSE array_to_string(_problems, '; ') END;
+    RETURN NEXT;
+
+    SELECT id INTO _active FROM kernel.campaign_runs
+    WHERE campaign_id = _c.id AND tenant_id = _c.tenant_id AND status IN ('queued', 'running');
+    check_name := 'no_active_run';
+    passed := _active IS NULL;
+    detail := CASE WHEN passed THEN 'no queued or running run'
+                   ELSE format('run %s is still active', _active) END;
+    RETURN NEXT;
+END
+$function$;
+COMMENT ON FUNCTION kernel._launch_checks(p_campaign_id uuid, p_workspace_id uuid, p_tenant_id uuid) IS 'check_campaign_launch_prerequisites for a campaign of the given tenant.';
+ALTER FUNCTION kernel._launch_checks(p_campaign_id uuid, p_workspace_id uuid, p_tenant_id uuid) OWNER TO kernel_owner;
+
 -- FUNCTION kernel._lease_interval()
 
 CREATE OR REPLACE FUNCTION kernel._lease_interval()
@@ -1606,94 +1706,9 @@ CREATE OR REPLACE FUNCTION kernel.check_campaign_launch_prerequisites(p_campaign
  STABLE SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
-DECLARE
-    _c kernel.campaigns;
-    _cfg kernel.provider_configs;
-    _audience bigint;
-    _reachable bigint;
-    _missing text[];
-    _problems text[];
-    _active uuid;
-    _tenant uuid;
 BEGIN
-    PERFORM kernel._require(p_campaign_id, 'campaign_id');
-    PERFORM kernel._require(p_workspace_id, 'workspace_id');
-    PERFORM kernel._require_scope();
-    _tenant := kernel._tenant_of('campaign', p_campaign_id);
-    SELECT * INTO _c FROM kernel.campaigns
-    WHERE id = p_campaign_id AND tenant_id = _tenant AND workspace_id = p_workspace_id;
-    -- Another tenant's campaign is reported exactly like a missing one.
-    passed := FOUND AND (kernel.current_tenant() IS NULL OR kernel.in_scope(_c.tenant_id, _c.workspace_id));
-    check_name := 'campaign_exists';
-    detail := CASE WHEN passed THEN format('campaign %s (%s)', _c.id, _c.name)
-                   ELSE format('campaign %s not found in workspace %s', p_campaign_id, p_workspace_id) END;
-    RETURN NEXT;
-    IF NOT passed THEN
-        RETURN;  -- nothing else can be checked
-    END IF;
-
-    check_name := 'channel_supported';
-    passed := _c.channel IN ('email', 'voice');
-    detail := format('channel %s', coalesce(_c.channel, 'NULL'))
-        || CASE WHEN passed THEN '' ELSE ' is not supported (email, voice)' END;
-    RETURN NEXT;
-
-    check_name := 'content_complete';
-    SELECT array_agg(k) INTO _missing
-    FROM unnest(CASE _c.channel WHEN 'email' THEN ARRAY['subject', 'text']
-                                WHEN 'voice' THEN ARRAY['from', 'script'] END) AS k
-    WHERE jsonb_typeof(_c.content -> k) IS DISTINCT FROM 'string' OR btrim(_c.content ->> k) = '';
-    passed := _c.channel IN ('email', 'voice') AND _missing IS NULL;
-    detail := CASE WHEN passed THEN 'content has every field the channel needs'
-                   WHEN _missing IS NULL THEN 'no content rules for this channel'
-                   ELSE 'content lacks ' || array_to_string(_missing, ', ') END;
-    RETURN NEXT;
-
-    SELECT count(*),
-           count(*) FILTER (
-               WHERE NOT p.unsubscribed
-                 AND btrim(CASE _c.channel WHEN 'email' THEN p.email ELSE p.phone END) <> ''
-           )
-    INTO _audience, _reachable
-    FROM kernel.campaign_audience AS a
-    INNER JOIN kernel.contacts AS p ON a.contact_id = p.id AND a.tenant_id = p.tenant_id
-    WHERE a.campaign_id = _c.id AND a.tenant_id = _c.tenant_id;
-
-    check_name := 'audience_not_empty';
-    passed := _audience > 0;
-    detail := format('%s contacts in the audience', _audience);
-    RETURN NEXT;
-
-    check_name := 'reachable_contacts';
-    passed := _reachable > 0;
-    detail := format('%s of %s contacts are subscribed and have an address for %s',
-                     _reachable, _audience, _c.channel);
-    RETURN NEXT;
-
-    SELECT * INTO _cfg FROM kernel.provider_configs
-    WHERE workspace_id = _c.workspace_id AND channel = _c.channel
-      AND tenant_id = _c.tenant_id;
-    check_name := 'provider_configured';
-    passed := FOUND;
-    detail := CASE WHEN passed THEN format('provider %s', _cfg.provider)
-                   ELSE format('no provider_configs row for workspace %s, channel %s', _c.workspace_id, _c.channel) END;
-    RETURN NEXT;
-
-    check_name := 'provider_settings_valid';
-    _problems := CASE WHEN passed THEN kernel.provider_settings_problems(_cfg.provider, _c.channel, _cfg.settings) END;
-    passed := passed AND cardinality(_problems) = 0;
-    detail := CASE WHEN _problems IS NULL THEN 'no provider configured'
-                   WHEN passed THEN 'settings valid'
-                   ELSE array_to_string(_problems, '; ') END;
-    RETURN NEXT;
-
-    SELECT id INTO _active FROM kernel.campaign_runs
-    WHERE campaign_id = _c.id AND tenant_id = _c.tenant_id AND status IN ('queued', 'running');
-    check_name := 'no_active_run';
-    passed := _active IS NULL;
-    detail := CASE WHEN passed THEN 'no queued or running run'
-                   ELSE format('run %s is still active', _active) END;
-    RETURN NEXT;
+    RETURN QUERY
+    SELECT * FROM kernel._launch_checks(p_campaign_id, p_workspace_id, kernel._tenant_of('campaign', p_campaign_id));
 END
 $function$;
 COMMENT ON FUNCTION kernel.check_campaign_launch_prerequisites(p_campaign_id uuid, p_workspace_id uuid) IS 'One row per launch check (campaign_exists, channel_supported, content_complete, audience_not_empty, reachable_contacts, provider_configured, provider_settings_valid, no_active_run).';
@@ -1881,7 +1896,7 @@ BEGIN
     END IF;
     _c := kernel._lock_campaign_without_active_run(p_campaign_id, kernel._tenant_of('campaign', p_campaign_id));
     SELECT string_agg(p.check_name || ' (' || p.detail || ')', '; ') INTO _failed
-    FROM kernel.check_campaign_launch_prerequisites(_c.id, _c.workspace_id) AS p
+    FROM kernel._launch_checks(_c.id, _c.workspace_id, _c.tenant_id) AS p
     WHERE NOT p.passed;
     IF _failed IS NOT NULL THEN
         RAISE EXCEPTION 'campaign % cannot launch: %', p_campaign_id, _failed
@@ -2470,7 +2485,7 @@ BEGIN
 
     -- The provider as configured now (it may have been fixed), checked like a launch.
     SELECT string_agg(p.check_name || ' (' || p.detail || ')', '; ') INTO _failed
-    FROM kernel.check_campaign_launch_prerequisites(_c.id, _c.workspace_id) AS p
+    FROM kernel._launch_checks(_c.id, _c.workspace_id, _c.tenant_id) AS p
     WHERE p.check_name IN ('provider_configured', 'provider_settings_valid') AND NOT p.passed;
     IF _failed IS NOT NULL THEN
         RAISE EXCEPTION 'run % cannot be retried: %', p_run_id, _failed USING ERRCODE = 'KE001';

@@ -1192,12 +1192,13 @@ END
 $function$;
 COMMENT ON FUNCTION kernel.cancel_campaign_run(p_run_id uuid) IS 'Cancels a queued (or scheduled) or running run: scheduled and queued jobs cancelled, undispatched items skipped; in-flight calls still get recorded.';
 
-CREATE OR REPLACE FUNCTION kernel.check_campaign_launch_prerequisites(
-    p_campaign_id uuid, p_workspace_id uuid
+-- The launch checks of a campaign of a known tenant: deploy and retry know it already.
+CREATE FUNCTION kernel._launch_checks(
+    p_campaign_id uuid, p_workspace_id uuid, p_tenant_id uuid
 )
 RETURNS TABLE (check_name text, passed boolean, detail text)
 LANGUAGE plpgsql
-STABLE SECURITY DEFINER
+STABLE
 SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 DECLARE
@@ -1208,12 +1209,11 @@ DECLARE
     _missing text[];
     _problems text[];
     _active uuid;
-    _tenant uuid;
+    _tenant uuid := p_tenant_id;
 BEGIN
     PERFORM kernel._require(p_campaign_id, 'campaign_id');
     PERFORM kernel._require(p_workspace_id, 'workspace_id');
     PERFORM kernel._require_scope();
-    _tenant := kernel._tenant_of('campaign', p_campaign_id);
     SELECT * INTO _c FROM kernel.campaigns
     WHERE id = p_campaign_id AND tenant_id = _tenant AND workspace_id = p_workspace_id;
     -- Another tenant's campaign is reported exactly like a missing one.
@@ -1290,7 +1290,22 @@ BEGIN
     RETURN NEXT;
 END
 $function$;
-COMMENT ON FUNCTION kernel.check_campaign_launch_prerequisites(p_campaign_id uuid, p_workspace_id uuid) IS 'One row per launch check (campaign_exists, channel_supported, content_complete, audience_not_empty, reachable_contacts, provider_configured, provider_settings_valid, no_active_run).';
+COMMENT ON FUNCTION kernel._launch_checks(p_campaign_id uuid, p_workspace_id uuid, p_tenant_id uuid) IS 'check_campaign_launch_prerequisites for a campaign of the given tenant.';
+
+CREATE OR REPLACE FUNCTION kernel.check_campaign_launch_prerequisites(
+    p_campaign_id uuid, p_workspace_id uuid
+)
+RETURNS TABLE (check_name text, passed boolean, detail text)
+LANGUAGE plpgsql
+STABLE SECURITY DEFINER
+SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+    RETURN QUERY
+    SELECT * FROM kernel._launch_checks(p_campaign_id, p_workspace_id, kernel._tenant_of('campaign', p_campaign_id));
+END
+$function$;
+
 
 CREATE OR REPLACE FUNCTION kernel.deploy_campaign(
     p_campaign_id uuid,
@@ -1323,7 +1338,7 @@ BEGIN
     END IF;
     _c := kernel._lock_campaign_without_active_run(p_campaign_id, kernel._tenant_of('campaign', p_campaign_id));
     SELECT string_agg(p.check_name || ' (' || p.detail || ')', '; ') INTO _failed
-    FROM kernel.check_campaign_launch_prerequisites(_c.id, _c.workspace_id) AS p
+    FROM kernel._launch_checks(_c.id, _c.workspace_id, _c.tenant_id) AS p
     WHERE NOT p.passed;
     IF _failed IS NOT NULL THEN
         RAISE EXCEPTION 'campaign % cannot launch: %', p_campaign_id, _failed
@@ -1400,7 +1415,7 @@ BEGIN
 
     -- The provider as configured now (it may have been fixed), checked like a launch.
     SELECT string_agg(p.check_name || ' (' || p.detail || ')', '; ') INTO _failed
-    FROM kernel.check_campaign_launch_prerequisites(_c.id, _c.workspace_id) AS p
+    FROM kernel._launch_checks(_c.id, _c.workspace_id, _c.tenant_id) AS p
     WHERE p.check_name IN ('provider_configured', 'provider_settings_valid') AND NOT p.passed;
     IF _failed IS NOT NULL THEN
         RAISE EXCEPTION 'run % cannot be retried: %', p_run_id, _failed USING ERRCODE = 'KE001';
