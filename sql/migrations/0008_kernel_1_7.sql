@@ -36,9 +36,8 @@ BEGIN
                          'kernel.provider_configs_pkey'::regclass)
       AND f.conrelid <> 'kernel.campaign_audience'::regclass;
     IF _found IS NOT NULL THEN
-        RAISE EXCEPTION 'kernel 1.7 keys contacts and campaigns by (id, tenant_id), and these foreign keys refer to them by id alone: %', _found
-            USING ERRCODE = 'KE008',
-                  HINT = 'Add tenant_id to the referring table and re-point each to (…_id, tenant_id) REFERENCES kernel.contacts (id, tenant_id) (or campaigns), then migrate again (docs/runbook.md, "Upgrading to 1.7").';
+        RAISE EXCEPTION 'kernel 1.7 keys contacts, campaigns and provider_configs with tenant_id, and these foreign keys refer to them without it: %; add tenant_id to each referring table, point the key at (id, tenant_id), then migrate again (docs/runbook.md, "Upgrade 1.6 → 1.7")', _found
+            USING ERRCODE = 'KE008';
     END IF;
 END
 $$;
