@@ -12,6 +12,8 @@ from tests.sql.helpers import (
     deploy_and_claim,
     dispatch,
     expire_lease,
+    item_row,
+    job_row,
     jobs_of,
     record,
     refused,
@@ -323,3 +325,25 @@ def test_queue_stats_counts_queued_and_processing(conn):
     stats = {r["status"]: r["jobs"] for r in rows(conn, "SELECT * FROM queue_stats()")}
     assert stats == {"queued": 2, "processing": 1}
     assert scalar(conn, "SELECT min(oldest_age_seconds) FROM queue_stats()") >= 0
+
+
+def test_hand_backs_given_tenants_release_only_theirs(conn):
+    """A daemon serving some tenants (1.7: release_jobs and undispatch_items take them, as its
+    steps do) gives back only those tenants' jobs, even when named another's."""
+    a, b = seed_campaign(conn, 1), seed_campaign(conn, 1)
+    deploy(conn, a.campaign_id)
+    deploy(conn, b.campaign_id)
+    jobs = {row["tenant_id"]: row["id"] for row in claim(conn, "w1", 2)}
+    assert scalar(conn, "SELECT release_jobs('w1', %s::uuid[], 'x', %s::uuid[])",
+                  [list(jobs.values()), [a.tenant_id]]) == 1
+    assert job_row(conn, jobs[a.tenant_id])["status"] == "queued"
+    assert job_row(conn, jobs[b.tenant_id])["status"] == "processing"
+    # Items of B's job marked dispatched and unknown to the daemon: left alone for tenant A.
+    (item,) = reserve(conn, jobs[b.tenant_id], "w1", 1)
+    dispatch(conn, jobs[b.tenant_id], "w1", [item["id"]])
+    assert rows(conn, "SELECT * FROM undispatch_items('w1', %s::uuid[], '{}'::uuid[], %s::uuid[])",
+                [[jobs[b.tenant_id]], [a.tenant_id]]) == []
+    assert item_row(conn, item["id"])["dispatched_at"] is not None
+    (back,) = rows(conn, "SELECT * FROM undispatch_items('w1', %s::uuid[], '{}'::uuid[], %s::uuid[])",
+                   [[jobs[b.tenant_id]], [b.tenant_id]])
+    assert back["id"] == item["id"]
