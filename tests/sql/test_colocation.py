@@ -109,9 +109,8 @@ def unrestricted_scans(plan: dict[str, Any], tenant_tables: set[str], joined: st
         return
     here = " ".join(str(plan.get(c, "")) for c in CONDITIONS)
     relation = plan.get("Relation Name")
-    if "= ANY ('{}'" in str(plan.get("Index Cond", "")):
-        pass
-    elif relation in tenant_tables and "Scan" in plan["Node Type"]:
+    reads_nothing = "= ANY ('{}'" in str(plan.get("Index Cond", ""))
+    if relation in tenant_tables and "Scan" in plan["Node Type"] and not reads_nothing:
         alias = plan.get("Alias", relation)
         if "tenant_id" not in here and not re.search(rf"\b{re.escape(alias)}\.tenant_id\b", joined):
             yield relation
