@@ -23,6 +23,7 @@ from psycopg import sql
 from psycopg.abc import Params
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from bench.cpu import busy_since, machine_busy_s
 from kernel_driver.queries import Kernel
 
 SCHEMA = "kernel"
@@ -158,10 +159,11 @@ def run_daemons(conn: psycopg.Connection, dsn: str, run_ids: Sequence[Any], *, d
                 log_dir: Path, label: str, timeout: float = 3600, prefix: Sequence[str] = ()) -> dict[str, Any]:
     """Start `daemons` daemons with --until-idle, wait for them; wall time from their start to the
     last run's completed_at (the database's clock, the same host's)."""
-    started = time.time()
+    started, busy_before = time.time(), machine_busy_s()
     running = [start_daemon(dsn, f"{label}-{i}", concurrency, log_dir, prefix=prefix) for i in range(daemons)]
     for daemon in running:
         daemon.join(timeout)
+    machine_cpu_s = busy_since(busy_before)
     failed = [d for d in running if d.exit_code != 0]
     if failed:
         raise BenchError(f"a daemon exited {failed[0].exit_code}; its log: {failed[0].log}: "
@@ -177,6 +179,8 @@ def run_daemons(conn: psycopg.Connection, dsn: str, run_ids: Sequence[Any], *, d
         "daemons_exited_s": max(d.ended_at or started for d in running) - started,
         "peak_rss_mib": max(d.maxrss_kib for d in running) / 1024,
         "daemon_cpu_s": sum(d.cpu_s for d in running),
+        # from the daemons' start to their exit (wall_s ends at completed_at, a moment before)
+        "machine_cpu_s": machine_cpu_s,
     }
 
 

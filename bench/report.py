@@ -47,14 +47,20 @@ def _status(item: dict[str, Any]) -> str:
 def throughput_table(results: dict[str, Any]) -> list[str]:
     s = results.get("scenarios", {})
     floor = (s.get("floor") or {}).get("msgs_per_s")
-    lines = [_row(["", "N", "messages/s", "× floor"]), "|---|---:|---:|---:|"]
+    cpus = results.get("meta", {}).get("cpus")
+    lines = [_row(["", "N", "messages/s", "× floor", "machine CPU µs per message", "messages/s with every core busy"]),
+             "|---|---:|---:|---:|---:|---:|"]
 
     def add(label: str, item: dict[str, Any] | None) -> None:
         if not item:
             return
         rate = item.get("msgs_per_s")
         ratio = rate / floor if rate and floor else None
-        lines.append(_row([label, fmt(item.get("n")), fmt(rate) if rate else _status(item), fmt(ratio, 2)]))
+        cpu = item.get("machine_cpu_s")
+        per_message = cpu / item["n"] * 1e6 if isinstance(cpu, (int, float)) and cpu > 0 and item.get("n") else None
+        ceiling = cpus * 1e6 / per_message if per_message and cpus else None
+        lines.append(_row([label, fmt(item.get("n")), fmt(rate) if rate else _status(item), fmt(ratio, 2),
+                           fmt(per_message), fmt(ceiling)]))
 
     add("floor: INSERT then UPDATE to sent, 500 rows per transaction", s.get("floor"))
     noop = s.get("noop") or {}
@@ -91,16 +97,28 @@ def render(results: dict[str, Any]) -> str:
         value = fmt(t["value"], digits) + (t["unit"] if t["value"] is not None else "")
         out.append(_row([t["target"], f"{t['op']} {t['threshold']:,g}", value, verdict]))
     out += ["", "#### No-op jobs, one run, one Postgres", "", *throughput_table(results)]
+    out += ["", "Machine CPU: every process's CPU time (`/proc/stat`: the server, the daemons or the peer) over "
+            "the timed part, per message; the last column is the rate this machine's cores would give at that "
+            "cost if none of them ever waited. The kernel's time starts with the daemon processes (interpreter, "
+            "imports, first connection), the peers' once their runtime is up."]
+    idle = (s.get("noop") or {}).get("idle_start")
+    if idle and idle.get("exited_s") is not None:
+        out[-1] += (f" A daemon started on an empty queue exits after {fmt(idle['exited_s'], 2)} s "
+                    f"({fmt(idle.get('cpu_s'), 2)} s of its own CPU).")
 
     latency = s.get("latency") or {}
     if latency.get("runs"):
         out += ["", f"#### Latency-bound provider (webhook, receiver median {latency['median_ms']} ms, "
                 f"p99 {latency['p99_ms']} ms, expected mean {fmt(latency['mean_ms_expected'], 1)} ms)", "",
-                _row(["concurrency", "N", "messages/s", "concurrency ÷ mean latency", "ratio"]),
-                "|---:|---:|---:|---:|---:|"]
+                _row(["concurrency", "N", "messages/s", "concurrency ÷ mean latency", "ratio",
+                      "machine CPU busy (all cores)"]),
+                "|---:|---:|---:|---:|---:|---:|"]
+        cpus = meta.get("cpus")
         for r in latency["runs"]:
+            cpu, wall = r.get("machine_cpu_s"), r.get("daemons_exited_s")
+            busy = f"{cpu / (wall * cpus):.0%}" if isinstance(cpu, (int, float)) and wall and cpus else None
             out.append(_row([fmt(r["concurrency"]), fmt(r["n"]), fmt(r["msgs_per_s"]), fmt(r["ideal_per_s"]),
-                             fmt(r["ratio"], 2)]))
+                             fmt(r["ratio"], 2), fmt(busy)]))
     elif latency:
         out += ["", f"Latency-bound provider: {_status(latency)}"]
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import psycopg
 
+from bench.cpu import busy_since, machine_busy_s
 from bench.pg import fresh_database, scalar
 
 BATCH = 500
@@ -28,7 +29,7 @@ def run(ctx: Any) -> dict[str, Any]:
         conn.execute(TABLE)
         conn.commit()
         run_id = scalar(conn, "SELECT gen_random_uuid()")
-        started = time.perf_counter()
+        started, busy_before = time.perf_counter(), machine_busy_s()
         for first in range(0, n, BATCH):
             size = min(BATCH, n - first)
             ids = [row[0] for row in conn.execute(
@@ -39,8 +40,8 @@ def run(ctx: Any) -> dict[str, Any]:
             conn.commit()
             conn.execute("UPDATE floor_outbox SET status = 'sent', sent_at = now() WHERE id = ANY(%s)", (ids,))
             conn.commit()
-        wall = time.perf_counter() - started
+        wall, machine_cpu_s = time.perf_counter() - started, busy_since(busy_before)
         sent = scalar(conn, "SELECT count(*) FROM floor_outbox WHERE status = 'sent'")
     if sent != n:
         raise AssertionError(f"floor: {sent} of {n} rows sent")
-    return {"n": n, "wall_s": wall, "msgs_per_s": n / wall}
+    return {"n": n, "wall_s": wall, "msgs_per_s": n / wall, "machine_cpu_s": machine_cpu_s}

@@ -16,13 +16,16 @@ RESULTS = {
     "meta": {"kind": "full", "started": "2026-12-02 07:00 UTC", "server_version": "15.20", "cpus": 2,
              "commit": "abc1234", "duration_s": 12.5, "note": "PRELIMINARY"},
     "scenarios": {
-        "floor": {"n": 20000, "msgs_per_s": 20000.0},
+        "floor": {"n": 20000, "msgs_per_s": 20000.0, "machine_cpu_s": 1.0},
         "noop": {"daemons_1": {"n": 20000, "concurrency": 16, "msgs_per_s": 3000.0, "peak_rss_mib": 41.0},
-                 "daemons_2": {"n": 20000, "concurrency": 16, "msgs_per_s": 5000.0, "peak_rss_mib": 41.0}},
+                 "daemons_2": {"n": 20000, "concurrency": 16, "msgs_per_s": 5000.0, "peak_rss_mib": 41.0,
+                               "machine_cpu_s": 8.0},
+                 "idle_start": {"exited_s": 0.33, "cpu_s": 0.21, "exit_code": 0}},
         "peers": {"procrastinate": {"n": 20000, "msgs_per_s": 500.0, "version": "3.10.0"},
                   "graphile_batched": {"skipped": "run `make bench-deps` (npm ci)"}},
         "latency": {"median_ms": 50, "p99_ms": 400, "mean_ms_expected": 74.6,
-                    "runs": [{"concurrency": 64, "n": 5000, "msgs_per_s": 120.0, "ideal_per_s": 857.0, "ratio": 0.14}]},
+                    "runs": [{"concurrency": 64, "n": 5000, "msgs_per_s": 120.0, "ideal_per_s": 857.0, "ratio": 0.14,
+                              "machine_cpu_s": 30.0, "daemons_exited_s": 20.0}]},
         "growth": {"error": "BenchError: a daemon exited 6"},
     },
 }
@@ -33,9 +36,14 @@ def test_render_has_targets_tables_and_notes():
     assert "**PRELIMINARY**" in text
     assert "| noop, 1 daemon, × floor | >= 0.5 | 0.15× | **FAIL** |" in text
     assert "| noop, 1 daemon, × procrastinate | >= 20 | 6.00× | **FAIL** |" in text
-    assert "| kernel-driver, noop, 2 daemons, `--concurrency 16` | 20,000 | 5,000 | 0.25 |" in text
+    # machine CPU per message, and the rate two cores would give at that cost
+    assert ("| floor: INSERT then UPDATE to sent, 500 rows per transaction | 20,000 | 20,000 | 1.00 | 50 | 40,000 |"
+            in text)
+    assert "| kernel-driver, noop, 2 daemons, `--concurrency 16` | 20,000 | 5,000 | 0.25 | 400 | 5,000 |" in text
+    assert "| kernel-driver, noop, 1 daemon, `--concurrency 16` | 20,000 | 3,000 | 0.15 | – | – |" in text
+    assert "exits after 0.33 s (0.21 s of its own CPU)" in text
     assert "skipped: run `make bench-deps` (npm ci)" in text
-    assert "| 64 | 5,000 | 120 | 857 | 0.14 |" in text
+    assert "| 64 | 5,000 | 120 | 857 | 0.14 | 75% |" in text  # 30 CPU s in 20 s on 2 cores
     assert "- `growth`: BenchError: a daemon exited 6" in text
     assert "not measured" in text
 

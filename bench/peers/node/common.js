@@ -14,6 +14,25 @@ function seconds(start) {
   return Number(process.hrtime.bigint() - start) / 1e9;
 }
 
+// CPU seconds every process of the machine has spent (bench/cpu.py reads /proc/stat the same
+// way: user nice system irq softirq steal), or null off Linux.
+function machineBusySeconds() {
+  const fs = require("fs");
+  let first;
+  try {
+    first = fs.readFileSync("/proc/stat", "utf8").split("\n", 1)[0].trim().split(/\s+/);
+  } catch (err) {
+    return null;
+  }
+  const ticks = [0, 1, 2, 5, 6, 7].reduce((sum, i) => sum + Number(first[1 + i]), 0);
+  return ticks / 100; // USER_HZ: 100 on every Linux the benchmark runs on (bench/cpu.py asks sysconf)
+}
+
+function busySince(before) {
+  const now = machineBusySeconds();
+  return now === null || before === null ? null : now - before;
+}
+
 async function waitFor(predicate, timeoutS) {
   const start = process.hrtime.bigint();
   while (!predicate()) {
@@ -40,4 +59,4 @@ function report(peer, a, fields) {
   process.stdout.write(JSON.stringify(result) + "\n");
 }
 
-module.exports = { args, seconds, waitFor, count, report };
+module.exports = { args, seconds, machineBusySeconds, busySince, waitFor, count, report };

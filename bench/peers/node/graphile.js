@@ -3,7 +3,7 @@
 "use strict";
 const { run, runMigrations, makeWorkerUtils } = require("graphile-worker");
 const { Client } = require("pg");
-const { args, seconds, waitFor, count, report } = require("./common");
+const { args, seconds, machineBusySeconds, busySince, waitFor, count, report } = require("./common");
 
 async function main() {
   const a = args(process.argv);
@@ -44,13 +44,15 @@ async function main() {
     };
   }
   const drainStart = process.hrtime.bigint();
+  const busyBefore = machineBusySeconds();
   const runner = await run(options);
   await waitFor(() => done >= a.n, a.timeout);
   const drainS = seconds(drainStart);
+  const drainCpuS = busySince(busyBefore);
   await runner.stop();
 
   const jobsLeft = await count(a.dsn, "SELECT count(*)::int AS n FROM graphile_worker.jobs");
-  report("graphile-worker", a, { done, jobs_left: jobsLeft, enqueue_s: enqueueS, drain_s: drainS });
+  report("graphile-worker", a, { done, jobs_left: jobsLeft, enqueue_s: enqueueS, drain_s: drainS, machine_cpu_s: drainCpuS });
 }
 
 main().catch((err) => { console.error(err); process.exit(1); });

@@ -2,7 +2,7 @@
 // --mode batched: batchSize 500; --mode default: the library defaults (one job per fetch).
 "use strict";
 const PgBoss = require("pg-boss");
-const { args, seconds, waitFor, count, report } = require("./common");
+const { args, seconds, machineBusySeconds, busySince, waitFor, count, report } = require("./common");
 
 async function main() {
   const a = args(process.argv);
@@ -26,6 +26,7 @@ async function main() {
 
   let done = 0;
   const drainStart = process.hrtime.bigint();
+  const busyBefore = machineBusySeconds();
   if (mode === "batched") {
     await boss.work("noop", { batchSize: 500, pollingIntervalSeconds: 0.5 }, async (jobs) => { done += jobs.length; });
   } else {
@@ -33,10 +34,11 @@ async function main() {
   }
   await waitFor(() => done >= a.n, a.timeout);
   const drainS = seconds(drainStart);
+  const drainCpuS = busySince(busyBefore);
   await boss.stop({ graceful: true, wait: true, timeout: 5000 });
 
   const completed = await count(a.dsn, "SELECT count(*)::int AS n FROM pgboss.job WHERE name = 'noop' AND state = 'completed'");
-  report("pg-boss", a, { done, completed, enqueue_s: enqueueS, drain_s: drainS });
+  report("pg-boss", a, { done, completed, enqueue_s: enqueueS, drain_s: drainS, machine_cpu_s: drainCpuS });
 }
 
 main().catch((err) => { console.error(err); process.exit(1); });
