@@ -6,6 +6,7 @@ The receiver (an asyncio server that answers each POST after --latency-ms) runs 
 process, so that the client's CPU time is its own. For each concurrency, three clients:
   threads+new-connection  kernel 1.0's _http.post (one http.client connection per request)
   threads+WebhookAdapter  the shipped adapter: its keep-alive pool, N threads calling send()
+  send_later              the same adapter as the daemon calls it: N calls started, no threads
   threads+httpx           one httpx.Client shared by N threads (what the adapters used first)
   asyncio+httpx           httpx.AsyncClient, N tasks
 It prints requests/s, the ideal (concurrency / latency) and client CPU ms per request.
@@ -26,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx  # only for the comparison: pip install httpx
 
-from kernel_driver.providers import OutboundItem, Outcome
+from kernel_driver.providers import OutboundItem, Outcome, SendResult
 from kernel_driver.providers.webhook import WebhookAdapter
 
 
@@ -100,6 +101,27 @@ def threads_adapter(url: str, concurrency: int, n: int) -> int:
         return ok
 
 
+def adapter_send_later(url: str, concurrency: int, n: int) -> int:
+    """The daemon's way: at most `concurrency` calls started with send_later, no thread per call."""
+    with WebhookAdapter({"url": url}, concurrency=concurrency) as adapter:
+        ok = 0
+        finished = threading.Semaphore(0)
+        slots = threading.Semaphore(concurrency)
+
+        def done(result: SendResult) -> None:
+            nonlocal ok
+            ok += result.outcome is Outcome.ACCEPTED  # only the client's thread calls back
+            slots.release()
+            finished.release()
+
+        for it in [item() for _ in range(n)]:
+            slots.acquire()
+            adapter.send_later(it, done)
+        for _ in range(n):
+            finished.acquire()
+        return ok
+
+
 def threads_httpx(url: str, concurrency: int, n: int) -> int:
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     with httpx.Client(limits=limits, timeout=10) as client, ThreadPoolExecutor(concurrency) as pool:
@@ -157,7 +179,8 @@ def main() -> None:
         for concurrency in args.concurrency:
             for name, run in [
                 ("threads, new connection per request (1.0)", threads_new_connection),
-                ("threads, WebhookAdapter (keep-alive pool)", threads_adapter),
+                ("threads, WebhookAdapter.send (keep-alive pool)", threads_adapter),
+                ("event loop, WebhookAdapter.send_later (the daemon's way)", adapter_send_later),
                 ("threads, httpx.Client", threads_httpx),
                 ("asyncio, httpx.AsyncClient", asyncio_httpx),
             ]:

@@ -203,6 +203,7 @@ class Worker:
         self._tasks: SimpleQueue[tuple[HeldJob, Item] | None] = SimpleQueue()
         self._done: SimpleQueue[tuple[HeldJob, Item, SendResult]] = SimpleQueue()
         self._adapters: dict[str, ProviderAdapter] = {}
+        self._timers: dict[str, Any] = {}  # CALL_SECONDS by provider
         self._jobs: dict[Id, HeldJob] = {}
         self._in_flight = 0
         self._unrecorded: list[tuple[HeldJob, Result]] = []
@@ -599,7 +600,10 @@ class Worker:
             return
         job.in_flight += 1
         self._in_flight += 1
-        self._tasks.put((job, item))
+        assert job.adapter is not None
+        started = time.perf_counter()
+        if not job.adapter.send_later(_outbound(job, item), lambda result: self._finished(job, item, started, result)):
+            self._tasks.put((job, item))  # the adapter's calls block: a provider thread makes it
 
     def _end(self, job: HeldJob, detail: dict[str, Any]) -> None:
         del self._jobs[job.id]
@@ -628,21 +632,21 @@ class Worker:
             )))
 
     def _call_providers(self) -> None:
-        """One provider thread: call, time, hand back, wake the main loop."""
-        timers: dict[str, Any] = {}
+        """One provider thread: make the calls of adapters without send_later."""
         while (task := self._tasks.get()) is not None:
             job, item = task
             assert job.adapter is not None
-            timer = timers.get(job.provider) or timers.setdefault(job.provider, CALL_SECONDS.labels(job.provider))
             started = time.perf_counter()
-            result = job.adapter.send(OutboundItem(
-                id=item.id, idempotency_key=item.idempotency_key, channel=job.channel,
-                recipient=item.recipient, content=job.content, run_id=item.run_id,
-                contact_id=item.contact_id,
-            ))
-            timer.observe(time.perf_counter() - started)
-            self._done.put((job, item, result))
-            self._wake.set()
+            self._finished(job, item, started, job.adapter.send(_outbound(job, item)))
+
+    def _finished(self, job: HeldJob, item: Item, started: float, result: SendResult) -> None:
+        """A call ended (on a provider thread or the adapter's): time it, hand it back, wake the loop."""
+        timer = self._timers.get(job.provider)
+        if timer is None:
+            timer = self._timers.setdefault(job.provider, CALL_SECONDS.labels(job.provider))
+        timer.observe(time.perf_counter() - started)
+        self._done.put((job, item, result))
+        self._wake.set()
 
     def _adapter(self, provider: str, settings: dict[str, Any]) -> ProviderAdapter:
         key = f"{provider}:{json.dumps(settings, sort_keys=True)}"
@@ -662,6 +666,13 @@ class Worker:
 
 def _item(row: StepRow) -> Item:
     return Item._make(row[1:7])
+
+
+def _outbound(job: HeldJob, item: Item) -> OutboundItem:
+    return OutboundItem(
+        id=item.id, idempotency_key=item.idempotency_key, channel=job.channel, recipient=item.recipient,
+        content=job.content, run_id=item.run_id, contact_id=item.contact_id,
+    )
 
 
 def _fields(job: HeldJob) -> dict[str, Any]:

@@ -20,7 +20,8 @@ GRANT USAGE ON SCHEMA kernel TO kernel_worker;
 --   0006 0006_kernel_1_5
 --   0007 0007_kernel_1_6
 --   0008 0008_kernel_1_7
--- kernel_version() = 1.7.0
+--   0009 0009_kernel_1_8
+-- kernel_version() = 1.8.0
 
 -- SEQUENCE kernel.job_events_id_seq
 
@@ -2075,7 +2076,7 @@ CREATE OR REPLACE FUNCTION kernel.kernel_version()
  IMMUTABLE
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
-    SELECT '1.7.0'::text
+    SELECT '1.8.0'::text
 $function$;
 COMMENT ON FUNCTION kernel.kernel_version() IS 'The installed kernel version; every version bump replaces it.';
 ALTER FUNCTION kernel.kernel_version() OWNER TO kernel_owner;

@@ -12,7 +12,7 @@ import inspect
 import logging
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from importlib.metadata import entry_points
@@ -159,17 +159,37 @@ class ProviderAdapter(ABC):
 
     def send(self, item: OutboundItem) -> SendResult:
         """Make the provider call for `item` and classify it. Never raises."""
-        if item.channel not in self.channels:
-            return SendResult.failed(
-                Outcome.REJECTED,
-                f"provider {self.name} does not serve channel {item.channel!r} "
-                f"(it serves {', '.join(sorted(self.channels))})",
-            )
+        refused = self.refused(item)
+        if refused is not None:
+            return refused
         try:
             return self.deliver(item)
-        except Exception as exc:  # an adapter bug: we cannot tell whether the request left
-            log.exception("provider %s failed unexpectedly", self.name, extra={"item_id": item.id})
-            return SendResult.failed(Outcome.AMBIGUOUS, f"adapter error: {describe_error(exc)}")
+        except Exception as exc:
+            return self.adapter_error(item, exc)
+
+    def send_later(self, item: OutboundItem, done: Callable[[SendResult], None]) -> bool:
+        """Start the provider call for `item` and return True: `done` gets its result, classified
+        as by send() (never an exception), from a thread of the adapter's once it is known.
+
+        False, the default: the adapter has no such path; call send(), which blocks (the daemon
+        calls it from its provider threads). HTTP adapters start their calls on an event loop.
+        """
+        return False
+
+    def refused(self, item: OutboundItem) -> SendResult | None:
+        """The result for an item this adapter cannot serve (its channel), before any call."""
+        if item.channel in self.channels:
+            return None
+        return SendResult.failed(
+            Outcome.REJECTED,
+            f"provider {self.name} does not serve channel {item.channel!r} "
+            f"(it serves {', '.join(sorted(self.channels))})",
+        )
+
+    def adapter_error(self, item: OutboundItem, exc: Exception) -> SendResult:
+        """An adapter bug: we cannot tell whether the request left."""
+        log.error("provider %s failed unexpectedly", self.name, extra={"item_id": item.id}, exc_info=exc)
+        return SendResult.failed(Outcome.AMBIGUOUS, f"adapter error: {describe_error(exc)}")
 
     @abstractmethod
     def deliver(self, item: OutboundItem) -> SendResult:

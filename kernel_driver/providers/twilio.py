@@ -6,12 +6,12 @@ import base64
 from urllib.parse import quote, urlencode
 from xml.sax.saxutils import escape
 
-from kernel_driver.providers._http import HttpClient, HttpReply, post_and_classify
-from kernel_driver.providers.base import OutboundItem, Outcome, ProviderAdapter, SendResult
+from kernel_driver.providers._http import HttpAdapter, HttpClient, HttpReply, HttpRequest
+from kernel_driver.providers.base import OutboundItem, Outcome, SendResult
 from kernel_driver.providers.settings import Setting, env_name, http_url, positive_number, text
 
 
-class TwilioAdapter(ProviderAdapter):
+class TwilioAdapter(HttpAdapter):
     """Creates one call per item; the Call SID is the provider message id.
 
     Twilio does not deduplicate call creation by key, so an AMBIGUOUS call ends `unknown`.
@@ -37,7 +37,7 @@ class TwilioAdapter(ProviderAdapter):
         )
         self._http = HttpClient(self.settings["timeout_s"], self.concurrency)
 
-    def deliver(self, item: OutboundItem) -> SendResult:
+    def request(self, item: OutboundItem) -> HttpRequest | SendResult:
         caller = item.content.get("from") or self.settings["from"]
         script = item.content.get("script")
         if not caller or not script:
@@ -54,10 +54,7 @@ class TwilioAdapter(ProviderAdapter):
             "Accept": "application/json",
             "I-Twilio-Idempotency-Token": item.idempotency_key,
         }
-        return post_and_classify(self._http, self._calls_url, urlencode(form).encode(), headers, _call_sid)
-
-    def close(self) -> None:
-        self._http.close()
+        return HttpRequest(self._calls_url, urlencode(form).encode(), headers, _call_sid)
 
 
 def _call_sid(reply: HttpReply) -> str | None:

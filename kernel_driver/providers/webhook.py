@@ -6,8 +6,8 @@ import hashlib
 import hmac
 import json
 
-from kernel_driver.providers._http import HttpClient, HttpReply, post_and_classify
-from kernel_driver.providers.base import OutboundItem, ProviderAdapter, SendResult
+from kernel_driver.providers._http import HttpAdapter, HttpClient, HttpReply, HttpRequest
+from kernel_driver.providers.base import OutboundItem
 from kernel_driver.providers.settings import Setting, env_name, http_url, positive_number
 
 SIGNATURE_HEADER = "X-Kernel-Signature-256"
@@ -18,7 +18,7 @@ def sign(secret: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
-class WebhookAdapter(ProviderAdapter):
+class WebhookAdapter(HttpAdapter):
     """POSTs one JSON document per item.
 
     The receiver promises to process each Idempotency-Key once (answering 2xx or 409 for a key
@@ -38,7 +38,7 @@ class WebhookAdapter(ProviderAdapter):
         self._signing_secret = self.secret("secret_env")
         self._http = HttpClient(self.settings["timeout_s"], self.concurrency)
 
-    def deliver(self, item: OutboundItem) -> SendResult:
+    def request(self, item: OutboundItem) -> HttpRequest:
         body = json.dumps(
             {
                 "idempotency_key": item.idempotency_key,
@@ -61,7 +61,4 @@ class WebhookAdapter(ProviderAdapter):
             return str(found) if found not in (None, "") else item.idempotency_key
 
         # 409: the receiver already processed this key, which is what we wanted
-        return post_and_classify(self._http, self.settings["url"], body, headers, message_id, also_accepted=(409,))
-
-    def close(self) -> None:
-        self._http.close()
+        return HttpRequest(self.settings["url"], body, headers, message_id, also_accepted=(409,))

@@ -46,6 +46,46 @@ def twilio(sink: VoiceSink, timeout_s: float = 2) -> TwilioAdapter:
     return TwilioAdapter(settings, {TOKEN_ENV: sink.auth_token})
 
 
+def send_later(adapter: ProviderAdapter, item: OutboundItem, timeout_s: float = 10) -> SendResult:
+    """The daemon's way: start the call, wait for the callback."""
+    results: list[SendResult] = []
+    done = threading.Event()
+
+    def finished(result: SendResult) -> None:
+        results.append(result)
+        done.set()
+
+    assert adapter.send_later(item, finished)
+    assert done.wait(timeout_s), "send_later never called back"
+    return results[0]
+
+
+SENDS = {"send": lambda adapter, item: adapter.send(item), "send_later": send_later}
+VIA = pytest.mark.parametrize("via", list(SENDS))
+
+
+def test_send_later_returns_before_the_reply():
+    with WebhookSink() as sink, webhook(sink) as adapter:
+        sink.slow_ms = 300
+        results: list[SendResult] = []
+        done = threading.Event()
+        item = email()
+
+        started = adapter.send_later(item, lambda result: (results.append(result), done.set()))
+
+        assert started and not done.is_set()  # the reply is 300 ms away: nothing waited for it
+        assert done.wait(10)
+    assert results[0].outcome is Outcome.ACCEPTED
+    assert list(sink.deliveries_by_key) == [item.idempotency_key]
+
+
+def test_send_later_refuses_a_channel_the_adapter_does_not_serve():
+    with VoiceSink() as sink, twilio(sink) as adapter:
+        result = send_later(adapter, email())
+    assert result.outcome is Outcome.REJECTED and "does not serve channel 'email'" in (result.error or "")
+    assert not sink.calls
+
+
 def send_from_threads(adapter: ProviderAdapter, items: list[OutboundItem], threads: int) -> list[SendResult]:
     results: list[SendResult] = []
     lock = threading.Lock()
@@ -91,23 +131,27 @@ def test_concurrent_sends_keep_at_most_concurrency_connections():
     assert 1 < sink.connections <= 4  # eight threads, four connections, each used about 20 times
 
 
-def test_a_connection_the_server_closed_while_idle_is_replaced():
+@VIA
+def test_a_connection_the_server_closed_while_idle_is_replaced(via):
+    send = SENDS[via]
     with WebhookSink(idle_timeout_s=0.2) as sink, webhook(sink) as adapter:
-        first = adapter.send(email())
+        first = send(adapter, email())
         time.sleep(0.5)  # the server closes the idle connection; the pool has not expired it yet
-        second = adapter.send(email())
+        second = send(adapter, email())
 
     assert (first.outcome, second.outcome) == (Outcome.ACCEPTED, Outcome.ACCEPTED)
     assert sink.connections == 2
 
 
-def test_a_reset_before_the_request_is_written_retries_once_on_a_new_connection():
+@VIA
+def test_a_reset_before_the_request_is_written_retries_once_on_a_new_connection(via):
+    send = SENDS[via]
     with WebhookSink() as sink, webhook(sink) as adapter:
-        assert adapter.send(email()).outcome is Outcome.ACCEPTED
+        assert send(adapter, email()).outcome is Outcome.ACCEPTED
         sink.drop_reused_first_n = 1  # the kept-alive connection is reset when the next request comes
         item = email("x" * BIG)
 
-        result = adapter.send(item)
+        result = send(adapter, item)
 
     assert result.outcome is Outcome.ACCEPTED, result.error
     assert sink.drop_reused_first_n == 0  # the fault did hit
@@ -115,12 +159,14 @@ def test_a_reset_before_the_request_is_written_retries_once_on_a_new_connection(
     assert item.idempotency_key in sink.deliveries_by_key and sink.duplicate_attempts == 0
 
 
-def test_a_reset_after_the_request_was_written_is_ambiguous():
+@VIA
+def test_a_reset_after_the_request_was_written_is_ambiguous(via):
+    send = SENDS[via]
     with VoiceSink() as sink, twilio(sink) as adapter:
         sink.reset_first_n = 1
 
-        lost = adapter.send(call())
-        after = adapter.send(call())
+        lost = send(adapter, call())
+        after = send(adapter, call())
 
     assert lost.outcome is Outcome.AMBIGUOUS  # twilio does not deduplicate: this ends `unknown`
     assert "sent but no reply" in (lost.error or "")
@@ -140,15 +186,17 @@ def test_a_lost_webhook_answer_is_resent_and_deduplicated_by_the_receiver():
     assert sink.duplicate_attempts == 1
 
 
-def test_refused_after_the_sink_stops_listening_is_not_sent():
+@VIA
+def test_refused_after_the_sink_stops_listening_is_not_sent(via):
+    send = SENDS[via]
     with WebhookSink() as sink, webhook(sink) as adapter:
-        assert adapter.send(email()).outcome is Outcome.ACCEPTED
+        assert send(adapter, email()).outcome is Outcome.ACCEPTED
         sink.refuse()  # also ends the kept-alive connection
 
-        refused = adapter.send(email())
+        refused = send(adapter, email())
 
         sink.start()
-        again = adapter.send(email())
+        again = send(adapter, email())
 
     assert refused.outcome is Outcome.NOT_SENT, (refused, sink.connections, len(sink.deliveries))
     assert "ConnectionRefusedError" in (refused.error or "")
@@ -196,14 +244,16 @@ def read_request(connection: socket.socket) -> None:
         body += connection.recv(65536)
 
 
-def test_a_write_failure_on_a_new_connection_is_not_sent():
+@VIA
+def test_a_write_failure_on_a_new_connection_is_not_sent(via):
+    send = SENDS[via]
     def reset_on_first_bytes(connection: socket.socket) -> None:
         connection.recv(1)
         reset(connection)
 
     with raw_server(reset_on_first_bytes) as port:
         adapter = WebhookAdapter({"url": f"http://127.0.0.1:{port}/hook", "timeout_s": 2})
-        result = adapter.send(email("x" * BIG))
+        result = send(adapter, email("x" * BIG))
 
     assert result.outcome is Outcome.NOT_SENT, result.error
 
@@ -213,7 +263,9 @@ def test_a_write_failure_on_a_new_connection_is_not_sent():
     [b"this is not HTTP\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"id\": "],
     ids=["garbage", "cut short"],
 )
-def test_a_malformed_reply_is_ambiguous(reply):
+@VIA
+def test_a_malformed_reply_is_ambiguous(reply, via):
+    send = SENDS[via]
     def answer_badly(connection: socket.socket) -> None:
         read_request(connection)
         connection.sendall(reply)
@@ -221,7 +273,7 @@ def test_a_malformed_reply_is_ambiguous(reply):
 
     with raw_server(answer_badly) as port:
         adapter = WebhookAdapter({"url": f"http://127.0.0.1:{port}/hook", "timeout_s": 2})
-        result = adapter.send(email())
+        result = send(adapter, email())
 
     assert result.outcome is Outcome.AMBIGUOUS, result.error
 
