@@ -19,11 +19,19 @@ LAST = "0008_kernel_1_7.sql"
 
 
 def at_1_6(bench: Bench, tmp_path: Path) -> Path:
-    """The bench migrated to 1.6; returns where 1.7's file waits."""
-    aside = tmp_path / LAST
-    shutil.move(bench.sql / "migrations" / LAST, aside)
+    """The bench migrated to 1.6; returns where 1.7's file and every later one wait."""
+    aside = tmp_path / "later"
+    aside.mkdir()
+    for migration in sorted((bench.sql / "migrations").glob("*.sql")):
+        if migration.name >= LAST:
+            shutil.move(migration, aside / migration.name)
     assert bench.migrate().exit_code == 0
     return aside
+
+
+def put_back(bench: Bench, aside: Path) -> None:
+    for migration in aside.iterdir():
+        shutil.move(migration, bench.sql / "migrations" / migration.name)
 
 
 def connect(bench: Bench) -> psycopg.Connection:
@@ -51,7 +59,7 @@ def test_an_applications_foreign_key_to_contacts_id_is_named_and_nothing_changes
         conn.execute(f"CREATE TABLE public.app_orders_{bench.schema} (id int PRIMARY KEY,"
                      f" contact_id uuid CONSTRAINT app_orders_contact REFERENCES {bench.schema}.contacts (id))")
     try:
-        shutil.move(aside, bench.sql / "migrations" / LAST)
+        put_back(bench, aside)
         refused = bench.migrate()
         assert refused.exit_code == 5, refused.stderr
         assert f"app_orders_contact on public.app_orders_{bench.schema};" in refused.stderr
@@ -66,7 +74,7 @@ def test_an_applications_foreign_key_to_contacts_id_is_named_and_nothing_changes
             # Re-pointed as the runbook says, the upgrade goes through.
             conn.execute(f"ALTER TABLE public.app_orders_{bench.schema} DROP CONSTRAINT app_orders_contact")
         assert bench.migrate().exit_code == 0
-        assert max(bench.ledger()) == 8
+        assert 8 in bench.ledger()
     finally:
         with connect(bench) as conn:
             conn.execute(f"DROP TABLE IF EXISTS public.app_orders_{bench.schema}")
@@ -76,7 +84,7 @@ def test_the_upgrade_gives_every_audience_row_its_campaigns_tenant(bench: Bench,
     aside = at_1_6(bench, tmp_path)
     with connect(bench) as conn:
         ids = seed_1_6(conn)
-    shutil.move(aside, bench.sql / "migrations" / LAST)
+    put_back(bench, aside)
     assert bench.migrate().exit_code == 0
     with connect(bench) as conn:
         audience = conn.execute("SELECT contact_id, tenant_id FROM campaign_audience ORDER BY contact_id").fetchall()
