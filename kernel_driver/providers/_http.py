@@ -21,6 +21,7 @@ import ssl
 import threading
 import time
 from abc import abstractmethod
+from collections import deque
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,7 @@ USER_AGENT = "kernel-driver"
 KEEPALIVE_EXPIRY_S = 1.0
 
 Origin = tuple[str, str, int]  # scheme, host, port
+Answer = Callable[["HttpReply | TransportFailure"], None]
 
 
 @dataclass(frozen=True)
@@ -177,6 +179,10 @@ class HttpClient:
         self._tls = ssl.create_default_context()  # the system's trust store
         self._idle: dict[Origin, list[tuple[_Connection, float]]] = {}
         self._slots = asyncio.Semaphore(concurrency)
+        # post_later's calls, taken by the loop in batches: one wake-up of the loop (a write to
+        # its self-pipe) for all the calls a daemon's step starts, not one per call.
+        self._starting: deque[tuple[str, bytes, Mapping[str, str], Answer]] = deque()
+        self._start_scheduled = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="http-client", daemon=True)
         self._thread.start()
@@ -187,9 +193,12 @@ class HttpClient:
         return asyncio.run_coroutine_threadsafe(self._post(url, body, headers), self._loop).result()
 
     def post_later(self, url: str, body: bytes, headers: Mapping[str, str],
-                   done: Callable[[HttpReply | TransportFailure], None]) -> None:
+                   done: Answer) -> None:
         """Start the POST; `done` gets the reply or the TransportFailure, on the client's thread."""
-        self._loop.call_soon_threadsafe(self._start, url, body, headers, done)
+        self._starting.append((url, body, headers, done))
+        if not self._start_scheduled:
+            self._start_scheduled = True
+            self._loop.call_soon_threadsafe(self._start_all)
 
     def close(self) -> None:
         if self._closed:
@@ -202,8 +211,13 @@ class HttpClient:
 
     # --- on the client's loop -----------------------------------------------------------------
 
-    def _start(self, url: str, body: bytes, headers: Mapping[str, str],
-               done: Callable[[HttpReply | TransportFailure], None]) -> None:
+    def _start_all(self) -> None:
+        # Cleared before the queue is read: a call appended from now on schedules another pass.
+        self._start_scheduled = False
+        while self._starting:
+            self._start(*self._starting.popleft())
+
+    def _start(self, url: str, body: bytes, headers: Mapping[str, str], done: Answer) -> None:
         task = self._loop.create_task(self._post(url, body, headers))
 
         def finished(task: asyncio.Task[HttpReply]) -> None:
@@ -226,7 +240,10 @@ class HttpClient:
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         request = _request_bytes(origin, target, body, headers)
         try:
-            await asyncio.wait_for(self._slots.acquire(), self._timeout_s)
+            if self._slots.locked():  # all connections busy: wait for one, not forever
+                await asyncio.wait_for(self._slots.acquire(), self._timeout_s)
+            else:
+                await self._slots.acquire()
         except TimeoutError:
             raise TransportFailure(
                 Outcome.NOT_SENT, f"request to {origin[1]}:{origin[2]} not sent: all connections busy"
