@@ -143,3 +143,18 @@ def test_repr_shows_settings_with_defaults():
     shown = repr(WebhookAdapter(settings, {"HOOK_SECRET": "value-never-shown"}))
 
     assert shown == f"WebhookAdapter({dict(settings, timeout_s=10)!r})"
+
+
+def test_an_adapter_without_send_later_leaves_the_call_to_send():
+    assert ExplodingAdapter({}).send_later(item(), lambda result: pytest.fail("no callback expected")) is False
+
+
+def test_noop_answers_send_later_at_once_unless_it_sleeps():
+    results: list[SendResult] = []
+
+    assert NoopAdapter({}).send_later(item(), results.append) is True
+    assert [r.outcome for r in results] == [Outcome.ACCEPTED]  # in the caller's thread, before returning
+    assert results[0].provider_message_id == NoopAdapter({}).send(item()).provider_message_id
+
+    assert NoopAdapter({"latency_ms": 5}).send_later(item(), results.append) is False  # threads wait for it
+    assert len(results) == 1
