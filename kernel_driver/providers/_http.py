@@ -15,6 +15,7 @@ NOT_SENT. After it, the provider may have acted and its answer was lost: AMBIGUO
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import select
 import ssl
@@ -137,11 +138,12 @@ class _Connection(asyncio.Protocol):
             raise ConnectionResetError("the connection was closed")
         self._body, self._headers_done, self._delimited = [], False, False
         self._reply = self._loop.create_future()
+        self._drained = None  # pause_writing makes a new one if this request does not fit at once
         self.transport.write(request)
         if self.transport.get_write_buffer_size() and self._drained is not None:
             await self._drained
         if self.lost:
-            raise self._lost_error or ConnectionResetError("the connection was closed")
+            raise ConnectionResetError("the connection was lost while the request was written") from self._lost_error
 
     async def reply(self, timeout_s: float) -> tuple[int, bytes, bool]:
         assert self._reply is not None
@@ -190,7 +192,10 @@ class HttpClient:
 
     def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> HttpReply:
         """POST `body` to `url`; raise TransportFailure (NOT_SENT or AMBIGUOUS) when no reply came."""
-        return asyncio.run_coroutine_threadsafe(self._post(url, body, headers), self._loop).result()
+        try:
+            return asyncio.run_coroutine_threadsafe(self._post(url, body, headers), self._loop).result()
+        except concurrent.futures.CancelledError:  # close() while the call was in flight
+            raise TransportFailure(Outcome.AMBIGUOUS, _abandoned(url)) from None
 
     def post_later(self, url: str, body: bytes, headers: Mapping[str, str],
                    done: Answer) -> None:
@@ -222,7 +227,7 @@ class HttpClient:
 
         def finished(task: asyncio.Task[HttpReply]) -> None:
             if task.cancelled():  # the client closed with the call in flight
-                done(TransportFailure(Outcome.AMBIGUOUS, f"request to {url} abandoned: the client closed"))
+                done(TransportFailure(Outcome.AMBIGUOUS, _abandoned(url)))
                 return
             failure = task.exception()
             if failure is None:
@@ -324,6 +329,10 @@ class HttpClient:
             for connection, _ in connections:
                 connection.close()
         await asyncio.sleep(0)  # let the transports run their close callbacks
+
+
+def _abandoned(url: str) -> str:
+    return f"request to {url} abandoned: the client closed"
 
 
 def _request_bytes(origin: Origin, target: str, body: bytes, headers: Mapping[str, str]) -> bytes:

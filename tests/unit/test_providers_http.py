@@ -86,6 +86,24 @@ def test_send_later_refuses_a_channel_the_adapter_does_not_serve():
     assert not sink.calls
 
 
+@VIA
+def test_a_call_in_flight_when_the_adapter_closes_is_ambiguous_not_raised(via):
+    send = SENDS[via]
+    with WebhookSink() as sink:
+        sink.slow_ms = 1000
+        adapter = webhook(sink, timeout_s=5)
+        results: list[SendResult] = []
+        caller = threading.Thread(target=lambda: results.append(send(adapter, email())))
+        caller.start()
+        while not sink.connections:  # the request is on its way
+            time.sleep(0.01)
+        adapter.close()
+        caller.join(10)
+
+    assert [r.outcome for r in results] == [Outcome.AMBIGUOUS]
+    assert "abandoned: the client closed" in (results[0].error or "")
+
+
 def send_from_threads(adapter: ProviderAdapter, items: list[OutboundItem], threads: int) -> list[SendResult]:
     results: list[SendResult] = []
     lock = threading.Lock()
